@@ -1,0 +1,69 @@
+"""The audio facts shared by client, server and clip writer: 16 kHz, 16-bit PCM, WAV headers."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+SAMPLE_RATE = 16_000
+SAMPLES_PER_MS = SAMPLE_RATE // 1000
+BYTES_PER_SAMPLE = 2
+WAV_HEADER_BYTES = 44
+FORMATS = ("wav", "pcm_s16le")
+
+
+def pcm_bytes(duration_ms: int, channels: int) -> int:
+    """Bytes of 16-bit PCM in `duration_ms` of audio with `channels` interleaved channels."""
+    return duration_ms * SAMPLES_PER_MS * channels * BYTES_PER_SAMPLE
+
+
+def wav_header(num_frames: int, channels: int) -> bytes:
+    """The canonical 44-byte header of a 16 kHz 16-bit PCM WAV file holding `num_frames` frames."""
+    data_bytes = num_frames * channels * BYTES_PER_SAMPLE
+    block_align = channels * BYTES_PER_SAMPLE
+    return (
+        struct.pack("<4sI4s", b"RIFF", 36 + data_bytes, b"WAVE")
+        + struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, channels, SAMPLE_RATE, SAMPLE_RATE * block_align, block_align, 16)
+        + struct.pack("<4sI", b"data", data_bytes)
+    )
+
+
+@dataclass(frozen=True)
+class WavHeader:
+    """What a WAV header says: enough to check it against the stream's metadata."""
+
+    channels: int
+    sample_rate: int
+    bits_per_sample: int
+    data_offset: int
+    data_bytes: int
+
+
+class WavHeaderError(ValueError):
+    """The bytes are not a 16-bit PCM WAV header."""
+
+
+def parse_wav_header(buf: bytes) -> WavHeader | None:
+    """Parse a PCM WAV header at the start of `buf`; None while more bytes are needed."""
+    if len(buf) < 12:
+        return None
+    riff, _, wave = struct.unpack_from("<4sI4s", buf, 0)
+    if riff != b"RIFF" or wave != b"WAVE":
+        raise WavHeaderError("data does not start with a RIFF/WAVE header")
+    pos, fmt = 12, None
+    while True:
+        if len(buf) < pos + 8:
+            return None
+        chunk_id, size = struct.unpack_from("<4sI", buf, pos)
+        if chunk_id == b"data":
+            if fmt is None:
+                raise WavHeaderError("WAV data chunk comes before its fmt chunk")
+            audio_format, channels, rate, _, _, bits = fmt
+            if audio_format not in (1, 0xFFFE) or bits != 16:
+                raise WavHeaderError(f"WAV is not 16-bit PCM (format {audio_format}, {bits} bits)")
+            return WavHeader(channels, rate, bits, pos + 8, size)
+        if chunk_id == b"fmt ":
+            if len(buf) < pos + 8 + 16:
+                return None
+            fmt = struct.unpack_from("<HHIIHH", buf, pos + 8)
+        pos += 8 + size + (size & 1)

@@ -1,0 +1,402 @@
+"""The GetAudio client: one shared channel, the API key kept secret, deadlines, retries and resume.
+
+It knows nothing of Beam. Audio is handed to a caller's `AudioSink` as 16-bit interleaved PCM while it
+arrives, whatever the transfer format, so memory does not grow with a clip's length. A stream that
+breaks after some audio arrived is resumed with a time-range request for the rest, and the joined
+audio is sample-identical to an unbroken call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from pipeline.audio import BYTES_PER_SAMPLE, SAMPLE_RATE, SAMPLES_PER_MS, WavHeaderError, parse_wav_header
+from pipeline.throttle import AdaptiveThrottler
+from pipeline.wire import speech_service_pb2 as pb
+from pipeline.wire import speech_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_HOST = "https://api.soniox.com:443"
+MAX_MESSAGE_BYTES = 6 * 1024 * 1024  # as the official SDK
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+BAD_STREAM = "BAD_STREAM"  # the error code of a stream that breaks the GetAudio contract
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    start_ms: int
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    token_start: int
+    token_end: int  # exclusive
+
+
+Segment = TimeRange | TokenRange
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What the server says it serves, from the stream's first message."""
+
+    object_id: str
+    start_ms: int
+    duration_ms: int
+    total_duration_ms: int
+    channels: int
+
+    @property
+    def num_frames(self) -> int:
+        return self.duration_ms * SAMPLES_PER_MS
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.channels * BYTES_PER_SAMPLE
+
+
+class AudioSink(Protocol):
+    """Receives one clip: `begin` once before any audio, then `write` with whole PCM frames."""
+
+    def begin(self, info: StreamInfo) -> None: ...
+
+    def write(self, pcm: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class AudioResult:
+    """What was served and what it took."""
+
+    info: StreamInfo
+    num_frames: int  # samples per channel written to the sink
+    attempts: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ObjectToken:
+    idx: int
+    text: str
+    start_ms: int
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    object_id: str
+    duration_ms: int
+    channels: int
+    tokens: tuple[ObjectToken, ...]
+
+
+class GetAudioError(Exception):
+    """A call that failed for good: `code` is the gRPC status name (or BAD_STREAM)."""
+
+    def __init__(self, code: str, message: str, attempts: int):
+        super().__init__(f"{code}: {message} (after {attempts} attempt{'s' if attempts != 1 else ''})")
+        self.code = code
+        self.message = message
+        self.attempts = attempts
+
+
+class _StreamBroken(Exception):
+    """A stream ended early without an error status: resumable like UNAVAILABLE."""
+
+
+class _BadStream(Exception):
+    """The stream broke the contract: never retried, never written as a clip."""
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or an exception."""
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # pickling would write the key into Beam's serialized graph
+        raise TypeError("a Secret is not picklable; pass an api_key_file or SONIOX_API_KEY instead")
+
+
+def resolve_api_key(api_key: str | None = None, api_key_file: str | None = None) -> Secret:
+    """The key from an argument, else a file (secret mounts), else SONIOX_API_KEY; may be empty."""
+    if api_key:
+        return Secret(api_key)
+    path = api_key_file or os.environ.get("SONIOX_API_KEY_FILE")
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return Secret(f.read().strip())
+    return Secret(os.environ.get("SONIOX_API_KEY", ""))
+
+
+def resolve_host(api_host: str | None = None) -> tuple[str, bool]:
+    """(target, use_tls): argument, else SONIOX_API_HOST, else the public endpoint.
+
+    TLS unless the host is given as http://...; a host with no scheme also gets TLS (stricter than
+    the SDK, which treats it as plaintext) so that a key is never sent in the clear by mistake.
+    """
+    host = api_host or os.environ.get("SONIOX_API_HOST") or DEFAULT_API_HOST
+    if host.startswith("http://"):
+        return host[len("http://") :].rstrip("/"), False
+    if host.startswith("https://"):
+        host = host[len("https://") :]
+    return host.rstrip("/"), True
+
+
+_channels: dict[tuple[str, bool], grpc.Channel] = {}
+_channels_lock = threading.Lock()
+
+
+def shared_channel(target: str, tls: bool) -> grpc.Channel:
+    """One channel per process and target, reused by every thread and call."""
+    with _channels_lock:
+        channel = _channels.get((target, tls))
+        if channel is None:
+            options = [
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ]
+            if tls:
+                channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+            _channels[(target, tls)] = channel
+        return channel
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter over a set of retryable codes.
+
+    `max_attempts` bounds the attempts in a row that bring no new audio; a resumed stream that made
+    progress starts the count again, so a long clip is not lost to a network that breaks it often.
+    """
+
+    max_attempts: int = 6
+    retry_codes: frozenset[grpc.StatusCode] = RETRYABLE
+    backoff_base_s: float = 0.25
+    backoff_max_s: float = 20.0
+
+    def backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
+
+
+class GetAudioClient:
+    """GetAudio and GetObject with deadlines, retries, resume and client-side throttling."""
+
+    def __init__(
+        self,
+        api_host: str | None = None,
+        api_key: str | None = None,
+        api_key_file: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        rpc_timeout_s: float = 60.0,
+        timeout_per_audio_s: float = 0.1,
+    ):
+        """`rpc_timeout_s` + `timeout_per_audio_s` x the clip's seconds is each attempt's deadline."""
+        target, tls = resolve_host(api_host)
+        self.target = target
+        self.tls = tls
+        self._key = resolve_api_key(api_key, api_key_file)
+        self._stub = pb_grpc.SpeechServiceStub(shared_channel(target, tls))
+        self.retry = retry
+        self.rpc_timeout_s = rpc_timeout_s
+        self.timeout_per_audio_s = timeout_per_audio_s
+        self.throttler = AdaptiveThrottler()
+
+    def __repr__(self) -> str:
+        return f"GetAudioClient(target={self.target!r}, tls={self.tls})"
+
+    def _deadline(self, duration_ms: int | None) -> float:
+        return self.rpc_timeout_s + self.timeout_per_audio_s * (duration_ms or 0) / 1000
+
+    # -- GetAudio ---------------------------------------------------------------------------------------
+    def get_audio(
+        self, object_id: str, segment: Segment, sink: AudioSink, audio_format: str = "pcm_s16le"
+    ) -> AudioResult:
+        """Stream one clip into `sink`; raises GetAudioError when it cannot be had."""
+        started = time.monotonic()
+        stream = _Stream(sink, audio_format)
+        attempt = failures = 0  # failures: consecutive attempts that brought no audio
+        while True:
+            attempt += 1
+            frames_before = stream.frames_done
+            request = self._request(object_id, segment, stream, audio_format)
+            duration = stream.remaining_ms if stream.info else getattr(segment, "duration_ms", None)
+            try:
+                self._throttle_wait(attempt)
+                call = self._stub.GetAudio(request, timeout=self._deadline(duration))
+                stream.consume(call)
+                self.throttler.accepted()
+                return AudioResult(stream.info, stream.frames_done, attempt, time.monotonic() - started)
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+            except _StreamBroken as e:
+                code, details = grpc.StatusCode.UNAVAILABLE, str(e)
+            except _BadStream as e:
+                raise GetAudioError(BAD_STREAM, str(e), attempt) from None
+            if stream.complete:
+                return AudioResult(stream.info, stream.frames_done, attempt, time.monotonic() - started)
+            failures = 1 if stream.frames_done > frames_before else failures + 1
+            self._after_failure(code, details, failures, object_id, attempt)
+
+    def _request(self, object_id: str, segment: Segment, stream: _Stream, fmt: str) -> pb.GetAudioRequest:
+        request = pb.GetAudioRequest(api_key=self._key.reveal(), object_id=object_id, audio_bytes_format=fmt)
+        if stream.info is not None:  # resume from the first whole millisecond not yet received
+            start_ms, duration_ms = stream.resume_range()
+            request.time_segment.start_ms, request.time_segment.duration_ms = start_ms, duration_ms
+        elif isinstance(segment, TimeRange):
+            request.time_segment.start_ms, request.time_segment.duration_ms = segment.start_ms, segment.duration_ms
+        else:
+            request.token_segment.token_start, request.token_segment.token_end = segment.token_start, segment.token_end
+        return request
+
+    def _throttle_wait(self, attempt: int) -> None:
+        """Hold a call back while the server has been refusing many (client-side adaptive throttling)."""
+        while self.throttler.should_hold():
+            time.sleep(self.retry.backoff(attempt))
+
+    def _after_failure(
+        self, code: grpc.StatusCode, details: str, failures: int, object_id: str, attempt: int | None = None
+    ) -> None:
+        """Raise when the failure is final; otherwise back off before the next attempt.
+
+        `failures` counts consecutive attempts that brought no audio: a long clip on a flaky network
+        keeps going while each attempt makes progress, and `attempt` is the total for the record.
+        """
+        attempt = attempt or failures
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.throttler.rejected()
+        if code not in self.retry.retry_codes or failures >= self.retry.max_attempts:
+            raise GetAudioError(code.name, details, attempt)
+        delay = self.retry.backoff(failures)
+        log.info("GetAudio %s: %s on attempt %d, retrying in %.2fs", object_id, code.name, attempt, delay)
+        time.sleep(delay)
+
+    # -- GetObject --------------------------------------------------------------------------------------
+    def get_object(self, object_id: str) -> ObjectInfo:
+        """An object's duration, channels and transcript tokens, with the same retries as GetAudio."""
+        request = pb.GetObjectRequest(api_key=self._key.reveal(), object_id=object_id)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._throttle_wait(attempt)
+                obj = self._stub.GetObject(request, timeout=self.rpc_timeout_s).object
+                self.throttler.accepted()
+                break
+            except grpc.RpcError as e:
+                self._after_failure(e.code(), e.details() or "", attempt, object_id)
+        tokens = tuple(ObjectToken(t.idx, t.text, t.start_ms, t.duration_ms) for t in obj.transcript.tokens)
+        return ObjectInfo(obj.object_id, obj.duration_ms, obj.num_audio_channels, tokens)
+
+
+class _Stream:
+    """One clip's progress across attempts: checks each stream and feeds whole frames to the sink."""
+
+    def __init__(self, sink: AudioSink, audio_format: str):
+        self.sink = sink
+        self.wav = audio_format == "wav"
+        self.info: StreamInfo | None = None
+        self.frames_done = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.info is not None and self.frames_done == self.info.num_frames
+
+    @property
+    def remaining_ms(self) -> int:
+        return self.resume_range()[1]
+
+    def resume_range(self) -> tuple[int, int]:
+        """(start_ms, duration_ms) of a time range that covers every frame not yet received."""
+        done_ms = self.frames_done // SAMPLES_PER_MS
+        return self.info.start_ms + done_ms, self.info.duration_ms - done_ms
+
+    def consume(self, call: Iterator[pb.GetAudioResponse]) -> None:
+        """Read one attempt's stream to its end; progress survives an exception part-way."""
+        resume_start = self.frames_done - self.frames_done % SAMPLES_PER_MS
+        skip = (self.frames_done - resume_start) * (self.info.frame_bytes if self.info else 0)
+        first = next(call, None)
+        if first is None:
+            raise _BadStream("stream ended before its metadata message")
+        info = self._check_metadata(first)
+        expected = (info.num_frames - resume_start) * info.frame_bytes
+        header, received, carry = b"" if self.wav else None, 0, b""
+        for msg in call:
+            if msg.object_id or msg.start_ms or msg.duration_ms or msg.total_duration_ms or msg.num_audio_channels:
+                raise _BadStream("a data message carries metadata; only the first message may")
+            data = msg.data
+            if header is not None:
+                data, header = self._strip_wav_header(header + data, expected)
+            received += len(data)
+            if received > expected:
+                raise _BadStream(f"stream sent more than the {expected} audio bytes its metadata announced")
+            if skip:
+                cut = min(skip, len(data))
+                data, skip = data[cut:], skip - cut
+            data = carry + data
+            whole = len(data) - len(data) % info.frame_bytes
+            if whole:
+                self.sink.write(data[:whole])
+                self.frames_done += whole // info.frame_bytes
+            carry = data[whole:]
+        if received < expected:
+            raise _StreamBroken(f"stream ended after {received} of {expected} audio bytes")
+
+    def _check_metadata(self, msg: pb.GetAudioResponse) -> StreamInfo:
+        if msg.data:
+            raise _BadStream("the first message carries audio data; it must carry metadata only")
+        info = StreamInfo(msg.object_id, msg.start_ms, msg.duration_ms, msg.total_duration_ms, msg.num_audio_channels)
+        if info.channels < 1 or info.duration_ms <= 0 or info.start_ms < 0:
+            raise _BadStream(f"metadata is not a servable clip: {info}")
+        if self.info is None:
+            self.info = info
+            self.sink.begin(info)
+            return info
+        start_ms, duration_ms = self.resume_range()
+        if (info.start_ms, info.duration_ms, info.channels) != (start_ms, duration_ms, self.info.channels):
+            raise _BadStream(f"resumed stream serves {info}, not {start_ms}+{duration_ms} ms")
+        return self.info
+
+    def _strip_wav_header(self, buf: bytes, expected: int) -> tuple[bytes, bytes | None]:
+        """(audio after the header, None) once the header is whole and checked; else (b"", buf)."""
+        try:
+            header = parse_wav_header(buf)
+        except WavHeaderError as e:
+            raise _BadStream(str(e)) from None
+        if header is None:
+            return b"", buf
+        channels = self.info.channels
+        if (header.channels, header.sample_rate, header.data_bytes) != (channels, SAMPLE_RATE, expected):
+            raise _BadStream(
+                f"WAV header says {header.channels} ch, {header.sample_rate} Hz, {header.data_bytes} bytes; "
+                f"metadata says {channels} ch, {SAMPLE_RATE} Hz, {expected} bytes"
+            )
+        return buf[header.data_offset :], None
