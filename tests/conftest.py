@@ -1,0 +1,53 @@
+"""Shared fixtures: the sample store and local GetAudio servers on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pipeline.samples import write_sample_store
+from pipeline.server import Faults, LocalServer, ServerSettings
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> dict[str, str]:
+    """The sample store: object_id -> audio file path (its folder is `store_dir`)."""
+    return write_sample_store(str(tmp_path_factory.mktemp("store")))
+
+
+@pytest.fixture(scope="session")
+def store_dir(store) -> str:
+    import os
+
+    return os.path.dirname(next(iter(store.values())))
+
+
+@pytest.fixture
+def make_server(store_dir):
+    """Start a LocalServer with the given settings/faults; all are stopped after the test."""
+    servers = []
+
+    def start(faults: Faults | None = None, **settings) -> LocalServer:
+        server = LocalServer(store_dir, ServerSettings(faults=faults or Faults(), **settings)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+@pytest.fixture
+def server(make_server) -> LocalServer:
+    return make_server()
+
+
+def source_frames(path: str, start_ms: int, duration_ms: int) -> np.ndarray:
+    """The store's samples for a time range, as (frames, channels) int16."""
+    audio, rate = sf.read(path, dtype="int16", always_2d=True)
+    assert rate == 16_000
+    return audio[start_ms * 16 : (start_ms + duration_ms) * 16]
