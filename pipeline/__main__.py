@@ -53,10 +53,24 @@ def serve(argv: list[str]) -> None:
             server.wait()
 
 
+def run(argv: list[str]) -> None:
+    """Run the clip pipeline (Beam flags are passed through)."""
+    from pipeline.run import main as run_main
+
+    run_main(argv)
+
+
+def demo(argv: list[str]) -> None:
+    """Run the pipeline on a sample store through the local server."""
+    from pipeline.demo import main as demo_main
+
+    demo_main(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"serve": serve}
+    commands = {"run": run, "serve": serve, "demo": demo}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m pipeline {{{'|'.join(commands)}}} [options]  (--help after a command)")
         sys.exit(2)

@@ -17,15 +17,22 @@ def pcm_bytes(duration_ms: int, channels: int) -> int:
     return duration_ms * SAMPLES_PER_MS * channels * BYTES_PER_SAMPLE
 
 
-def wav_header(num_frames: int, channels: int) -> bytes:
-    """The canonical 44-byte header of a 16 kHz 16-bit PCM WAV file holding `num_frames` frames."""
+def wav_header(num_frames: int, channels: int, comment: str | None = None) -> bytes:
+    """The header of a 16 kHz 16-bit PCM WAV file holding `num_frames` frames.
+
+    Without a comment it is the canonical 44 bytes; a comment goes in a LIST/INFO/ICMT chunk, which
+    every WAV reader skips or shows as the file's comment.
+    """
     data_bytes = num_frames * channels * BYTES_PER_SAMPLE
     block_align = channels * BYTES_PER_SAMPLE
-    return (
-        struct.pack("<4sI4s", b"RIFF", 36 + data_bytes, b"WAVE")
-        + struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, channels, SAMPLE_RATE, SAMPLE_RATE * block_align, block_align, 16)
-        + struct.pack("<4sI", b"data", data_bytes)
-    )
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, channels, SAMPLE_RATE, SAMPLE_RATE * block_align, block_align, 16)
+    info = b""
+    if comment is not None:
+        text = comment.encode() + b"\0"
+        text += b"\0" * (len(text) & 1)
+        info = struct.pack("<4sI4s4sI", b"LIST", 12 + len(text), b"INFO", b"ICMT", len(text)) + text
+    body = fmt + info + struct.pack("<4sI", b"data", data_bytes)
+    return struct.pack("<4sI4s", b"RIFF", 4 + len(body) + data_bytes, b"WAVE") + body
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class WavHeader:
     bits_per_sample: int
     data_offset: int
     data_bytes: int
+    comment: str | None = None
 
 
 class WavHeaderError(ValueError):
@@ -50,7 +58,7 @@ def parse_wav_header(buf: bytes) -> WavHeader | None:
     riff, _, wave = struct.unpack_from("<4sI4s", buf, 0)
     if riff != b"RIFF" or wave != b"WAVE":
         raise WavHeaderError("data does not start with a RIFF/WAVE header")
-    pos, fmt = 12, None
+    pos, fmt, comment = 12, None, None
     while True:
         if len(buf) < pos + 8:
             return None
@@ -61,9 +69,26 @@ def parse_wav_header(buf: bytes) -> WavHeader | None:
             audio_format, channels, rate, _, _, bits = fmt
             if audio_format not in (1, 0xFFFE) or bits != 16:
                 raise WavHeaderError(f"WAV is not 16-bit PCM (format {audio_format}, {bits} bits)")
-            return WavHeader(channels, rate, bits, pos + 8, size)
+            return WavHeader(channels, rate, bits, pos + 8, size, comment)
         if chunk_id == b"fmt ":
             if len(buf) < pos + 8 + 16:
                 return None
             fmt = struct.unpack_from("<HHIIHH", buf, pos + 8)
+        if chunk_id == b"LIST":
+            if len(buf) < pos + 8 + size:
+                return None
+            comment = _info_comment(buf[pos + 8 : pos + 8 + size]) or comment
         pos += 8 + size + (size & 1)
+
+
+def _info_comment(chunk: bytes) -> str | None:
+    """The ICMT text of a LIST/INFO chunk's body, if it has one."""
+    if chunk[:4] != b"INFO":
+        return None
+    pos = 4
+    while pos + 8 <= len(chunk):
+        sub_id, size = struct.unpack_from("<4sI", chunk, pos)
+        if sub_id == b"ICMT":
+            return chunk[pos + 8 : pos + 8 + size].rstrip(b"\0").decode(errors="replace")
+        pos += 8 + size + (size & 1)
+    return None

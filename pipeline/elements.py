@@ -1,0 +1,76 @@
+"""The element types that travel through the pipeline, each defined once.
+
+manifest row --validate--> ClipRequest | ClipError --fetch--> ClipRecord | ClipError
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.client import Segment, TimeRange, TokenRange
+
+# Validation codes (the errors table also carries gRPC status names and BAD_STREAM).
+MISSING_VALUE = "MISSING_VALUE"  # a required value is null
+INVALID_RANGE = "INVALID_RANGE"  # negative, zero, both or neither range, token_end <= token_start
+INVALID_OBJECT_ID = "INVALID_OBJECT_ID"
+INVALID_CLIP_ID = "INVALID_CLIP_ID"
+DUPLICATE_CLIP_ID = "DUPLICATE_CLIP_ID"
+WRITE_FAILED = "WRITE_FAILED"  # the clip could not be written to the output filesystem
+
+
+def segment_tag(segment: Segment) -> str:
+    """A short, file-name-safe tag of a range: "t1000+500" (time) or "k2-5" (tokens)."""
+    if isinstance(segment, TimeRange):
+        return f"t{segment.start_ms}+{segment.duration_ms}"
+    return f"k{segment.token_start}-{segment.token_end}"
+
+
+@dataclass(frozen=True)
+class ClipRequest:
+    """A valid manifest row: which audio to fetch and where it came from."""
+
+    clip_id: str
+    object_id: str
+    segment: Segment
+    columns: dict[str, Any] = field(compare=False)  # the manifest row, unchanged
+    source: str = ""  # "file, row N" for messages
+
+    @property
+    def fingerprint(self) -> str:
+        """What was asked for: a clip at the same path with another fingerprint is stale."""
+        return f"{self.object_id}/{segment_tag(self.segment)}"
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """A clip written: one row of the clips table."""
+
+    clip_id: str
+    object_id: str
+    path: str
+    clip_start_ms: int
+    clip_duration_ms: int
+    object_duration_ms: int
+    num_channels: int
+    sample_rate: int
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    attempts: int
+    columns: dict[str, Any] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class ClipError:
+    """A row that gave no clip: one row of the errors table."""
+
+    clip_id: str | None
+    object_id: str | None
+    error_code: str
+    error_message: str
+    attempts: int
+    columns: dict[str, Any] = field(compare=False)
+
+
+__all__ = ["ClipError", "ClipRecord", "ClipRequest", "Segment", "TimeRange", "TokenRange"]

@@ -1,0 +1,193 @@
+"""The fetch transform: up to `max_in_flight` GetAudio streams at once per worker process.
+
+A Python DoFn sees one element at a time per thread, so each element is handed to a process-wide
+thread pool and its result emitted when done; the bundle ends when all of its calls have. It knows the
+client's interface, not gRPC: retries, resume and throttling happen inside GetAudioClient.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from pipeline.audio import SAMPLE_RATE
+from pipeline.client import GetAudioClient, GetAudioError, RetryPolicy
+from pipeline.clips import ClipFile, WrittenClip, existing_clip
+from pipeline.elements import WRITE_FAILED, ClipError, ClipRecord, ClipRequest
+
+log = logging.getLogger(__name__)
+NAMESPACE = "clips"
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """What the fetch step needs from the options; picklable, and holding no secret."""
+
+    output: str
+    api_host: str | None
+    api_key_file: str | None
+    audio_format: str
+    max_in_flight: int
+    max_attempts: int
+    rpc_timeout_s: float
+    skip_existing: bool
+    total_rows: int = 0
+
+
+def read_api_key(api_key_file: str | None) -> str:
+    """The key from a file on any Beam filesystem, else SONIOX_API_KEY (empty if neither is set)."""
+    if api_key_file:
+        with FileSystems.open(api_key_file) as f:
+            return f.read().decode().strip()
+    return os.environ.get("SONIOX_API_KEY", "")
+
+
+_shared: dict[FetchSettings, tuple[GetAudioClient, futures.ThreadPoolExecutor]] = {}
+_shared_lock = threading.Lock()
+
+
+def _client_and_pool(s: FetchSettings) -> tuple[GetAudioClient, futures.ThreadPoolExecutor]:
+    """One client (so one channel and one throttler) and one pool per process, for all DoFn instances."""
+    with _shared_lock:
+        if s not in _shared:
+            client = GetAudioClient(
+                s.api_host,
+                api_key=read_api_key(s.api_key_file),
+                retry=RetryPolicy(max_attempts=s.max_attempts),
+                rpc_timeout_s=s.rpc_timeout_s,
+            )
+            _shared[s] = (client, futures.ThreadPoolExecutor(s.max_in_flight, thread_name_prefix="getaudio"))
+        return _shared[s]
+
+
+class FetchClips(beam.DoFn):
+    """ClipRequest -> ClipRecord | ClipError, with the calls of a bundle running concurrently."""
+
+    def __init__(self, settings: FetchSettings):
+        self.settings = settings
+        self.written = Metrics.counter(NAMESPACE, "written")
+        self.skipped = Metrics.counter(NAMESPACE, "skipped")
+        self.retries = Metrics.counter(NAMESPACE, "retries")
+        self.bytes = Metrics.counter(NAMESPACE, "bytes")
+        self.audio_ms = Metrics.counter(NAMESPACE, "audio_ms")
+        self.latency = Metrics.distribution(NAMESPACE, "call_latency_ms")
+        self.duration = Metrics.distribution(NAMESPACE, "clip_duration_ms")
+
+    def setup(self) -> None:
+        self.client, self.pool = _client_and_pool(self.settings)
+        self.progress = _Progress(self.settings.total_rows)
+
+    def start_bundle(self) -> None:
+        self.pending: set[futures.Future] = set()
+
+    def process(self, request: ClipRequest) -> Iterator[ClipRecord | ClipError]:
+        self.pending.add(self.pool.submit(self._fetch, request))
+        if len(self.pending) >= self.settings.max_in_flight:
+            yield from self._collect(futures.FIRST_COMPLETED)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for out in self._collect(futures.ALL_COMPLETED):
+            yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _collect(self, return_when: str) -> Iterator[ClipRecord | ClipError]:
+        """Wait for calls, then emit their results and count them here, in the DoFn's own thread
+        (Beam metrics are kept per thread, so the pool's threads cannot update them)."""
+        done, self.pending = futures.wait(self.pending, return_when=return_when)
+        for future in done:
+            out, seconds = future.result()  # an unexpected exception fails the bundle, as it should
+            if isinstance(out, ClipRecord):
+                self._count(out, seconds)
+            self.progress.tick()
+            yield out
+
+    def _count(self, record: ClipRecord, seconds: float) -> None:
+        if record.attempts == 0:
+            self.skipped.inc()
+            return
+        self.written.inc()
+        self.retries.inc(record.attempts - 1)
+        self.bytes.inc(record.num_bytes)
+        self.audio_ms.inc(record.clip_duration_ms)
+        self.latency.update(int(seconds * 1000))
+        self.duration.update(record.clip_duration_ms)
+
+    def _fetch(self, request: ClipRequest) -> tuple[ClipRecord | ClipError, float]:
+        started = time.monotonic()
+        s = self.settings
+        if s.skip_existing:
+            existing = existing_clip(s.output, request.clip_id, request.fingerprint)
+            if existing is not None:
+                return _record(request, existing, attempts=0), 0.0
+        sink = ClipFile(s.output, request.clip_id, request.fingerprint)
+        try:
+            result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
+            written = sink.publish()
+        except GetAudioError as e:
+            sink.discard()
+            return _error(request, e.code, e.message, e.attempts), time.monotonic() - started
+        except OSError as e:
+            sink.discard()
+            return _error(request, WRITE_FAILED, str(e), 1), time.monotonic() - started
+        return _record(request, written, result.attempts), time.monotonic() - started
+
+
+def _record(request: ClipRequest, clip: WrittenClip, attempts: int) -> ClipRecord:
+    info = clip.info
+    return ClipRecord(
+        clip_id=request.clip_id,
+        object_id=request.object_id,
+        path=clip.path,
+        clip_start_ms=info.start_ms,
+        clip_duration_ms=info.duration_ms,
+        object_duration_ms=info.total_duration_ms,
+        num_channels=info.channels,
+        sample_rate=SAMPLE_RATE,
+        num_samples=clip.num_frames,
+        num_bytes=clip.num_bytes,
+        sha256=clip.sha256,
+        attempts=attempts,
+        columns=request.columns,
+    )
+
+
+def _error(request: ClipRequest, code: str, message: str, attempts: int) -> ClipError:
+    return ClipError(
+        request.clip_id, request.object_id, code, f"{request.source}: {message}", attempts, request.columns
+    )
+
+
+class _Progress:
+    """Logs done / total and clips per second every few seconds (per worker process)."""
+
+    _lock = threading.Lock()
+    _done = 0
+    _started = 0.0
+    _last = 0.0
+
+    def __init__(self, total: int, every_s: float = 5.0):
+        self.total, self.every_s = total, every_s
+
+    def tick(self) -> None:
+        cls = type(self)
+        with cls._lock:
+            now = time.monotonic()
+            if cls._started == 0.0:
+                cls._started = cls._last = now
+            cls._done += 1
+            if now - cls._last < self.every_s:
+                return
+            cls._last = now
+            done, rate = cls._done, cls._done / max(now - cls._started, 1e-9)
+        log.info("progress: %d / %d rows fetched, %.1f clips/s", done, self.total, rate)

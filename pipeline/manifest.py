@@ -1,0 +1,185 @@
+"""The manifest: whole-file checks before any call, then row checks that turn rows into requests or errors.
+
+A whole-file problem stops the run with one message naming the file and column; a row problem becomes
+an error row with a code, and the other rows go on. Nothing is dropped: rows in = requests + errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import elements as el
+from pipeline.ids import clip_id_problem, derive_clip_id, object_id_problem
+from pipeline.tables import CLIP_ID, OBJECT_ID, RANGE_COLUMNS, RESERVED, TIME_COLUMNS, TOKEN_COLUMNS
+
+INT32_MAX = 2**31 - 1
+
+
+class ManifestError(ValueError):
+    """A problem with a whole manifest file: the run stops before any call."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: tuple[str, ...]
+    schema: pa.Schema
+    num_rows: int
+
+
+def inspect_manifest(pattern: str) -> Manifest:
+    """Match the files, check each one's schema, and unify them; raises ManifestError."""
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:
+        raise ManifestError(f"manifest {pattern}: cannot list it ({e})") from None
+    files = sorted(m.path for m in matched)
+    if not files:
+        raise ManifestError(f"manifest {pattern}: no file matches")
+    schemas, num_rows = [], 0
+    for path in files:
+        try:
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                meta = pq.ParquetFile(f)
+                schema, rows = meta.schema_arrow, meta.metadata.num_rows
+        except Exception as e:
+            raise ManifestError(f"manifest {path}: not a readable Parquet file ({e})") from None
+        check_schema(path, schema)
+        schemas.append(schema)
+        num_rows += rows
+    try:
+        schema = pa.unify_schemas(schemas)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ManifestError(f"manifest {pattern}: files disagree on column types ({e})") from None
+    return Manifest(tuple(files), schema, num_rows)
+
+
+def check_schema(path: str, schema: pa.Schema) -> None:
+    """The columns a manifest must have, and the types they must be."""
+    names = set(schema.names)
+    if OBJECT_ID not in names:
+        raise ManifestError(f"manifest {path}: no column '{OBJECT_ID}' (columns: {', '.join(schema.names)})")
+    for name in (OBJECT_ID, CLIP_ID):
+        if name in names and not _is_string(schema.field(name).type):
+            raise ManifestError(f"manifest {path}: column '{name}' is {schema.field(name).type}, not a string")
+    for name in RANGE_COLUMNS:
+        if name in names and not pa.types.is_integer(schema.field(name).type):
+            raise ManifestError(f"manifest {path}: column '{name}' is {schema.field(name).type}, not an integer")
+    pairs = [pair for pair in (TIME_COLUMNS, TOKEN_COLUMNS) if set(pair) <= names]
+    for pair in (TIME_COLUMNS, TOKEN_COLUMNS):
+        if len(set(pair) & names) == 1:
+            raise ManifestError(f"manifest {path}: has '{(set(pair) & names).pop()}' without its pair {pair}")
+    if not pairs:
+        raise ManifestError(f"manifest {path}: needs columns {TIME_COLUMNS} or {TOKEN_COLUMNS}")
+    clash = sorted(RESERVED & names)
+    if clash:
+        raise ManifestError(f"manifest {path}: column(s) {clash} clash with output columns; rename them")
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+class ReadManifestRows(beam.DoFn):
+    """Reads one manifest file in batches: (where, row) for each row, where = "file row N"."""
+
+    def __init__(self, batch_rows: int = 10_000):
+        self.batch_rows = batch_rows
+
+    def process(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        index = 0
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=self.batch_rows):
+                for row in batch.to_pylist():
+                    yield f"{path} row {index}", row
+                    index += 1
+
+
+def validate_row(item: tuple[str, dict[str, Any]]) -> el.ClipRequest | el.ClipError:
+    """A ClipRequest for a good row, a ClipError (with a code and the row's place) for a bad one."""
+    where, row = item
+    object_id = row.get(OBJECT_ID)
+    clip_id = row.get(CLIP_ID)
+    segment, problem = _segment(row)
+    if object_id is None:
+        problem = (el.MISSING_VALUE, "object_id is null")
+    elif object_id_problem(object_id):
+        problem = (el.INVALID_OBJECT_ID, object_id_problem(object_id))
+    if clip_id is None and segment is not None and object_id is not None:
+        clip_id = derive_clip_id(object_id, el.segment_tag(segment))
+    elif problem is None and clip_id_problem(clip_id):
+        problem = (el.INVALID_CLIP_ID, clip_id_problem(clip_id))
+    if problem:
+        code, message = problem
+        return el.ClipError(clip_id, object_id, code, f"{where}: {message}", 0, row)
+    return el.ClipRequest(clip_id, object_id, segment, row, where)
+
+
+def _segment(row: dict[str, Any]) -> tuple[el.Segment | None, tuple[str, str] | None]:
+    """The row's range, or the problem with it."""
+    time = [row.get(c) for c in TIME_COLUMNS]
+    token = [row.get(c) for c in TOKEN_COLUMNS]
+    has_time, has_token = any(v is not None for v in time), any(v is not None for v in token)
+    if has_time and has_token:
+        return None, (el.INVALID_RANGE, "row has both a time range and a token range; give one")
+    if not has_time and not has_token:
+        return None, (el.INVALID_RANGE, "row has neither a time range nor a token range")
+    names, values = (TIME_COLUMNS, time) if has_time else (TOKEN_COLUMNS, token)
+    for name, value in zip(names, values, strict=True):
+        if value is None:
+            return None, (el.MISSING_VALUE, f"{name} is null")
+    a, b = values
+    if has_time:
+        if a < 0 or b <= 0 or a + b > INT32_MAX:
+            return None, (el.INVALID_RANGE, f"time range start_ms={a} duration_ms={b} needs start >= 0, duration > 0")
+        return el.TimeRange(a, b), None
+    if a < 0 or b <= a or b > INT32_MAX:
+        return None, (el.INVALID_RANGE, f"token range [{a}, {b}) needs 0 <= token_start < token_end")
+    return el.TokenRange(a, b), None
+
+
+def split_errors(element):
+    """Main output for requests and records, the "errors" output for ClipErrors."""
+    yield beam.pvalue.TaggedOutput("errors", element) if isinstance(element, el.ClipError) else element
+
+
+class ValidateRows(beam.PTransform):
+    """(where, row) -> requests (main) and errors: row checks, then duplicate clip IDs.
+
+    Grouping by clip_id is also the shuffle that spreads the rows over the workers before the fetch.
+    """
+
+    def expand(self, rows):
+        checked = (
+            rows
+            | "Validate" >> beam.Map(validate_row)
+            | "SplitInvalid" >> beam.ParDo(split_errors).with_outputs("errors", main="requests")
+        )
+        unique = (
+            checked.requests
+            | "KeyByClipId" >> beam.Map(lambda r: (r.clip_id, r))
+            | "GroupByClipId" >> beam.GroupByKey()
+            | "RejectDuplicates" >> beam.FlatMap(reject_duplicates)
+            | "SplitDuplicates" >> beam.ParDo(split_errors).with_outputs("errors", main="requests")
+        )
+        errors = (checked.errors, unique.errors) | "RowErrors" >> beam.Flatten()
+        return {"requests": unique.requests, "errors": errors}
+
+
+def reject_duplicates(item: tuple[str, Iterable[el.ClipRequest]]) -> Iterator[el.ClipRequest | el.ClipError]:
+    """A clip_id shared by several rows names no single clip: every such row becomes an error."""
+    clip_id, requests = item
+    requests = list(requests)
+    if len(requests) == 1:
+        yield requests[0]
+        return
+    places = "; ".join(r.source for r in requests[:5])
+    for r in requests:
+        message = f"{r.source}: clip_id {clip_id!r} is used by {len(requests)} rows ({places})"
+        yield el.ClipError(clip_id, r.object_id, el.DUPLICATE_CLIP_ID, message, 0, r.columns)

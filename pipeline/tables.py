@@ -1,0 +1,68 @@
+"""The table schemas, defined once: the manifest's columns in, the clips and errors tables out.
+
+Each output table is its fixed columns followed by every manifest column (other than clip_id and
+object_id, which are fixed columns already) under its own name and Arrow type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.elements import ClipError, ClipRecord
+
+# The manifest.
+OBJECT_ID = "object_id"
+CLIP_ID = "clip_id"
+TIME_COLUMNS = ("start_ms", "duration_ms")
+TOKEN_COLUMNS = ("token_start", "token_end")
+RANGE_COLUMNS = TIME_COLUMNS + TOKEN_COLUMNS
+
+CLIP_FIELDS = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("object_id", pa.string()),
+        ("path", pa.string()),
+        ("clip_start_ms", pa.int64()),
+        ("clip_duration_ms", pa.int64()),
+        ("object_duration_ms", pa.int64()),
+        ("num_channels", pa.int32()),
+        ("sample_rate", pa.int32()),
+        ("num_samples", pa.int64()),
+        ("num_bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("attempts", pa.int32()),
+    ]
+)
+ERROR_FIELDS = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("object_id", pa.string()),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+        ("attempts", pa.int32()),
+    ]
+)
+SHARED = {OBJECT_ID, CLIP_ID}
+RESERVED = (set(CLIP_FIELDS.names) | set(ERROR_FIELDS.names)) - SHARED
+
+
+def passthrough(manifest_schema: pa.Schema) -> list[pa.Field]:
+    return [f for f in manifest_schema if f.name not in SHARED]
+
+
+def clips_schema(manifest_schema: pa.Schema) -> pa.Schema:
+    return pa.schema(list(CLIP_FIELDS) + passthrough(manifest_schema))
+
+
+def errors_schema(manifest_schema: pa.Schema) -> pa.Schema:
+    return pa.schema(list(ERROR_FIELDS) + passthrough(manifest_schema))
+
+
+def to_row(element: ClipRecord | ClipError) -> dict[str, Any]:
+    """The table row of a record or error: its fixed fields, then the manifest columns."""
+    row = {k: v for k, v in element.columns.items() if k not in SHARED}
+    row.update((f.name, getattr(element, f.name)) for f in dataclasses.fields(element) if f.name != "columns")
+    return row
