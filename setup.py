@@ -4,13 +4,19 @@ Dataflow workers install the package from this file (`--setup_file ./setup.py`),
 generated gRPC stubs in `pipeline/wire/`: nothing is compiled at run time.
 """
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "(.+)"', (HERE / "pipeline" / "__init__.py").read_text()).group(1)
 
 setup(
     name="soniox-clip-pipeline",
-    version="0.1.0",
+    version=VERSION,
     description="Apache Beam pipeline that extracts audio clips from the Soniox Storage API",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

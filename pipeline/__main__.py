@@ -70,6 +70,7 @@ def demo(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # Beam's INFO lines drown the progress
     commands = {"run": run, "serve": serve, "demo": demo}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m pipeline {{{'|'.join(commands)}}} [options]  (--help after a command)")
