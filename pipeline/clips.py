@@ -46,6 +46,8 @@ def remove_tmp(output: str) -> None:
     left = FileSystems.match([FileSystems.join(tmp_dir(output), "*")])[0].metadata_list
     if left:
         FileSystems.delete([m.path for m in left])
+    if FileSystems.get_scheme(output) in (None, "file") and os.path.isdir(tmp_dir(output)):
+        os.rmdir(tmp_dir(output))
 
 
 @dataclass(frozen=True)

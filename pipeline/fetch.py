@@ -54,6 +54,16 @@ def read_api_key(api_key_file: str | None) -> str:
     return os.environ.get("SONIOX_API_KEY", "")
 
 
+def check_key(s: FetchSettings, object_id: str) -> str | None:
+    """One GetObject attempt with the configured key: the error code, or None when it was answered."""
+    client = GetAudioClient(s.api_host, api_key=read_api_key(s.api_key_file), retry=RetryPolicy(max_attempts=1))
+    try:
+        client.get_object(object_id)
+    except GetAudioError as e:
+        return e.code
+    return None
+
+
 _shared: dict[FetchSettings, tuple[GetAudioClient, futures.ThreadPoolExecutor]] = {}
 _shared_lock = threading.Lock()
 

@@ -17,9 +17,19 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import elements as el
 from pipeline.ids import clip_id_problem, derive_clip_id, object_id_problem
-from pipeline.tables import CLIP_ID, OBJECT_ID, RANGE_COLUMNS, RESERVED, TIME_COLUMNS, TOKEN_COLUMNS
+from pipeline.tables import (
+    CLIP_ID,
+    ERROR_FIELDS,
+    OBJECT_ID,
+    RANGE_COLUMNS,
+    RESERVED,
+    SHARED,
+    TIME_COLUMNS,
+    TOKEN_COLUMNS,
+)
 
 INT32_MAX = 2**31 - 1
+ERROR_ONLY = set(ERROR_FIELDS.names) - SHARED  # dropped when an errors table is read as a manifest
 
 
 class ManifestError(ValueError):
@@ -50,6 +60,8 @@ def inspect_manifest(pattern: str) -> Manifest:
                 schema, rows = meta.schema_arrow, meta.metadata.num_rows
         except Exception as e:
             raise ManifestError(f"manifest {path}: not a readable Parquet file ({e})") from None
+        if set(schema.names) >= ERROR_ONLY:  # an errors table, fed back to retry its rows
+            schema = pa.schema([f for f in schema if f.name not in ERROR_ONLY])
         check_schema(path, schema)
         schemas.append(schema)
         num_rows += rows
@@ -58,6 +70,17 @@ def inspect_manifest(pattern: str) -> Manifest:
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise ManifestError(f"manifest {pattern}: files disagree on column types ({e})") from None
     return Manifest(tuple(files), schema, num_rows)
+
+
+def first_object_id(manifest: Manifest) -> str | None:
+    """The object_id of the first row, for a cheap check of the key before the run."""
+    for path in manifest.files:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1, columns=[OBJECT_ID]):
+                for value in batch.column(0).to_pylist():
+                    if value:
+                        return value
+    return None
 
 
 def check_schema(path: str, schema: pa.Schema) -> None:
@@ -89,13 +112,16 @@ def _is_string(t: pa.DataType) -> bool:
 class ReadManifestRows(beam.DoFn):
     """Reads one manifest file in batches: (where, row) for each row, where = "file row N"."""
 
-    def __init__(self, batch_rows: int = 10_000):
+    def __init__(self, columns: list[str], batch_rows: int = 10_000):
+        self.columns = columns  # the manifest's columns (an errors table's own are left out)
         self.batch_rows = batch_rows
 
     def process(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         index = 0
         with FileSystems.open(path, compression_type="uncompressed") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=self.batch_rows):
+            parquet = pq.ParquetFile(f)
+            columns = [c for c in parquet.schema_arrow.names if c in self.columns]
+            for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=columns):
                 for row in batch.to_pylist():
                     yield f"{path} row {index}", row
                     index += 1

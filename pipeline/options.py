@@ -66,6 +66,13 @@ class ClipOptions(PipelineOptions):
         g.add_argument("--config", default=None, help="YAML file of options (see configs/); flags override it")
 
 
+def option_names() -> list[str]:
+    """The names of this pipeline's own options."""
+    parser = argparse.ArgumentParser()
+    ClipOptions._add_argparse_args(parser)
+    return [a.dest for a in parser._actions if a.dest != "help"]
+
+
 def expand_config(argv: list[str]) -> list[str]:
     """Put the options of a --config YAML file before the flags, so that the flags win."""
     parser = argparse.ArgumentParser(add_help=False)

@@ -12,14 +12,15 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.clips import prepare_output, remove_tmp
 from pipeline.elements import ClipError
-from pipeline.fetch import NAMESPACE, FetchClips, FetchSettings
+from pipeline.fetch import NAMESPACE, FetchClips, FetchSettings, check_key
 from pipeline.options import ClipOptions, expand_config
+from pipeline.record import now, remove_record, safe_options, write_record
 
 log = logging.getLogger(__name__)
 ERRORS_NAMESPACE = "errors"
@@ -34,9 +35,8 @@ def table_paths(output: str) -> tuple[str, str]:
     return FileSystems.join(output, "metadata", "clips"), FileSystems.join(output, "metadata", "errors")
 
 
-def build(p: beam.Pipeline, opts: ClipOptions, manifest: mf.Manifest) -> None:
-    """The graph: read, validate (its GroupByKey on clip_id spreads rows over workers), fetch, write tables."""
-    settings = FetchSettings(
+def fetch_settings(opts: ClipOptions, manifest: mf.Manifest) -> FetchSettings:
+    return FetchSettings(
         output=opts.output,
         api_host=opts.api_host,
         api_key_file=opts.api_key_file,
@@ -47,10 +47,14 @@ def build(p: beam.Pipeline, opts: ClipOptions, manifest: mf.Manifest) -> None:
         skip_existing=opts.skip_existing,
         total_rows=manifest.num_rows,
     )
+
+
+def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest) -> None:
+    """The graph: read, validate (its GroupByKey on clip_id spreads rows over workers), fetch, write tables."""
     rows = (
         p
         | "ManifestFiles" >> beam.Create(manifest.files)
-        | "ReadRows" >> beam.ParDo(mf.ReadManifestRows())
+        | "ReadRows" >> beam.ParDo(mf.ReadManifestRows(manifest.schema.names))
         | "ValidateRows" >> mf.ValidateRows()
     )
     fetched = (
@@ -59,7 +63,7 @@ def build(p: beam.Pipeline, opts: ClipOptions, manifest: mf.Manifest) -> None:
         | "SplitFailed" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="clips")
     )
     errors = (rows["errors"], fetched.errors) | "AllErrors" >> beam.Flatten()
-    clips_path, errors_path = table_paths(opts.output)
+    clips_path, errors_path = table_paths(settings.output)
     _ = (
         fetched.clips
         | "ClipRows" >> beam.Map(tables.to_row)
@@ -99,6 +103,25 @@ class Summary:
     def error_count(self) -> int:
         return sum(self.errors.values())
 
+    @property
+    def error_ratio(self) -> float:
+        return self.error_count / self.rows if self.rows else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "clips": self.clips,
+            "clips_written": self.written,
+            "clips_skipped": self.skipped,
+            "errors": self.error_count,
+            "errors_by_code": dict(sorted(self.errors.items())),
+            "error_ratio": round(self.error_ratio, 6),
+            "bytes": self.bytes,
+            "audio_seconds": self.audio_ms / 1000,
+            "retries": self.retries,
+            "wall_seconds": round(self.seconds, 3),
+        }
+
     @classmethod
     def from_result(cls, result, rows: int, seconds: float) -> Summary:
         s = cls(rows=rows, seconds=seconds)
@@ -126,24 +149,73 @@ class Summary:
         yield f"errors table    {errors_path}-*.parquet"
 
 
-def run(argv: list[str]) -> Summary:
-    """Run the pipeline over argv (Beam flags included); returns the summary. Raises ManifestError."""
+class KeyRejected(RuntimeError):
+    """The service refused the API key: every call would fail, so the run stops before it starts."""
+
+
+def preflight(settings: FetchSettings, manifest: mf.Manifest) -> None:
+    """One GetObject call with the key, so a wrong key stops the run with one message, not one error per row."""
+    object_id = mf.first_object_id(manifest)
+    if object_id is None:
+        return
+    code = check_key(settings, object_id)
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        raise KeyRejected(f"the API key was refused by {settings.api_host or 'the default host'} ({code})")
+
+
+def remove_leftovers(output: str) -> None:
+    """What a killed run left: temporary clips, Beam's temporary table shards, the old run record."""
+    remove_tmp(output)
+    metadata = FileSystems.join(output, "metadata")
+    for pattern in ("beam-temp-*/*", "beam-temp-*"):
+        found = FileSystems.match([FileSystems.join(metadata, pattern)])[0].metadata_list
+        if found:
+            FileSystems.delete([m.path for m in found])
+    remove_record(output)
+
+
+def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
+    """Run the pipeline over argv (Beam flags included): the summary (None for a dry run) and the options.
+
+    Raises ManifestError or KeyRejected before any clip is fetched.
+    """
     options = PipelineOptions(expand_config(argv))
     opts = options.view_as(ClipOptions)
     for name in ("manifest", "output"):
         if not getattr(opts, name):
             raise SystemExit(f"error: --{name} is required")
-    FileSystems.set_options(options)  # so gs:// and s3:// options apply to the manifest check too
+    FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's own reads too
     manifest = mf.inspect_manifest(opts.manifest)
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
-    started = time.monotonic()
-    prepare_output(opts.output)
+    settings = fetch_settings(opts, manifest)
+    dry_run = options.view_as(TestOptions).dry_run
+    if not dry_run:
+        preflight(settings, manifest)
+        remove_leftovers(opts.output)
+        prepare_output(opts.output)
+    started_at, started = now(), time.monotonic()
     p = beam.Pipeline(options=options)
-    build(p, opts, manifest)
+    build(p, settings, manifest)
     result = p.run()
     result.wait_until_finish()
+    if dry_run:
+        return None, opts
     remove_tmp(opts.output)
-    return Summary.from_result(result, manifest.num_rows, time.monotonic() - started)
+    summary = Summary.from_result(result, manifest.num_rows, time.monotonic() - started)
+    clips_path, errors_path = table_paths(opts.output)
+    write_record(
+        opts.output,
+        {
+            "started_at": started_at,
+            "finished_at": now(),
+            **summary.as_dict(),
+            "manifest": list(manifest.files),
+            "clips_table": f"{clips_path}-00000-of-00001.parquet",
+            "errors_table": f"{errors_path}-00000-of-00001.parquet",
+            "options": safe_options(options),
+        },
+    )
+    return summary, opts
 
 
 def main(argv: list[str]) -> None:
@@ -151,13 +223,17 @@ def main(argv: list[str]) -> None:
     if any(a in ("-h", "--help") for a in argv):
         ClipOptions(["--help"])  # prints the options of this pipeline, then exits
     try:
-        summary = run(argv)
-    except mf.ManifestError as e:
+        summary, opts = run(argv)
+    except (mf.ManifestError, KeyRejected) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    opts = PipelineOptions(expand_config(argv)).view_as(ClipOptions)
+    if summary is None:
+        print("dry run: the job graph was built; nothing was run", flush=True)
+        return
     print("\n".join(summary.lines(opts.output)), flush=True)
-    ratio = summary.error_count / summary.rows if summary.rows else 0.0
-    if ratio > opts.max_error_ratio:
-        print(f"error: {ratio:.1%} of rows failed, more than --max_error_ratio {opts.max_error_ratio}", file=sys.stderr)
+    if summary.error_ratio > opts.max_error_ratio:
+        print(
+            f"error: {summary.error_ratio:.1%} of rows failed, more than --max_error_ratio {opts.max_error_ratio}",
+            file=sys.stderr,
+        )
         sys.exit(1)
