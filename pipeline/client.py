@@ -90,6 +90,8 @@ class AudioResult:
     num_frames: int  # samples per channel written to the sink
     attempts: int
     seconds: float
+    throttled: int = 0  # times a call was held back by client-side throttling
+    failures: tuple[str, ...] = ()  # the status of each failed attempt, in order
 
 
 @dataclass(frozen=True)
@@ -111,11 +113,12 @@ class ObjectInfo:
 class GetAudioError(Exception):
     """A call that failed for good: `code` is the gRPC status name (or BAD_STREAM)."""
 
-    def __init__(self, code: str, message: str, attempts: int):
+    def __init__(self, code: str, message: str, attempts: int, failures: tuple[str, ...] = ()):
         super().__init__(f"{code}: {message} (after {attempts} attempt{'s' if attempts != 1 else ''})")
         self.code = code
         self.message = message
         self.attempts = attempts
+        self.failures = failures or (code,)  # the status of each failed attempt, in order
 
 
 class _StreamBroken(Exception):
@@ -181,6 +184,10 @@ def shared_channel(target: str, tls: bool) -> grpc.Channel:
             options = [
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # Reconnect within seconds when a server comes back (gRPC's default backoff grows to 2 min,
+                # longer than our retry budget).
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 5_000),
             ]
             if tls:
                 channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
@@ -243,28 +250,34 @@ class GetAudioClient:
         """Stream one clip into `sink`; raises GetAudioError when it cannot be had."""
         started = time.monotonic()
         stream = _Stream(sink, audio_format)
-        attempt = failures = 0  # failures: consecutive attempts that brought no audio
+        attempt = failures = held = 0  # failures: consecutive attempts that brought no audio
+        seen: list[str] = []
         while True:
             attempt += 1
             frames_before = stream.frames_done
             request = self._request(object_id, segment, stream, audio_format)
             duration = stream.remaining_ms if stream.info else getattr(segment, "duration_ms", None)
             try:
-                self._throttle_wait(attempt)
+                held += self._throttle_wait(attempt)
                 call = self._stub.GetAudio(request, timeout=self._deadline(duration))
                 stream.consume(call)
                 self.throttler.accepted()
-                return AudioResult(stream.info, stream.frames_done, attempt, time.monotonic() - started)
+                return AudioResult(
+                    stream.info, stream.frames_done, attempt, time.monotonic() - started, held, tuple(seen)
+                )
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
             except _StreamBroken as e:
                 code, details = grpc.StatusCode.UNAVAILABLE, str(e)
             except _BadStream as e:
-                raise GetAudioError(BAD_STREAM, str(e), attempt) from None
+                raise GetAudioError(BAD_STREAM, str(e), attempt, (*seen, BAD_STREAM)) from None
+            seen.append(code.name)
             if stream.complete:
-                return AudioResult(stream.info, stream.frames_done, attempt, time.monotonic() - started)
+                return AudioResult(
+                    stream.info, stream.frames_done, attempt, time.monotonic() - started, held, tuple(seen)
+                )
             failures = 1 if stream.frames_done > frames_before else failures + 1
-            self._after_failure(code, details, failures, object_id, attempt)
+            self._after_failure(code, details, failures, object_id, attempt, tuple(seen))
 
     def _request(self, object_id: str, segment: Segment, stream: _Stream, fmt: str) -> pb.GetAudioRequest:
         request = pb.GetAudioRequest(api_key=self._key.reveal(), object_id=object_id, audio_bytes_format=fmt)
@@ -277,13 +290,23 @@ class GetAudioClient:
             request.token_segment.token_start, request.token_segment.token_end = segment.token_start, segment.token_end
         return request
 
-    def _throttle_wait(self, attempt: int) -> None:
-        """Hold a call back while the server has been refusing many (client-side adaptive throttling)."""
+    def _throttle_wait(self, attempt: int) -> int:
+        """Hold a call back while the server has been refusing many (client-side adaptive throttling);
+        returns how many times it was held."""
+        held = 0
         while self.throttler.should_hold():
+            held += 1
             time.sleep(self.retry.backoff(attempt))
+        return held
 
     def _after_failure(
-        self, code: grpc.StatusCode, details: str, failures: int, object_id: str, attempt: int | None = None
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        failures: int,
+        object_id: str,
+        attempt: int | None = None,
+        seen: tuple[str, ...] = (),
     ) -> None:
         """Raise when the failure is final; otherwise back off before the next attempt.
 
@@ -294,7 +317,7 @@ class GetAudioClient:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             self.throttler.rejected()
         if code not in self.retry.retry_codes or failures >= self.retry.max_attempts:
-            raise GetAudioError(code.name, details, attempt)
+            raise GetAudioError(code.name, details, attempt, seen)
         delay = self.retry.backoff(failures)
         log.info("GetAudio %s: %s on attempt %d, retrying in %.2fs", object_id, code.name, attempt, delay)
         time.sleep(delay)
@@ -325,6 +348,9 @@ class _Stream:
         self.wav = audio_format == "wav"
         self.info: StreamInfo | None = None
         self.frames_done = 0
+
+    def result(self, attempts: int, seconds: float, throttled: int, failures: list[str]) -> AudioResult:
+        return AudioResult(self.info, self.frames_done, attempts, seconds, throttled, tuple(failures))
 
     @property
     def complete(self) -> bool:

@@ -29,6 +29,7 @@ from pipeline.elements import WRITE_FAILED, ClipError, ClipRecord, ClipRequest
 
 log = logging.getLogger(__name__)
 NAMESPACE = "clips"
+FAILED_ATTEMPTS = "failed_attempts"  # one counter per status code of a failed (and maybe retried) attempt
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class FetchClips(beam.DoFn):
         self.written = Metrics.counter(NAMESPACE, "written")
         self.skipped = Metrics.counter(NAMESPACE, "skipped")
         self.retries = Metrics.counter(NAMESPACE, "retries")
+        self.throttled = Metrics.counter(NAMESPACE, "throttled")
         self.bytes = Metrics.counter(NAMESPACE, "bytes")
         self.audio_ms = Metrics.counter(NAMESPACE, "audio_ms")
         self.latency = Metrics.distribution(NAMESPACE, "call_latency_ms")
@@ -116,41 +118,54 @@ class FetchClips(beam.DoFn):
         (Beam metrics are kept per thread, so the pool's threads cannot update them)."""
         done, self.pending = futures.wait(self.pending, return_when=return_when)
         for future in done:
-            out, seconds = future.result()  # an unexpected exception fails the bundle, as it should
-            if isinstance(out, ClipRecord):
-                self._count(out, seconds)
+            out, stats = future.result()  # an unexpected exception fails the bundle, as it should
+            self._count(out, stats)
             self.progress.tick()
             yield out
 
-    def _count(self, record: ClipRecord, seconds: float) -> None:
-        if record.attempts == 0:
+    def _count(self, out: ClipRecord | ClipError, stats: _CallStats) -> None:
+        self.retries.inc(max(0, out.attempts - 1))
+        self.throttled.inc(stats.throttled)
+        for code in stats.failures:
+            Metrics.counter(FAILED_ATTEMPTS, code).inc()
+        if isinstance(out, ClipError):
+            return
+        if out.attempts == 0:
             self.skipped.inc()
             return
         self.written.inc()
-        self.retries.inc(record.attempts - 1)
-        self.bytes.inc(record.num_bytes)
-        self.audio_ms.inc(record.clip_duration_ms)
-        self.latency.update(int(seconds * 1000))
-        self.duration.update(record.clip_duration_ms)
+        self.bytes.inc(out.num_bytes)
+        self.audio_ms.inc(out.clip_duration_ms)
+        self.latency.update(int(stats.seconds * 1000))
+        self.duration.update(out.clip_duration_ms)
 
-    def _fetch(self, request: ClipRequest) -> tuple[ClipRecord | ClipError, float]:
+    def _fetch(self, request: ClipRequest) -> tuple[ClipRecord | ClipError, _CallStats]:
+        """One clip, start to finish: skip it, or fetch and publish it, or say why not."""
         started = time.monotonic()
         s = self.settings
         if s.skip_existing:
             existing = existing_clip(s.output, request.clip_id, request.fingerprint)
             if existing is not None:
-                return _record(request, existing, attempts=0), 0.0
+                return _record(request, existing, attempts=0), _CallStats()
         sink = ClipFile(s.output, request.clip_id, request.fingerprint)
         try:
             result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
             written = sink.publish()
         except GetAudioError as e:
             sink.discard()
-            return _error(request, e.code, e.message, e.attempts), time.monotonic() - started
+            return _error(request, e.code, e.message, e.attempts), _CallStats(time.monotonic() - started, 0, e.failures)
         except OSError as e:
             sink.discard()
-            return _error(request, WRITE_FAILED, str(e), 1), time.monotonic() - started
-        return _record(request, written, result.attempts), time.monotonic() - started
+            return _error(request, WRITE_FAILED, str(e), 1), _CallStats(time.monotonic() - started)
+        stats = _CallStats(time.monotonic() - started, result.throttled, result.failures)
+        return _record(request, written, result.attempts), stats
+
+
+@dataclass(frozen=True)
+class _CallStats:
+    seconds: float = 0.0
+    throttled: int = 0
+    failures: tuple[str, ...] = ()
 
 
 def _record(request: ClipRequest, clip: WrittenClip, attempts: int) -> ClipRecord:

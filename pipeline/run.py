@@ -18,7 +18,7 @@ from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.clips import prepare_output, remove_tmp
 from pipeline.elements import ClipError
-from pipeline.fetch import NAMESPACE, FetchClips, FetchSettings, check_key
+from pipeline.fetch import FAILED_ATTEMPTS, NAMESPACE, FetchClips, FetchSettings, check_key
 from pipeline.options import ClipOptions, expand_config
 from pipeline.record import now, remove_record, safe_options, write_record
 
@@ -93,6 +93,8 @@ class Summary:
     bytes: int = 0
     audio_ms: int = 0
     retries: int = 0
+    throttled: int = 0
+    failed_attempts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -119,6 +121,8 @@ class Summary:
             "bytes": self.bytes,
             "audio_seconds": self.audio_ms / 1000,
             "retries": self.retries,
+            "throttled": self.throttled,
+            "failed_attempts_by_code": dict(sorted(self.failed_attempts.items())),
             "wall_seconds": round(self.seconds, 3),
         }
 
@@ -129,7 +133,9 @@ class Summary:
             ns, name, value = c.key.metric.namespace, c.key.metric.name, c.committed or 0
             if ns == ERRORS_NAMESPACE:
                 s.errors[name] = s.errors.get(name, 0) + value
-            elif ns == NAMESPACE and name in ("written", "skipped", "bytes", "audio_ms", "retries"):
+            elif ns == FAILED_ATTEMPTS:
+                s.failed_attempts[name] = s.failed_attempts.get(name, 0) + value
+            elif ns == NAMESPACE and name in ("written", "skipped", "bytes", "audio_ms", "retries", "throttled"):
                 setattr(s, name, getattr(s, name) + value)
         return s
 
@@ -142,7 +148,9 @@ class Summary:
             yield f"  {code:<22}{n:>8,}"
         yield f"audio           {self.audio_ms / 3_600_000:>10.3f} h written"
         yield f"bytes           {self.bytes:>10,}"
-        yield f"retries         {self.retries:>10,}"
+        yield f"retries         {self.retries:>10,}   ({self.throttled:,} calls held back by throttling)"
+        for code, n in sorted(self.failed_attempts.items(), key=lambda kv: -kv[1]):
+            yield f"  {code:<22}{n:>8,} failed attempts"
         rate = self.written / self.seconds if self.seconds else 0.0
         yield f"wall time       {self.seconds:>10.1f} s   ({rate:.1f} clips/s)"
         yield f"clips table     {clips_path}-*.parquet"

@@ -21,7 +21,6 @@ class AdaptiveThrottler:
         self.overload_ratio = overload_ratio
         self._events: collections.deque[tuple[float, bool]] = collections.deque()
         self._lock = threading.Lock()
-        self.held = 0  # calls held back so far, for metrics and tests
 
     def _prune(self, now: float) -> None:
         while self._events and self._events[0][0] < now - self.window_s:
@@ -36,11 +35,7 @@ class AdaptiveThrottler:
 
     def should_hold(self) -> bool:
         """True when this call should wait; held calls are not counted as requests, so it cannot starve."""
-        hold = random.random() < self.reject_probability()
-        if hold:
-            with self._lock:
-                self.held += 1
-        return hold
+        return random.random() < self.reject_probability()
 
     def _record(self, accepted: bool) -> None:
         now = time.monotonic()
