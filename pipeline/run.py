@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
@@ -226,10 +227,22 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     return summary, opts
 
 
+def print_help() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline run",
+        description="Extract audio clips from the Soniox Storage API into WAV files and Parquet tables.",
+        epilog="Any Apache Beam pipeline option (--runner, --direct_num_workers, --project, ...) may be added. "
+        "The API key comes from SONIOX_API_KEY or --api_key_file, never from a flag.",
+    )
+    ClipOptions._add_argparse_args(parser)
+    parser.print_help()
+
+
 def main(argv: list[str]) -> None:
     """`python -m pipeline run`: run, print the summary, exit non-zero past --max_error_ratio."""
     if any(a in ("-h", "--help") for a in argv):
-        ClipOptions(["--help"])  # prints the options of this pipeline, then exits
+        print_help()
+        return
     try:
         summary, opts = run(argv)
     except (mf.ManifestError, KeyRejected) as e:
