@@ -38,10 +38,13 @@ def clip_id_problem(clip_id: str) -> str | None:
 def derive_clip_id(object_id: str, segment: str) -> str:
     """A deterministic clip ID from the object ID and a segment tag such as "t1000-500".
 
-    The separator "." never occurs in object IDs, and ":" (in "auto:") becomes "=", so two different
-    (object, range) pairs never share a derived ID. Very long object IDs are shortened with a hash.
+    The separator "." never occurs in object IDs, ":" (in "auto:") becomes "=", and an ID that starts
+    with "_" or "-" gets the prefix "o=", so two different (object, range) pairs never share a derived
+    ID and every derived ID is a valid clip_id. Very long object IDs are shortened with a hash.
     """
     name = object_id.replace(":", "=")
+    if not name[0].isalnum():  # "_x" would be a hidden name: "o=" cannot come from any object ID
+        name = f"o={name}"
     if len(name) + len(segment) + 1 > MAX_CLIP_ID:
         digest = hashlib.sha256(object_id.encode()).hexdigest()[:16]
         name = f"{name[: MAX_CLIP_ID - len(segment) - 18]}+{digest}"

@@ -52,23 +52,24 @@ def inspect_manifest(pattern: str) -> Manifest:
     files = sorted(m.path for m in matched)
     if not files:
         raise ManifestError(f"manifest {pattern}: no file matches")
-    schemas, num_rows = [], 0
+    schema, num_rows = None, 0
     for path in files:
         try:
             with FileSystems.open(path, compression_type="uncompressed") as f:
                 meta = pq.ParquetFile(f)
-                schema, rows = meta.schema_arrow, meta.metadata.num_rows
+                file_schema, rows = meta.schema_arrow, meta.metadata.num_rows
         except Exception as e:
             raise ManifestError(f"manifest {path}: not a readable Parquet file ({e})") from None
-        if set(schema.names) >= ERROR_ONLY:  # an errors table, fed back to retry its rows
-            schema = pa.schema([f for f in schema if f.name not in ERROR_ONLY])
-        check_schema(path, schema)
-        schemas.append(schema)
+        if set(file_schema.names) >= ERROR_ONLY:  # an errors table, fed back to retry its rows
+            file_schema = pa.schema([f for f in file_schema if f.name not in ERROR_ONLY])
+        check_schema(path, file_schema)
+        try:  # int32 in one file and int64 in another is fine; int and string is not
+            schema = (
+                file_schema if schema is None else pa.unify_schemas([schema, file_schema], promote_options="permissive")
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise ManifestError(f"manifest {path}: its column types disagree with {files[0]} ({e})") from None
         num_rows += rows
-    try:
-        schema = pa.unify_schemas(schemas)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise ManifestError(f"manifest {pattern}: files disagree on column types ({e})") from None
     return Manifest(tuple(files), schema, num_rows)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
+import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -176,10 +179,12 @@ def remove_leftovers(output: str) -> None:
     """What a killed run left: temporary clips, Beam's temporary table shards, the old run record."""
     remove_tmp(output)
     metadata = FileSystems.join(output, "metadata")
-    for pattern in ("beam-temp-*/*", "beam-temp-*"):
-        found = FileSystems.match([FileSystems.join(metadata, pattern)])[0].metadata_list
-        if found:
-            FileSystems.delete([m.path for m in found])
+    found = FileSystems.match([FileSystems.join(metadata, "beam-temp-*/*")])[0].metadata_list
+    if found:
+        FileSystems.delete([m.path for m in found])
+    if FileSystems.get_scheme(output) in (None, "file"):  # local folders outlive their files; buckets have none
+        for folder in glob.glob(os.path.join(metadata, "beam-temp-*")):
+            shutil.rmtree(folder)
     remove_record(output)
 
 

@@ -1,0 +1,563 @@
+"""`python -m benchmarks.run`: the performance benchmark, in one run, on this machine.
+
+Against one local GetAudio server (`python -m pipeline serve`, a separate process, so its CPU is not in
+the measured processes) over one temporary store (mono 16 kHz objects and one long stereo object), it
+measures, each as a child process timed from launch to exit (start-up included, as users see it):
+
+- limit: a bare gRPC client (generated stubs, one channel, threads) that reads the manifest's ranges and
+  throws the bytes away, at several concurrency levels; the best is reported;
+- peer 1: the Soniox SDK's documented pattern, one `get_audio` call after another, each saved as a WAV;
+- peer 2: the same on a ThreadPoolExecutor(32);
+- pipeline: `python -m pipeline run` on the DirectRunner with default settings;
+
+in two regimes (the server adding no latency, and adding 100 ms to every call), then the pipeline's
+peak RSS for one long stereo clip against one 5-second clip, and its wall time at two manifest sizes.
+
+Prints a table and the machine to stdout, progress to stderr, and writes benchmarks/results/latest.json
+(child logs go to benchmarks/results/logs/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from benchmarks import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+PY = sys.executable
+PHASES = ("limit", "peer1", "peer2", "pipeline", "rss", "scale")
+THROUGHPUT_PHASES = PHASES[:4]
+PEER_THREADS = 32
+MIB = 1024 * 1024
+_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.monotonic() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- child processes ---------------------------------------------------------------------------------------
+@dataclass
+class Child:
+    """One measured child process: wall time from launch to exit, its CPU, its peak RSS, the server's CPU."""
+
+    name: str
+    rc: int
+    wall_s: float
+    user_s: float
+    sys_s: float
+    max_rss_mib: float
+    server_cpu_s: float
+    output: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_pct(self) -> float:
+        return 100 * (self.user_s + self.sys_s) / self.wall_s
+
+    @property
+    def server_cpu_pct(self) -> float:
+        return 100 * self.server_cpu_s / self.wall_s
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(cpu_pct=round(self.cpu_pct, 1), server_cpu_pct=round(self.server_cpu_pct, 1))
+        for k in ("wall_s", "user_s", "sys_s", "max_rss_mib", "server_cpu_s"):
+            d[k] = round(d[k], 3)
+        return d
+
+
+def process_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a running process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_child(name: str, cmd: list[str], server: Server | None, env: dict[str, str] | None = None) -> Child:
+    """Run `cmd` from the repository root through the measure.py trampoline (see there why);
+    stdout and stderr go to logs/{name}.out / .err."""
+    logs = os.path.join(RESULTS, "logs")
+    os.makedirs(logs, exist_ok=True)
+    measured = os.path.join(logs, f"{name}.measure.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(measured)
+    server_cpu = server.cpu_s() if server else 0.0
+    with open(os.path.join(logs, f"{name}.out"), "wb") as out, open(os.path.join(logs, f"{name}.err"), "wb") as err:
+        started = time.monotonic()
+        trampoline = [PY, os.path.join(ROOT, "benchmarks", "measure.py"), measured, "--", *cmd]
+        subprocess.run(trampoline, stdout=out, stderr=err, cwd=ROOT, env={**os.environ, **(env or {})})
+        wall = time.monotonic() - started
+    try:
+        with open(measured, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, json.JSONDecodeError):  # the trampoline itself failed
+        m = {"rc": -1, "wall_s": wall, "user_s": 0.0, "sys_s": 0.0, "max_rss_kib": 0}
+    child = Child(
+        name=name,
+        rc=m["rc"],
+        wall_s=m["wall_s"],
+        user_s=m["user_s"],
+        sys_s=m["sys_s"],
+        max_rss_mib=m["max_rss_kib"] / 1024,  # KiB on Linux
+        server_cpu_s=(server.cpu_s() - server_cpu) if server else 0.0,
+    )
+    with open(os.path.join(logs, f"{name}.out"), encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f.read().splitlines() if line.startswith("{")]
+    if lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            child.output = json.loads(lines[-1])
+    if child.rc != 0:
+        with open(os.path.join(logs, f"{name}.err"), encoding="utf-8", errors="replace") as f:
+            tail = f.read().splitlines()[-15:]
+        progress(f"{name}: FAILED with exit code {child.rc}; stderr ends:\n    " + "\n    ".join(tail))
+    return child
+
+
+class Server:
+    """`python -m pipeline serve` as a child process on a free loopback port."""
+
+    def __init__(self, store: str, latency_ms: float):
+        self.latency_ms = latency_ms
+        os.makedirs(os.path.join(RESULTS, "logs"), exist_ok=True)
+        self._err = open(os.path.join(RESULTS, "logs", f"server-{latency_ms:g}ms.err"), "wb")  # noqa: SIM115
+        cmd = [PY, "-m", "pipeline", "serve", "--store", store, "--port", "0", f"--latency_ms={latency_ms:g}"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, cwd=ROOT, text=True)
+        line = self.proc.stdout.readline()
+        if " on http://" not in line:
+            self.stop()
+            raise RuntimeError(f"the server did not start (see {self._err.name}): {line!r}")
+        self.address = line.strip().rsplit(" on ", 1)[1]  # http://127.0.0.1:PORT
+        self.target = self.address.removeprefix("http://")
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.proc.pid)
+
+    def warm_up(self, object_ids: list[str]) -> None:
+        """One short call per object: the server's file index and descriptions, and the page cache."""
+        import grpc
+
+        from pipeline.wire import speech_service_pb2 as pb
+        from pipeline.wire import speech_service_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(self.target) as channel:
+            stub = pb_grpc.SpeechServiceStub(channel)
+            for object_id in object_ids:
+                request = pb.GetAudioRequest(object_id=object_id)
+                request.time_segment.start_ms, request.time_segment.duration_ms = 0, 10
+                for _ in stub.GetAudio(request, timeout=30):
+                    pass
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        self._err.close()
+
+
+# -- the measurements ----------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: str):
+        self.args = args
+        self.work = work
+        self.store = os.path.join(work, "store")
+        self.results: dict[str, Any] = {}
+
+    def manifest(self, name: str, table) -> str:
+        return data.write_manifest(os.path.join(self.work, f"{name}.parquet"), table)
+
+    def clips_manifest(self, rows: int) -> str:
+        path = os.path.join(self.work, f"clips-{rows}.parquet")
+        if not os.path.exists(path):
+            data.write_manifest(path, data.clip_rows(rows, self.args.objects, self.args.object_s))
+        return path
+
+    def scratch(self, name: str) -> str:
+        path = os.path.join(self.work, "out", name)
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    # -- one regime of the throughput phases ---------------------------------------------------------------
+    def regime(self, server: Server, phases: list[str]) -> dict[str, Any]:
+        a, lat = self.args, server.latency_ms
+        tag = f"{lat:g}ms"
+        manifest = self.clips_manifest(a.rows)
+        out: dict[str, Any] = {"latency_ms": lat, "rows": a.rows}
+        if "limit" in phases:
+            levels = {}
+            for c in a.limit_levels:
+                child = run_child(
+                    f"limit-{tag}-c{c}",
+                    [PY, "-m", "benchmarks.limit", "--host", server.target, "--manifest", manifest, "-c", str(c)],
+                    server,
+                )
+                levels[c] = self._rate(child, a.rows, f"limit c={c}", tag)
+            best = max(levels, key=lambda c: levels[c]["clips_per_s"])
+            out["limit"] = {"best_concurrency": best, **levels[best], "levels": levels}
+        for phase, threads in (("peer1", 1), ("peer2", PEER_THREADS)):
+            if phase not in phases:
+                continue
+            rows = a.rows if (phase == "peer2" or lat == 0) else min(a.rows, a.peer1_rows)
+            dest = self.scratch(f"{phase}-{tag}")
+            cmd = [PY, "-m", "benchmarks.peer", "--manifest", manifest, "--output", dest, "--threads", str(threads)]
+            cmd += ["--rows", str(rows)]
+            env = {"SONIOX_API_HOST": server.address, "SONIOX_API_KEY": "bench"}
+            child = run_child(f"{phase}-{tag}", cmd, server, env)
+            out[phase] = self._rate(child, rows, phase, tag)
+            out[phase]["check"] = check_clips(dest, rows)
+            shutil.rmtree(dest, ignore_errors=True)
+        if "pipeline" in phases:
+            dest = self.scratch(f"pipeline-{tag}")
+            child = self.pipeline(f"pipeline-{tag}", manifest, dest, server)
+            out["pipeline"] = self._rate(child, a.rows, "pipeline", tag)
+            out["pipeline"]["check"] = check_clips(os.path.join(dest, "clips"), a.rows)
+            shutil.rmtree(dest, ignore_errors=True)
+        return out
+
+    def pipeline(self, name: str, manifest: str, dest: str, server: Server) -> Child:
+        cmd = [PY, "-m", "pipeline", "run", "--manifest", manifest, "--output", dest, "--api_host", server.address]
+        child = run_child(name, cmd, server)
+        with contextlib.suppress(OSError, json.JSONDecodeError), open(os.path.join(dest, "_RUN.json")) as f:
+            record = json.load(f)
+            child.output = {
+                "clips": record.get("clips_written", 0),
+                "errors": record.get("errors", 0),
+                "bytes": record.get("bytes", 0),
+                "seconds": record.get("wall_seconds"),  # inside the process, from graph construction
+            }
+        return child
+
+    def _rate(self, child: Child, rows: int, label: str, tag: str) -> dict[str, Any]:
+        clips = child.output.get("clips", 0) if child.rc == 0 else 0
+        errors = child.output.get("errors", 0) if child.rc == 0 else rows
+        rate = clips / child.wall_s
+        progress(
+            f"{tag:>6} {label:<12} {clips:>6} clips, {errors} errors in {child.wall_s:6.1f} s = {rate:7.1f} clips/s  "
+            f"(cpu {child.cpu_pct:3.0f}%, server cpu {child.server_cpu_pct:3.0f}%, rss {child.max_rss_mib:.0f} MiB)"
+        )
+        return {"rows": rows, "clips": clips, "errors": errors, "clips_per_s": round(rate, 2), **child.as_dict()}
+
+    # -- memory and scaling ---------------------------------------------------------------------------------
+    def rss(self, server: Server) -> dict[str, Any]:
+        out = {}
+        for name, object_id, duration_ms in (
+            ("one_5s_clip", data.mono_ids(1)[0], data.CLIP_MS),
+            ("one_long_stereo_clip", data.LONG_OBJECT, self.args.long_s * 1000),
+        ):
+            manifest = self.manifest(name, data.single_row(object_id, 0, duration_ms, name))
+            dest = self.scratch(name)
+            child = self.pipeline(f"rss-{name}", manifest, dest, server)
+            clip = os.path.join(dest, "clips", f"{name}.wav")
+            size = os.path.getsize(clip) if os.path.exists(clip) else 0
+            out[name] = {"duration_ms": duration_ms, "file_bytes": size, **child.as_dict()}
+            progress(
+                f"rss: {name}: peak RSS {child.max_rss_mib:.1f} MiB, {size / MIB:.1f} MiB written "
+                f"in {child.wall_s:.1f} s (rc {child.rc})"
+            )
+            shutil.rmtree(dest, ignore_errors=True)
+        return out
+
+    def scale(self, server: Server) -> dict[str, Any]:
+        out = {}
+        for rows in self.args.scale_rows:
+            dest = self.scratch(f"scale-{rows}")
+            child = self.pipeline(f"scale-{rows}", self.clips_manifest(rows), dest, server)
+            out[str(rows)] = self._rate(child, rows, f"{rows} rows", "scale")
+            out[str(rows)]["check"] = check_clips(os.path.join(dest, "clips"), rows)
+            shutil.rmtree(dest, ignore_errors=True)
+        return out
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        progress(
+            f"store: {a.objects} mono objects of {a.object_s} s" + (f", one {a.long_s} s stereo" * ("rss" in a.phases))
+        )
+        data.write_store(self.store, a.objects, a.object_s, a.long_s if "rss" in a.phases else 0)
+        throughput = [p for p in a.phases if p in THROUGHPUT_PHASES]
+        for lat in a.latencies_ms:
+            needs = throughput or (lat == 0 and {"rss", "scale"} & set(a.phases))
+            if not needs:
+                continue
+            server = Server(self.store, lat)
+            try:
+                server.warm_up(data.mono_ids(a.objects))
+                progress(f"server {server.address}, {lat:g} ms added latency")
+                if throughput:
+                    self.results[f"regime_{lat:g}ms"] = self.regime(server, throughput)
+                if lat == 0 and "rss" in a.phases:
+                    self.results["rss"] = self.rss(server)
+                if lat == 0 and "scale" in a.phases:
+                    self.results["scale"] = self.scale(server)
+            finally:
+                server.stop()
+        return self.results
+
+
+def check_clips(folder: str, expected: int) -> dict[str, Any]:
+    """The clip files there, and the first one's shape (5 s mono at 16 kHz)."""
+    import soundfile as sf
+
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".wav")) if os.path.isdir(folder) else []
+    check: dict[str, Any] = {"files": len(names), "expected": expected}
+    if names:
+        info = sf.info(os.path.join(folder, names[0]))
+        check.update(first=names[0], frames=info.frames, channels=info.channels, rate=info.samplerate)
+    check["ok"] = len(names) == expected and check.get("frames") == data.CLIP_MS * 16
+    return check
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import apache_beam
+    import grpc
+
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        from importlib.metadata import version
+
+        soniox = version("soniox")
+    except Exception:
+        soniox = "?"
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "beam": apache_beam.__version__,
+        "grpcio": grpc.__version__,
+        "soniox_sdk": soniox,
+        "platform": platform.platform(),
+    }
+
+
+def _fmt_rate(m: dict[str, Any] | None) -> str:
+    return f"{m['clips_per_s']:.1f} clips/s" if m else "-"
+
+
+def _ok(value: float | None, target: str) -> str:
+    if value is None:
+        return "-"
+    op, number = target.split()
+    good = {">=": value >= float(number), "<=": value <= float(number), "<": value < float(number)}[op]
+    return "yes" if good else "NO"
+
+
+def table_rows(results: dict[str, Any], args: argparse.Namespace) -> list[list[str]]:
+    rows: list[list[str]] = []
+    targets = {0: {"limit": ">= 0.7"}, 100: {"peer2": ">= 1.5", "peer1": ">= 50"}}
+    names = {"limit": "limit", "peer1": "peer 1 (SDK sequential)", "peer2": f"peer 2 ({PEER_THREADS}-thread pool)"}
+    for lat in args.latencies_ms:
+        r = results.get(f"regime_{lat:g}ms")
+        if not r:
+            continue
+        tag = f"{lat:g} ms latency"
+        for key, name in names.items():
+            m = r.get(key)
+            if not m:
+                continue
+            label = f"{name}, {tag}"
+            if key == "limit":
+                levels = "/".join(str(c) for c in m["levels"])
+                label += f" (best of c={levels}: c={m['best_concurrency']})"
+            if m["rows"] != r["rows"]:
+                label += f" [{m['rows']} of {r['rows']} rows; rates comparable]"
+            rows.append([label, _fmt_rate(m), "", "", "", "" if m["errors"] == 0 else f"{m['errors']} errors"])
+        p = r.get("pipeline")
+        if not p:
+            continue
+        rows.append([f"pipeline, {tag} ({p['rows']} rows, wall incl. start-up)", _fmt_rate(p), "", "", "", ""])
+        for key in ("limit", "peer2", "peer1"):
+            b = r.get(key)
+            if not b:
+                continue
+            ratio = p["clips_per_s"] / b["clips_per_s"] if b["clips_per_s"] else None
+            target = targets.get(int(lat), {}).get(key)
+            rows.append(
+                [
+                    f"pipeline / {names[key]}, {tag}",
+                    _fmt_rate(p),
+                    _fmt_rate(b),
+                    f"{ratio:.2f}" if ratio is not None else "-",
+                    target or "",
+                    _ok(ratio, target) if target else "",
+                ]
+            )
+    rss = results.get("rss")
+    base = rss.get("one_5s_clip") if rss else None
+    if rss:
+        long = rss["one_long_stereo_clip"]
+        delta = long["max_rss_mib"] - base["max_rss_mib"]
+        hours = long["duration_ms"] / 3_600_000
+        rows.append(
+            [
+                f"peak RSS, pipeline, one {hours:g} h stereo clip ({long['file_bytes'] / MIB:.0f} MiB)",
+                f"{long['max_rss_mib']:.1f} MiB",
+                f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)",
+                f"{delta:+.1f} MiB",
+                "< +64 MiB",
+                _ok(delta, "< 64") if long["rc"] == 0 and base["rc"] == 0 else "FAIL",
+            ]
+        )
+        cpu = base["user_s"] + base["sys_s"]
+        rows.append(["pipeline wall time, one 5 s clip (~ start-up + teardown)", f"{base['wall_s']:.2f} s"])
+        rows[-1] += [f"CPU {cpu:.2f} s", "", "", ""]
+    sc = results.get("scale")
+    if sc:
+        small, big = (sc[str(n)] for n in args.scale_rows)
+        n_small, n_big = args.scale_rows
+        rows.append(
+            [
+                f"peak RSS, pipeline, {n_big:,}-row run",
+                f"{big['max_rss_mib']:.1f} MiB",
+                f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)" if base else "-",
+                f"{big['max_rss_mib'] - base['max_rss_mib']:+.1f} MiB" if base else "-",
+                "",
+                "",
+            ]
+        )
+        ratio = big["wall_s"] / small["wall_s"]
+        rows.append(
+            [
+                f"wall time, pipeline, {n_big:,} rows",
+                f"{big['wall_s']:.1f} s ({_fmt_rate(big)})",
+                f"{small['wall_s']:.1f} s ({n_small:,} rows)",
+                f"{ratio:.2f}",
+                "<= 12",
+                _ok(ratio, "<= 12") if big["errors"] == 0 and small["errors"] == 0 else "FAIL",
+            ]
+        )
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    header = ["measurement", "value", "baseline", "ratio", "target", "ok"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def detail_lines(results: dict[str, Any]) -> list[str]:
+    """Where the time goes: each child's wall, CPU share and the server's CPU share."""
+    lines = ["child process                     wall s   rate/s   cpu%  server cpu%  peak RSS MiB"]
+    items = []
+    for key, r in results.items():
+        if key.startswith("regime_"):
+            for phase in ("limit", "peer1", "peer2", "pipeline"):
+                if phase == "limit" and phase in r:
+                    items += [(f"limit c={c} {r['latency_ms']:g}ms", m) for c, m in r["limit"]["levels"].items()]
+                elif phase in r:
+                    items.append((f"{phase} {r['latency_ms']:g}ms", r[phase]))
+        elif key == "rss":
+            items += [(f"pipeline {name}", m) for name, m in r.items()]
+        elif key == "scale":
+            items += [(f"pipeline {n} rows", m) for n, m in r.items()]
+    for name, m in items:
+        rate = f"{m['clips_per_s']:8.1f}" if "clips_per_s" in m else "       -"
+        lines.append(
+            f"{name:<32} {m['wall_s']:7.2f} {rate} {m['cpu_pct']:6.0f} {m['server_cpu_pct']:12.0f} "
+            f"{m['max_rss_mib']:13.1f}"
+        )
+    return lines
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=None, help="5-second clips per throughput run (default 5000)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 500 rows, smaller subsets (~1-2 minutes)")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--latencies_ms", default="0,100", help="server latency regimes, comma-separated")
+    p.add_argument("--limit_levels", default="8,32,64", help="concurrency levels of the limit client")
+    p.add_argument("--peer1_rows", type=int, default=None, help="rows of peer 1 under added latency (default 200)")
+    p.add_argument("--scale_rows", default=None, help="two manifest sizes for the scaling run (default 1000,10000)")
+    p.add_argument("--objects", type=int, default=20, help="mono objects in the store")
+    p.add_argument("--object_s", type=int, default=60, help="seconds per mono object")
+    p.add_argument("--long_s", type=int, default=3600, help="seconds of the long stereo object")
+    p.add_argument("--keep", action="store_true", help="keep the temporary store and outputs")
+    p.add_argument("--json", default=os.path.join(RESULTS, "latest.json"), help="where to write the results")
+    a = p.parse_args(argv)
+    a.rows = a.rows or (500 if a.quick else 5000)
+    a.peer1_rows = a.peer1_rows or (50 if a.quick else 200)
+    a.scale_rows = [int(n) for n in (a.scale_rows or ("100,1000" if a.quick else "1000,10000")).split(",")]
+    if len(a.scale_rows) != 2:
+        p.error("--scale_rows takes two sizes")
+    a.phases = [s.strip() for s in a.phases.split(",") if s.strip()]
+    unknown = set(a.phases) - set(PHASES)
+    if unknown:
+        p.error(f"unknown phase(s) {sorted(unknown)}; choose from {','.join(PHASES)}")
+    a.latencies_ms = [float(x) for x in a.latencies_ms.split(",")]
+    a.limit_levels = [int(x) for x in a.limit_levels.split(",")]
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    info = machine()
+    progress(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), python {info['python']}, beam {info['beam']}")
+    work = tempfile.mkdtemp(prefix="soniox-bench-")
+    started = time.monotonic()
+    try:
+        results = Bench(args, work).run()
+    finally:
+        if args.keep:
+            progress(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    rows = table_rows(results, args)
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "keep")}
+    report = {
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "total_seconds": round(time.monotonic() - started, 1),
+        "machine": info,
+        "settings": settings,
+        "table": [
+            dict(zip(["measurement", "value", "baseline", "ratio", "target", "ok"], r, strict=True)) for r in rows
+        ],
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print(
+        f"machine: {info['nproc']} CPUs, {info['cpu_model']}, {info['memory_gib']} GiB; python {info['python']}, "
+        f"apache-beam {info['beam']}, grpcio {info['grpcio']}, soniox SDK {info['soniox_sdk']}"
+    )
+    print(
+        f"{args.rows} rows of 5 s mono clips over {args.objects} objects of {args.object_s} s; "
+        f"server: `python -m pipeline serve` in its own process; rates = clips / child wall time (start-up included)"
+    )
+    print()
+    print(format_table(rows))
+    print()
+    print("\n".join(detail_lines(results)))
+    print()
+    print(f"total {report['total_seconds']:.0f} s; results in {os.path.relpath(args.json, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

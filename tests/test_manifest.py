@@ -1,0 +1,418 @@
+"""The manifest: row checks (validate_row), whole-file checks (inspect_manifest), and ValidateRows on Beam.
+
+Every bad row must become an error with its code and its place in the manifest; every whole-file
+problem must stop the run with a message naming the file and the column.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline import elements as el
+from pipeline.ids import clip_id_problem
+from pipeline.manifest import ManifestError, ValidateRows, inspect_manifest, validate_row
+
+pytestmark = pytest.mark.timeout(60)
+
+WHERE = "gs://bucket/manifest/part-7.parquet row 41"
+INT32_MAX = 2**31 - 1
+
+
+def row(**values) -> dict:
+    """A good time-range row of a manifest that has every range column, with `values` changed."""
+    base = {
+        "clip_id": "clip-1",
+        "object_id": "demo-mono",
+        "start_ms": 1000,
+        "duration_ms": 500,
+        "token_start": None,
+        "token_end": None,
+        "speaker": "alice",
+    }
+    base.update(values)
+    return base
+
+
+def token_row(**values) -> dict:
+    return row(**{"start_ms": None, "duration_ms": None, "token_start": 2, "token_end": 5, **values})
+
+
+def check(r: dict, where: str = WHERE) -> el.ClipRequest | el.ClipError:
+    return validate_row((where, r))
+
+
+def assert_error(r: dict, code: str) -> el.ClipError:
+    out = check(r)
+    assert isinstance(out, el.ClipError), f"row {r} was accepted as {out}"
+    assert out.error_code == code, out.error_message
+    assert out.error_message.startswith(f"{WHERE}: "), out.error_message
+    assert out.attempts == 0
+    assert out.columns == r  # the row travels on unchanged, for the errors table
+    return out
+
+
+# -- validate_row: bad rows -------------------------------------------------------------------------
+
+
+def test_null_object_id_is_missing_value():
+    err = assert_error(row(object_id=None), el.MISSING_VALUE)
+    assert "object_id" in err.error_message
+
+
+@pytest.mark.parametrize(
+    "object_id",
+    ["/", "..", "a/b", "../etc/passwd", "demo\0mono", "demo mono", " demo-mono", "démo", "日本", "", "x" * 257],
+    ids=["slash", "dotdot", "a-slash-b", "traversal", "nul", "space", "leading-space", "accent", "cjk", "empty", "257"],
+)
+def test_invalid_object_ids(object_id):
+    assert_error(row(object_id=object_id), el.INVALID_OBJECT_ID)
+
+
+@pytest.mark.parametrize("object_id", ["auto:abc", "x" * 256, "A-z_09", "auto:" + "y" * 251])
+def test_valid_object_ids(object_id):
+    out = check(row(object_id=object_id))
+    assert isinstance(out, el.ClipRequest), out
+    assert out.object_id == object_id
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"token_start": 0, "token_end": 3},  # both a time and a token range
+        {"start_ms": None, "duration_ms": None},  # neither
+        {"start_ms": -1},
+        {"duration_ms": 0},
+        {"duration_ms": -5},
+        {"start_ms": None, "duration_ms": None, "token_start": 4, "token_end": 4},
+        {"start_ms": None, "duration_ms": None, "token_start": 5, "token_end": 4},
+        {"start_ms": None, "duration_ms": None, "token_start": -1, "token_end": 4},
+        {"start_ms": INT32_MAX - 499, "duration_ms": 500},  # ends past int32
+        {"start_ms": 0, "duration_ms": INT32_MAX + 1},
+        {"start_ms": 2**40, "duration_ms": 500},
+        {"start_ms": None, "duration_ms": None, "token_start": 0, "token_end": INT32_MAX + 1},
+    ],
+    ids=[
+        "both",
+        "neither",
+        "negative-start",
+        "zero-duration",
+        "negative-duration",
+        "token-end-eq-start",
+        "token-end-lt-start",
+        "negative-token",
+        "time-end-past-int32",
+        "duration-past-int32",
+        "start-past-int32",
+        "token-end-past-int32",
+    ],
+)
+def test_invalid_ranges(values):
+    assert_error(row(**values), el.INVALID_RANGE)
+
+
+def test_ranges_at_the_int32_limit_are_valid():
+    time = check(row(start_ms=INT32_MAX - 500, duration_ms=500))
+    token = check(token_row(token_start=0, token_end=INT32_MAX))
+    assert time.segment == el.TimeRange(INT32_MAX - 500, 500)
+    assert token.segment == el.TokenRange(0, INT32_MAX)
+
+
+@pytest.mark.parametrize(
+    "values, column",
+    [
+        ({"start_ms": None}, "start_ms"),
+        ({"duration_ms": None}, "duration_ms"),
+        ({"start_ms": None, "duration_ms": None, "token_start": None, "token_end": 5}, "token_start"),
+        ({"start_ms": None, "duration_ms": None, "token_start": 2, "token_end": None}, "token_end"),
+    ],
+)
+def test_null_in_one_of_a_pair_is_missing_value(values, column):
+    err = assert_error(row(**values), el.MISSING_VALUE)
+    assert column in err.error_message
+
+
+@pytest.mark.parametrize(
+    "clip_id",
+    ["a/b", "/abs", "..", ".hidden", "_tmp", "-flag", "", "a b", "a\\b", "x" * 201],
+    ids=[
+        "slash",
+        "leading-slash",
+        "dotdot",
+        "leading-dot",
+        "leading-underscore",
+        "dash",
+        "empty",
+        "space",
+        "bs",
+        "201",
+    ],
+)
+def test_invalid_clip_ids(clip_id):
+    assert_error(row(clip_id=clip_id), el.INVALID_CLIP_ID)
+
+
+def test_a_row_with_several_problems_is_one_error():
+    out = check(row(object_id=None, clip_id="a/b", start_ms=-1))
+    assert isinstance(out, el.ClipError)
+    assert out.error_code in (el.MISSING_VALUE, el.INVALID_RANGE, el.INVALID_CLIP_ID)
+    assert out.clip_id == "a/b" and out.error_message.startswith(f"{WHERE}: ")
+
+
+# -- validate_row: good rows and derived clip IDs ---------------------------------------------------
+
+
+def test_good_rows_become_requests():
+    time = check(row())
+    token = check(token_row(clip_id="k"))
+    assert time == el.ClipRequest("clip-1", "demo-mono", el.TimeRange(1000, 500), {}, WHERE)
+    assert time.source == WHERE and time.columns == row()
+    assert token.segment == el.TokenRange(2, 5) and token.clip_id == "k"
+    # a manifest with only the time columns has no token keys at all
+    only_time = check({"object_id": "demo-mono", "start_ms": 0, "duration_ms": 10})
+    assert isinstance(only_time, el.ClipRequest)
+
+
+def derived(r: dict) -> str:
+    out = check({**r, "clip_id": None})
+    assert isinstance(out, el.ClipRequest), out
+    return out.clip_id
+
+
+def test_derived_clip_id_is_deterministic_and_a_valid_file_name():
+    first = derived(row())
+    assert first == derived(row())
+    assert first == derived(row(speaker="bob"))  # other columns do not matter
+    assert clip_id_problem(first) is None
+    assert check(row(clip_id=first)).clip_id == first  # and it would be accepted if given explicitly
+
+
+def test_derived_clip_ids_are_distinct():
+    ids = [
+        derived(row()),
+        derived(row(start_ms=1000, duration_ms=501)),
+        derived(row(start_ms=1001, duration_ms=500)),
+        derived(row(start_ms=100, duration_ms=1500)),
+        derived(row(start_ms=None, duration_ms=None, token_start=1000, token_end=1500)),
+        derived(token_row()),
+        derived(token_row(token_start=2, token_end=6)),
+        derived(row(object_id="demo-stereo")),
+        derived(row(object_id="auto:x")),
+        derived(row(object_id="auto_x")),
+        derived(row(object_id="auto-x")),
+        derived(row(object_id="a" * 256)),
+        derived(row(object_id="a" * 255 + "b")),
+        derived(row(object_id="a" * 255)),
+    ]
+    assert len(set(ids)) == len(ids), ids
+    for clip_id in ids:
+        assert clip_id_problem(clip_id) is None, clip_id
+
+
+def test_derived_time_and_token_ids_differ_for_the_same_numbers():
+    assert derived(row(start_ms=2, duration_ms=5)) != derived(token_row(token_start=2, token_end=5))
+
+
+@pytest.mark.parametrize("object_id", ["_x", "-x"])
+def test_derived_clip_id_obeys_the_clip_id_rule_for_any_valid_object_id(object_id):
+    clip_id = derived(row(object_id=object_id))
+    # the errors table carries this clip_id; fed back as a manifest to retry the row, it must be accepted
+    retried = check(row(object_id=object_id, clip_id=clip_id))
+    assert isinstance(retried, el.ClipRequest), f"derived {clip_id!r} is rejected when given: {retried}"
+    assert clip_id_problem(clip_id) is None
+
+
+# -- inspect_manifest ---------------------------------------------------------------------------------
+
+
+def write(file: Path, /, **columns: pa.Array) -> str:
+    pq.write_table(pa.table(columns), file)
+    return str(file)
+
+
+def good_columns(n: int = 2, **extra: pa.Array) -> dict[str, pa.Array]:
+    return {
+        "object_id": pa.array(["demo-mono"] * n, pa.string()),
+        "start_ms": pa.array(range(n), pa.int32()),
+        "duration_ms": pa.array([100] * n, pa.int32()),
+        **extra,
+    }
+
+
+def manifest_error(pattern: str) -> str:
+    with pytest.raises(ManifestError) as e:
+        inspect_manifest(pattern)
+    return str(e.value)
+
+
+def test_not_parquet(tmp_path):
+    path = tmp_path / "manifest.parquet"
+    path.write_text("object_id,start_ms,duration_ms\ndemo-mono,0,100\n")
+    assert str(path) in manifest_error(str(path))
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.parquet"
+    path.write_bytes(b"")
+    assert str(path) in manifest_error(str(path))
+
+
+@pytest.mark.parametrize(
+    "columns, named",
+    [
+        ({"clip_id": pa.array(["a"]), "start_ms": pa.array([0]), "duration_ms": pa.array([1])}, "object_id"),
+        (good_columns(object_id=pa.array([1, 2], pa.int64())), "object_id"),
+        (good_columns(clip_id=pa.array([1, 2], pa.int32())), "clip_id"),
+        (good_columns(start_ms=pa.array([0.0, 1.5], pa.float64())), "start_ms"),
+        (good_columns(duration_ms=pa.array(["100", "200"], pa.string())), "duration_ms"),
+        (good_columns(token_start=pa.array([0, 1], pa.int32())), "token_start"),  # without token_end
+        ({"object_id": pa.array(["x"]), "start_ms": pa.array([0], pa.int32())}, "start_ms"),  # no duration_ms
+        ({"object_id": pa.array(["x"]), "token_end": pa.array([3], pa.int32())}, "token_end"),
+        ({"object_id": pa.array(["x"]), "speaker": pa.array(["a"])}, "start_ms"),  # no range columns at all
+        (good_columns(sha256=pa.array(["a", "b"])), "sha256"),
+        (good_columns(path=pa.array(["a", "b"])), "path"),
+        (good_columns(error_code=pa.array(["a", "b"])), "error_code"),
+    ],
+    ids=[
+        "no-object_id",
+        "int-object_id",
+        "int-clip_id",
+        "float-start_ms",
+        "string-duration_ms",
+        "token_start-alone",
+        "start_ms-alone",
+        "token_end-alone",
+        "no-range",
+        "reserved-sha256",
+        "reserved-path",
+        "reserved-error_code",
+    ],
+)
+def test_whole_file_problems_name_file_and_column(tmp_path, columns, named):
+    path = write(tmp_path / "m.parquet", **columns)
+    message = manifest_error(path)
+    assert path in message, message
+    assert named in message.replace(str(tmp_path), ""), message  # (the test's folder name may hold it too)
+
+
+def test_a_bad_file_among_good_ones_stops_the_run(tmp_path):
+    write(tmp_path / "a.parquet", **good_columns())
+    bad = write(tmp_path / "b.parquet", **good_columns(start_ms=pa.array([0.5, 1.0])))
+    message = manifest_error(str(tmp_path / "*.parquet"))
+    assert bad in message and "start_ms" in message.replace(str(tmp_path), ""), message
+
+
+def test_files_with_conflicting_types_name_the_column(tmp_path):
+    write(tmp_path / "a.parquet", **good_columns(speaker=pa.array([1, 2], pa.int64())))
+    write(tmp_path / "b.parquet", **good_columns(speaker=pa.array(["x", "y"], pa.string())))
+    assert "speaker" in manifest_error(str(tmp_path / "*.parquet")).replace(str(tmp_path), "")
+
+
+def test_files_with_conflicting_types_name_a_file(tmp_path):
+    a = write(tmp_path / "a.parquet", **good_columns(speaker=pa.array([1, 2], pa.int64())))
+    b = write(tmp_path / "b.parquet", **good_columns(speaker=pa.array(["x", "y"], pa.string())))
+    message = manifest_error(str(tmp_path / "*.parquet"))
+    assert a in message or b in message, message
+
+
+def test_glob_matching_nothing(tmp_path):
+    pattern = str(tmp_path / "nothing-*.parquet")
+    assert pattern in manifest_error(pattern)
+
+
+def test_zero_row_manifest_is_fine(tmp_path):
+    path = write(tmp_path / "m.parquet", **good_columns(0))
+    manifest = inspect_manifest(path)
+    assert manifest.num_rows == 0 and manifest.files == (path,)
+
+
+def test_files_are_unified(tmp_path):
+    a = write(tmp_path / "a.parquet", **good_columns(3, speaker=pa.array(["x", "y", None])))
+    b = write(
+        tmp_path / "b.parquet",
+        object_id=pa.array(["demo-mono"] * 2),
+        token_start=pa.array([0, 1], pa.int32()),
+        token_end=pa.array([2, 3], pa.int32()),
+    )
+    manifest = inspect_manifest(str(tmp_path / "*.parquet"))
+    assert manifest.files == (a, b)
+    assert manifest.num_rows == 5
+    assert manifest.schema.names == ["object_id", "start_ms", "duration_ms", "speaker", "token_start", "token_end"]
+    assert manifest.schema.field("start_ms").type == pa.int32()
+
+
+# -- ValidateRows on Beam -------------------------------------------------------------------------
+
+
+def test_validate_rows_transform():
+    rows = [
+        row(clip_id="a"),
+        token_row(clip_id="b", object_id="demo-stereo"),
+        row(clip_id="dup", start_ms=0),
+        token_row(clip_id="dup", object_id="demo-flac-3ch"),
+        row(clip_id=None, object_id="auto:abc"),
+        row(clip_id="bad/id"),
+        row(object_id=None, clip_id="c"),
+        row(clip_id="d", duration_ms=0),
+        row(clip_id="e", token_start=1, token_end=2),
+    ]
+    items = [(f"m.parquet row {i}", r) for i, r in enumerate(rows)]
+    with BeamPipeline() as p:
+        out = p | beam.Create(items) | ValidateRows()
+        requests = out["requests"] | "Requests" >> beam.Map(lambda r: (r.source, r.clip_id, r.object_id, r.segment))
+        errors = out["errors"] | "Errors" >> beam.Map(
+            lambda e: (e.error_message.split(":")[0], e.clip_id, e.error_code)
+        )
+        assert_that(
+            requests,
+            equal_to(
+                [
+                    ("m.parquet row 0", "a", "demo-mono", el.TimeRange(1000, 500)),
+                    ("m.parquet row 1", "b", "demo-stereo", el.TokenRange(2, 5)),
+                    ("m.parquet row 4", "auto=abc.t1000+500", "auto:abc", el.TimeRange(1000, 500)),
+                ]
+            ),
+            label="requests",
+        )
+        assert_that(
+            errors,
+            equal_to(
+                [
+                    ("m.parquet row 2", "dup", el.DUPLICATE_CLIP_ID),
+                    ("m.parquet row 3", "dup", el.DUPLICATE_CLIP_ID),
+                    ("m.parquet row 5", "bad/id", el.INVALID_CLIP_ID),
+                    ("m.parquet row 6", "c", el.MISSING_VALUE),
+                    ("m.parquet row 7", "d", el.INVALID_RANGE),
+                    ("m.parquet row 8", "e", el.INVALID_RANGE),
+                ]
+            ),
+            label="errors",
+        )
+        # nothing dropped, nothing doubled: every row in comes out once, as a request or an error
+        places = (
+            (out["requests"] | "RequestPlaces" >> beam.Map(lambda r: r.source), errors | beam.Map(lambda e: e[0]))
+            | beam.Flatten()
+            | beam.combiners.Count.PerElement()
+        )
+        assert_that(places, equal_to([(where, 1) for where, _ in items]), label="rows in = requests + errors")
+
+
+def test_duplicate_messages_name_every_row():
+    items = [(f"m.parquet row {i}", row(clip_id="same", start_ms=i)) for i in range(3)]
+    with BeamPipeline() as p:
+        out = p | beam.Create(items) | ValidateRows()
+        assert_that(out["requests"], equal_to([]), label="no requests")
+        messages = out["errors"] | beam.Map(lambda e: (e.error_code, e.columns["start_ms"], e.error_message))
+
+        def every_row_named(actual):
+            assert sorted(m[:2] for m in actual) == [(el.DUPLICATE_CLIP_ID, i) for i in range(3)], actual
+            for _, _, message in actual:
+                assert all(f"m.parquet row {i}" in message for i in range(3)), message
+
+        assert_that(messages, every_row_named)
