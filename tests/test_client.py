@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import struct
+import subprocess
+import sys
 import time
 from concurrent import futures
 
@@ -248,3 +250,30 @@ def test_contract_violations_are_typed_errors(store_dir, mode):
     finally:
         server.stop(0)
     assert (err.value.code, err.value.attempts) == (BAD_STREAM, 1)
+
+
+def test_serve_command_binds_loopback_and_requires_its_key(store_dir, store, tmp_path):
+    """`python -m pipeline serve` as a user runs it: loopback by default, the key required when set."""
+    key_file = tmp_path / "key"
+    key_file.write_text("serve-key\n")
+    cmd = [sys.executable, "-m", "pipeline", "serve", "--store", store_dir, "--api_key_file", str(key_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        address = line.split(" on ")[-1].strip()
+        assert address.startswith("http://127.0.0.1:"), line
+        _, sink = fetch(_At(address), "demo-stereo", TimeRange(500, 700), "wav", api_key="serve-key")
+        assert np.array_equal(sink.frames(), source_frames(store["demo-stereo"], 500, 700))
+        with pytest.raises(GetAudioError) as err:
+            fetch(_At(address), "demo-stereo", TimeRange(500, 700), api_key="")
+        assert err.value.code == "UNAUTHENTICATED"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class _At:
+    """A server known only by its address."""
+
+    def __init__(self, address: str):
+        self.address = address
