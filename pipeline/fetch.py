@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -102,22 +103,29 @@ class FetchClips(beam.DoFn):
         self.progress = _Progress(self.settings.total_rows)
 
     def start_bundle(self) -> None:
-        self.pending: set[futures.Future] = set()
+        self.pending = 0
+        self.done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
 
     def process(self, request: ClipRequest) -> Iterator[ClipRecord | ClipError]:
-        self.pending.add(self.pool.submit(self._fetch, request))
-        if len(self.pending) >= self.settings.max_in_flight:
-            yield from self._collect(futures.FIRST_COMPLETED)
+        self.pool.submit(self._fetch, request).add_done_callback(self.done.put)
+        self.pending += 1
+        yield from self._collect(block=self.pending >= self.settings.max_in_flight)
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
-        for out in self._collect(futures.ALL_COMPLETED):
-            yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
+        while self.pending:
+            for out in self._collect(block=True):
+                yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
 
-    def _collect(self, return_when: str) -> Iterator[ClipRecord | ClipError]:
-        """Wait for calls, then emit their results and count them here, in the DoFn's own thread
-        (Beam metrics are kept per thread, so the pool's threads cannot update them)."""
-        done, self.pending = futures.wait(self.pending, return_when=return_when)
-        for future in done:
+    def _collect(self, block: bool) -> Iterator[ClipRecord | ClipError]:
+        """Emit the results of finished calls (waiting for one if `block`), counted here, in the DoFn's
+        own thread: Beam metrics are kept per thread, so the pool's threads cannot update them."""
+        while self.pending:
+            try:
+                future = self.done.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            self.pending -= 1
             out, stats = future.result()  # an unexpected exception fails the bundle, as it should
             self._count(out, stats)
             self.progress.tick()

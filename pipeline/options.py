@@ -38,7 +38,7 @@ class ClipOptions(PipelineOptions):
             default="pcm_s16le",
             help="transfer format of GetAudio (clips are always WAV files)",
         )
-        g.add_argument("--max_in_flight", type=int, default=32, help="concurrent GetAudio streams per worker process")
+        g.add_argument("--max_in_flight", type=int, default=64, help="concurrent GetAudio streams per worker process")
         g.add_argument(
             "--max_attempts",
             type=int,

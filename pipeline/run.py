@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from pipeline import manifest as mf
 from pipeline import tables
-from pipeline.clips import prepare_output, remove_tmp
+from pipeline.clips import is_local, prepare_output, remove_tmp
 from pipeline.elements import ClipError
 from pipeline.fetch import FAILED_ATTEMPTS, NAMESPACE, FetchClips, FetchSettings, check_key
 from pipeline.options import ClipOptions, expand_config
@@ -182,7 +182,7 @@ def remove_leftovers(output: str) -> None:
     found = FileSystems.match([FileSystems.join(metadata, "beam-temp-*/*")])[0].metadata_list
     if found:
         FileSystems.delete([m.path for m in found])
-    if FileSystems.get_scheme(output) in (None, "file"):  # local folders outlive their files; buckets have none
+    if is_local(output):  # local folders outlive their files; buckets have none
         for folder in glob.glob(os.path.join(metadata, "beam-temp-*")):
             shutil.rmtree(folder)
     remove_record(output)

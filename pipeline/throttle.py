@@ -20,17 +20,17 @@ class AdaptiveThrottler:
         self.window_s = window_s
         self.overload_ratio = overload_ratio
         self._events: collections.deque[tuple[float, bool]] = collections.deque()
+        self._accepts = 0  # accepted events in the window, kept so that no call scans the window
         self._lock = threading.Lock()
 
     def _prune(self, now: float) -> None:
         while self._events and self._events[0][0] < now - self.window_s:
-            self._events.popleft()
+            self._accepts -= self._events.popleft()[1]
 
     def reject_probability(self) -> float:
         with self._lock:
             self._prune(time.monotonic())
-            requests = len(self._events)
-            accepts = sum(1 for _, ok in self._events if ok)
+            requests, accepts = len(self._events), self._accepts
         return max(0.0, (requests - self.overload_ratio * accepts) / (requests + 1))
 
     def should_hold(self) -> bool:
@@ -42,6 +42,7 @@ class AdaptiveThrottler:
         with self._lock:
             self._prune(now)
             self._events.append((now, accepted))
+            self._accepts += accepted
 
     def accepted(self) -> None:
         self._record(True)
