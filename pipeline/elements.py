@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.client import Segment, TimeRange, TokenRange
+from pipeline.client import ObjectToken, Segment, TimeRange, TokenRange
 
 # Validation codes (the errors table also carries gRPC status names and BAD_STREAM).
 MISSING_VALUE = "MISSING_VALUE"  # a required value is null
@@ -35,6 +35,7 @@ class ClipRequest:
     segment: Segment
     columns: dict[str, Any] = field(compare=False)  # the manifest row, unchanged
     source: str = ""  # "file, row N" for messages
+    tokens: tuple[ObjectToken, ...] | None = field(default=None, compare=False)  # with --with_transcripts
 
     @property
     def fingerprint(self) -> str:
@@ -59,6 +60,9 @@ class ClipRecord:
     sha256: str
     attempts: int
     columns: dict[str, Any] = field(compare=False)
+    transcript_text: str | None = None  # with --with_transcripts
+    transcript_tokens: list[dict[str, Any]] | None = None
+    member: str | None = None  # with --shards: the clip's name inside the tar at `path`
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ client's interface, not gRPC: retries, resume and throttling happen inside GetAu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from pipeline.audio import SAMPLE_RATE
 from pipeline.client import GetAudioClient, GetAudioError, RetryPolicy
 from pipeline.clips import ClipFile, WrittenClip, existing_clip
 from pipeline.elements import WRITE_FAILED, ClipError, ClipRecord, ClipRequest
+from pipeline.transcripts import clip_tokens
 
 log = logging.getLogger(__name__)
 NAMESPACE = "clips"
@@ -45,6 +47,9 @@ class FetchSettings:
     max_attempts: int
     rpc_timeout_s: float
     skip_existing: bool
+    with_transcripts: bool = False
+    clip_format: str = "wav"
+    shards: int = 0
     total_rows: int = 0
 
 
@@ -82,6 +87,30 @@ def _client_and_pool(s: FetchSettings) -> tuple[GetAudioClient, futures.ThreadPo
             )
             _shared[s] = (client, futures.ThreadPoolExecutor(s.max_in_flight, thread_name_prefix="getaudio"))
         return _shared[s]
+
+
+class AttachTranscripts(beam.DoFn):
+    """(object_id, requests) -> each request with the object's tokens, from one GetObject call per object;
+    a ClipError for each request when the object's transcript cannot be had."""
+
+    def __init__(self, settings: FetchSettings):
+        self.settings = settings
+        self.calls = Metrics.counter(NAMESPACE, "get_object_calls")
+
+    def setup(self) -> None:
+        self.client, _ = _client_and_pool(self.settings)
+
+    def process(self, item: tuple[str, Iterable[ClipRequest]]) -> Iterator[ClipRequest | ClipError]:
+        object_id, requests = item
+        self.calls.inc()
+        try:
+            tokens = self.client.get_object(object_id).tokens
+        except GetAudioError as e:
+            for r in requests:
+                yield _error(r, e.code, f"GetObject: {e.message}", e.attempts)
+            return
+        for r in requests:
+            yield dataclasses.replace(r, tokens=tokens)
 
 
 class FetchClips(beam.DoFn):
@@ -152,10 +181,10 @@ class FetchClips(beam.DoFn):
         started = time.monotonic()
         s = self.settings
         if s.skip_existing:
-            existing = existing_clip(s.output, request.clip_id, request.fingerprint)
+            existing = existing_clip(s.output, request.clip_id, request.fingerprint, s.clip_format)
             if existing is not None:
                 return _record(request, existing, attempts=0), _CallStats()
-        sink = ClipFile(s.output, request.clip_id, request.fingerprint)
+        sink = ClipFile(s.output, request.clip_id, request.fingerprint, s.clip_format, staged=s.shards > 0)
         try:
             result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
             written = sink.publish()
@@ -178,6 +207,9 @@ class _CallStats:
 
 def _record(request: ClipRequest, clip: WrittenClip, attempts: int) -> ClipRecord:
     info = clip.info
+    text, tokens = None, None
+    if request.tokens is not None:
+        text, tokens = clip_tokens(request.tokens, request.segment, info.start_ms, info.duration_ms)
     return ClipRecord(
         clip_id=request.clip_id,
         object_id=request.object_id,
@@ -192,6 +224,8 @@ def _record(request: ClipRequest, clip: WrittenClip, attempts: int) -> ClipRecor
         sha256=clip.sha256,
         attempts=attempts,
         columns=request.columns,
+        transcript_text=text,
+        transcript_tokens=tokens,
     )
 
 

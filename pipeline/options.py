@@ -12,6 +12,7 @@ import yaml
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.audio import FORMATS
+from pipeline.clips import CLIP_FORMATS
 
 
 class ClipOptions(PipelineOptions):
@@ -36,7 +37,13 @@ class ClipOptions(PipelineOptions):
             "--audio_format",
             choices=FORMATS,
             default="pcm_s16le",
-            help="transfer format of GetAudio (clips are always WAV files)",
+            help="transfer format of GetAudio (it does not change the clip files: see --clip_format)",
+        )
+        g.add_argument(
+            "--clip_format",
+            choices=CLIP_FORMATS,
+            default="wav",
+            help="clip files: wav (16-bit PCM) or flac (lossless, about half the size)",
         )
         g.add_argument("--max_in_flight", type=int, default=64, help="concurrent GetAudio streams per worker process")
         g.add_argument(
@@ -62,6 +69,19 @@ class ClipOptions(PipelineOptions):
             type=float,
             default=0.05,
             help="exit non-zero when errors / rows exceeds this (the tables are written first)",
+        )
+        g.add_argument(
+            "--shards",
+            type=int,
+            default=0,
+            help="write the clips as N WebDataset-style tar shards ({clip_id}.wav + {clip_id}.json) under "
+            "shards/ instead of one file each under clips/; 0: clip files",
+        )
+        g.add_argument(
+            "--with_transcripts",
+            action="store_true",
+            default=False,
+            help="add each clip's transcript text and tokens (from GetObject, one call per object) to the clips table",
         )
         g.add_argument("--config", default=None, help="YAML file of options (see configs/); flags override it")
 

@@ -20,11 +20,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from pipeline import manifest as mf
 from pipeline import tables
-from pipeline.clips import is_local, prepare_output, remove_tmp
+from pipeline.clips import CLIPS_DIR, is_local, prepare_output, remove_tmp
 from pipeline.elements import ClipError
-from pipeline.fetch import FAILED_ATTEMPTS, NAMESPACE, FetchClips, FetchSettings, check_key
+from pipeline.fetch import FAILED_ATTEMPTS, NAMESPACE, AttachTranscripts, FetchClips, FetchSettings, check_key
 from pipeline.options import ClipOptions, expand_config
 from pipeline.record import now, remove_record, safe_options, write_record
+from pipeline.shards import SHARDS_DIR, WriteShards
 
 log = logging.getLogger(__name__)
 ERRORS_NAMESPACE = "errors"
@@ -49,6 +50,9 @@ def fetch_settings(opts: ClipOptions, manifest: mf.Manifest) -> FetchSettings:
         max_attempts=opts.max_attempts,
         rpc_timeout_s=opts.rpc_timeout_s,
         skip_existing=opts.skip_existing,
+        with_transcripts=opts.with_transcripts,
+        clip_format=opts.clip_format,
+        shards=opts.shards,
         total_rows=manifest.num_rows,
     )
 
@@ -61,17 +65,34 @@ def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest) -> N
         | "ReadRows" >> beam.ParDo(mf.ReadManifestRows(manifest.schema.names))
         | "ValidateRows" >> mf.ValidateRows()
     )
+    requests = rows["requests"]
+    if settings.with_transcripts:
+        with_tokens = (
+            requests
+            | "KeyByObjectId" >> beam.Map(lambda r: (r.object_id, r))
+            | "GroupByObjectId" >> beam.GroupByKey()
+            | "AttachTranscripts" >> beam.ParDo(AttachTranscripts(settings))
+            | "SplitNoTranscript" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="requests")
+        )
+        requests = with_tokens.requests | "Spread" >> beam.Reshuffle()
+        rows = {"requests": requests, "errors": (rows["errors"], with_tokens.errors) | "RowErrors" >> beam.Flatten()}
     fetched = (
-        rows["requests"]
+        requests
         | "Fetch" >> beam.ParDo(FetchClips(settings))
         | "SplitFailed" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="clips")
     )
+    clips = fetched.clips
+    if settings.shards:
+        clips = clips | "Shards" >> WriteShards(settings.output, settings.shards)
     errors = (rows["errors"], fetched.errors) | "AllErrors" >> beam.Flatten()
     clips_path, errors_path = table_paths(settings.output)
     _ = (
-        fetched.clips
+        clips
         | "ClipRows" >> beam.Map(tables.to_row)
-        | "WriteClips" >> _write_table(clips_path, tables.clips_schema(manifest.schema))
+        | "WriteClips"
+        >> _write_table(
+            clips_path, tables.clips_schema(manifest.schema, settings.with_transcripts, settings.shards > 0)
+        )
     )
     _ = (
         errors
@@ -198,6 +219,10 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     for name in ("manifest", "output"):
         if not getattr(opts, name):
             raise SystemExit(f"error: --{name} is required")
+    if opts.shards and opts.skip_existing:
+        raise SystemExit("error: --skip_existing works on clip files, not with --shards (shards are rebuilt)")
+    if opts.shards < 0:
+        raise SystemExit("error: --shards takes a number of shards, or 0 for clip files")
     FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's own reads too
     manifest = mf.inspect_manifest(opts.manifest)
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
@@ -206,7 +231,7 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     if not dry_run:
         preflight(settings, manifest)
         remove_leftovers(opts.output)
-        prepare_output(opts.output)
+        prepare_output(opts.output, SHARDS_DIR if opts.shards else CLIPS_DIR)
     started_at, started = now(), time.monotonic()
     p = beam.Pipeline(options=options)
     build(p, settings, manifest)

@@ -45,16 +45,29 @@ ERROR_FIELDS = pa.schema(
         ("attempts", pa.int32()),
     ]
 )
+TRANSCRIPT_FIELDS = pa.schema(
+    [
+        ("transcript_text", pa.string()),
+        (
+            "transcript_tokens",
+            pa.list_(pa.struct([("text", pa.string()), ("start_ms", pa.int64()), ("duration_ms", pa.int64())])),
+        ),
+    ]
+)
+SHARD_FIELDS = pa.schema([("member", pa.string())])
 SHARED = {OBJECT_ID, CLIP_ID}
-RESERVED = (set(CLIP_FIELDS.names) | set(ERROR_FIELDS.names)) - SHARED
+RESERVED = (
+    set(CLIP_FIELDS.names) | set(ERROR_FIELDS.names) | set(TRANSCRIPT_FIELDS.names) | set(SHARD_FIELDS.names)
+) - SHARED
 
 
 def passthrough(manifest_schema: pa.Schema) -> list[pa.Field]:
     return [f for f in manifest_schema if f.name not in SHARED]
 
 
-def clips_schema(manifest_schema: pa.Schema) -> pa.Schema:
-    return pa.schema(list(CLIP_FIELDS) + passthrough(manifest_schema))
+def clips_schema(manifest_schema: pa.Schema, with_transcripts: bool = False, sharded: bool = False) -> pa.Schema:
+    extra = (list(TRANSCRIPT_FIELDS) if with_transcripts else []) + (list(SHARD_FIELDS) if sharded else [])
+    return pa.schema(list(CLIP_FIELDS) + extra + passthrough(manifest_schema))
 
 
 def errors_schema(manifest_schema: pa.Schema) -> pa.Schema:
@@ -62,7 +75,8 @@ def errors_schema(manifest_schema: pa.Schema) -> pa.Schema:
 
 
 def to_row(element: ClipRecord | ClipError) -> dict[str, Any]:
-    """The table row of a record or error: its fixed fields, then the manifest columns."""
+    """The table row of a record or error: its fixed fields, then the manifest columns (fields that the
+    table's schema does not hold, such as transcripts in a run without them, are left out by the writer)."""
     row = {k: v for k, v in element.columns.items() if k not in SHARED}
     row.update((f.name, getattr(element, f.name)) for f in dataclasses.fields(element) if f.name != "columns")
     return row

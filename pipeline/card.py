@@ -1,0 +1,296 @@
+"""The dataset card: `{output}/README.md` and `{output}/duration_histogram.png`, written after a run.
+
+The numbers come from the clips and errors tables, not from the run's metrics, so they describe the
+whole dataset on disk, clips that `--skip_existing` kept included. Both files go through a temporary
+name and a rename (like the run record), so a reader never sees half a card, on a local disk or an
+object store alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.clips import is_local
+
+CARD_NAME = "README.md"
+HISTOGRAM_NAME = "duration_histogram.png"
+BINS = 20
+SIZE = (640, 360)  # the PNG, in pixels
+MARGINS = (64, 40, 20, 48)  # left, top, right, bottom: room for the title and tick labels
+BACKGROUND, INK, BAR = (255, 255, 255), (40, 40, 40), (70, 130, 180)
+CLIP_COLUMNS = ["clip_duration_ms", "num_channels", "num_bytes", "object_id"]
+
+
+@dataclass(frozen=True)
+class ClipStats:
+    """What the card says about the clips table."""
+
+    clips: int
+    objects: int
+    num_bytes: int
+    channels: dict[int, int]  # channel count -> clips
+    durations_s: np.ndarray
+
+    @property
+    def hours(self) -> float:
+        return float(self.durations_s.sum()) / 3600
+
+
+def write_card(output: str, summary: dict, clips_table: str, errors_table: str) -> str:
+    """Write the card and its histogram under `output`; return the card's path.
+
+    `summary` is `Summary.as_dict()` (for rows in, and written vs already there). The histogram PNG is
+    always written, an empty-state image ("no clips") when there are none, so a previous run's
+    histogram never outlives its data; the card embeds it only when there are clips.
+    """
+    stats = read_clip_stats(clips_table)
+    errors = read_error_counts(errors_table)
+    _publish(FileSystems.join(output, HISTOGRAM_NAME), histogram_png(stats.durations_s), "image/png")
+    text = card_text(output, summary, stats, errors, clips_table, errors_table)
+    path = FileSystems.join(output, CARD_NAME)
+    _publish(path, text.encode(), "text/markdown")
+    return path
+
+
+def _read_table(path: str, columns: list[str]) -> pa.Table:
+    with FileSystems.open(path) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_clip_stats(clips_table: str) -> ClipStats:
+    """Only the columns the card needs: the table also holds every manifest column."""
+    table = _read_table(clips_table, CLIP_COLUMNS)
+    channels = pc.value_counts(table.column("num_channels")).to_pylist()
+    return ClipStats(
+        clips=table.num_rows,
+        objects=pc.count_distinct(table.column("object_id")).as_py(),
+        num_bytes=pc.sum(table.column("num_bytes")).as_py() or 0,
+        channels=dict(sorted((c["values"], c["counts"]) for c in channels)),
+        durations_s=table.column("clip_duration_ms").to_numpy(zero_copy_only=False).astype(np.float64) / 1000,
+    )
+
+
+def read_error_counts(errors_table: str) -> dict[str, int]:
+    """Rows per error code, the most common first."""
+    counts = pc.value_counts(_read_table(errors_table, ["error_code"]).column("error_code")).to_pylist()
+    return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _publish(path: str, data: bytes, mime_type: str) -> None:
+    """Write through `{path}.tmp` and rename; drop the temporary object if the write fails (S3 would
+    publish a half-written one)."""
+    tmp = path + ".tmp"
+    try:
+        with FileSystems.create(tmp, mime_type=mime_type) as f:
+            f.write(data)
+    except BaseException:
+        if FileSystems.exists(tmp):
+            FileSystems.delete([tmp])
+        raise
+    FileSystems.rename([tmp], [path])
+
+
+# The card's text.
+
+
+def card_text(
+    output: str, summary: dict, stats: ClipStats, errors: dict[str, int], clips_table: str, errors_table: str
+) -> str:
+    """The whole card, as Markdown."""
+    sections = [
+        _header(output),
+        _contents(summary, stats, errors),
+        _durations(stats),
+        _errors(errors),
+        _layout(output, clips_table, errors_table),
+        _loading(output, clips_table),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _header(output: str) -> str:
+    name = output.rstrip("/").rsplit("/", 1)[-1] or output
+    return (
+        f"# Audio clips: {name}\n\n"
+        "WAV clips cut from Soniox Storage API audio, with Parquet tables describing every clip "
+        "and every manifest row that gave none."
+    )
+
+
+def _contents(summary: dict, stats: ClipStats, errors: dict[str, int]) -> str:
+    written, skipped = summary.get("clips_written", 0), summary.get("clips_skipped", 0)
+    lines = [
+        "## Contents",
+        "",
+        f"- Manifest rows in: {summary.get('rows', 0):,}",
+        f"- Clips: {stats.clips:,} ({written:,} written by the last run, {skipped:,} already there)",
+        f"- Errors: {sum(errors.values()):,}",
+        f"- Distinct objects: {stats.objects:,}",
+        f"- Audio: {stats.hours:,.3f} h ({stats.durations_s.sum():,.3f} s)",
+        f"- Size of the clips: {_size(stats.num_bytes)} ({stats.num_bytes:,} bytes)",
+        f"- Channels: {_channels(stats.channels)}",
+    ]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,} B" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _channels(channels: dict[int, int]) -> str:
+    if not channels:
+        return "none"
+    return ", ".join(f"{c} channel{'s' * (c != 1)}: {n:,} clip{'s' * (n != 1)}" for c, n in channels.items())
+
+
+def _durations(stats: ClipStats) -> str:
+    if not stats.clips:
+        return "## Clip durations\n\nThere are no clips."
+    d = stats.durations_s
+    values = [d.min(), np.median(d), d.mean(), d.max()]
+    return "\n".join(
+        [
+            "## Clip durations",
+            "",
+            "| min | median | mean | max |",
+            "|---:|---:|---:|---:|",
+            "| " + " | ".join(f"{v:,.3f} s" for v in values) + " |",
+            "",
+            f"![clip durations]({HISTOGRAM_NAME})",
+        ]
+    )
+
+
+def _errors(errors: dict[str, int]) -> str:
+    if not errors:
+        return "## Errors by code\n\nnone"
+    rows = [f"| {code} | {n:,} |" for code, n in errors.items()]
+    return "\n".join(["## Errors by code", "", "| code | rows |", "|---|---:|", *rows])
+
+
+def _relative(output: str, path: str) -> str:
+    """`path` under `output` as a relative name, else as given."""
+    root = output.rstrip("/") + "/"
+    return path[len(root) :] if path.startswith(root) else path
+
+
+def _layout(output: str, clips_table: str, errors_table: str) -> str:
+    entries = [
+        (CARD_NAME, "this card"),
+        (HISTOGRAM_NAME, "the clip duration histogram"),
+        ("_RUN.json", "the run record: counts, timings, options (written last)"),
+        ("clips/{clip_id}.wav", "one clip per file, 16 kHz 16-bit PCM"),
+        (_relative(output, clips_table), "one row per clip: path, times, channels, samples, sha256, manifest columns"),
+        (_relative(output, errors_table), "one row per manifest row that gave no clip: error_code, error_message"),
+    ]
+    width = max(len(name) for name, _ in entries) + 2
+    lines = [f"{output.rstrip('/')}/", *(f"  {name:<{width}}{what}" for name, what in entries)]
+    return "## Files\n\n```text\n" + "\n".join(lines) + "\n```"
+
+
+def _loading(output: str, clips_table: str) -> str:
+    """A snippet that loads every clip; object-store paths go through Beam's FileSystems, which
+    soundfile cannot open itself."""
+    check = '    assert len(audio) == row["num_samples"]  # frames; stereo is (frames, 2)\n'
+    show = '    print(row["clip_id"], len(audio), sample_rate)\n'
+    if is_local(output):
+        code = (
+            "import pyarrow.parquet as pq\n"
+            "import soundfile\n\n"
+            f"clips = pq.read_table({clips_table!r})\n"
+            "for row in clips.to_pylist():\n"
+            '    audio, sample_rate = soundfile.read(row["path"], dtype="int16")\n' + check + show
+        )
+    else:
+        code = (
+            "import io\n\n"
+            "import pyarrow.parquet as pq\n"
+            "import soundfile\n"
+            "from apache_beam.io.filesystems import FileSystems\n\n"
+            f"with FileSystems.open({clips_table!r}) as f:\n"
+            "    clips = pq.read_table(f)\n"
+            "for row in clips.to_pylist():\n"
+            '    with FileSystems.open(row["path"]) as f:\n'
+            '        audio, sample_rate = soundfile.read(io.BytesIO(f.read()), dtype="int16")\n' + check + show
+        )
+    return "## Loading\n\n```python\n" + code + "```"
+
+
+# The histogram.
+
+
+@functools.cache
+def _font(size: int = 13) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, align: str = "left") -> None:
+    """Text whose left edge, centre or right edge (align) is at x, its top at y (no anchors: the
+    bitmap fallback font has none)."""
+    font = _font()
+    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+    shift = {"left": 0, "center": (right - left) / 2, "right": right - left}[align]
+    draw.text((xy[0] - shift, xy[1]), text, fill=INK, font=font)
+
+
+def _seconds(v: float) -> str:
+    return f"{round(float(v), 3):g} s"
+
+
+def histogram_png(durations_s: np.ndarray) -> bytes:
+    """A BINS-bar histogram of the durations as PNG bytes, or an empty-state image for no clips.
+
+    np.histogram widens an all-equal set of durations to a one-second range, so one clip or clips of
+    one length give one bar, not a division by zero.
+    """
+    image = Image.new("RGB", SIZE, BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    n = len(durations_s)
+    _text(draw, (SIZE[0] / 2, 12), f"Clip durations ({n:,} clip{'s' * (n != 1)})", "center")
+    if n:
+        _bars(draw, *np.histogram(durations_s, bins=BINS))
+    else:
+        _text(draw, (SIZE[0] / 2, SIZE[1] / 2 - 8), "no clips", "center")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bars(draw: ImageDraw.ImageDraw, counts: np.ndarray, edges: np.ndarray) -> None:
+    """Bars, axes and tick labels: seconds at the range's ends and middle, clips at 0 and the peak."""
+    left, top, right, bottom = MARGINS[0], MARGINS[1], SIZE[0] - MARGINS[2], SIZE[1] - MARGINS[3]
+    width, height, peak = (right - left) / len(counts), bottom - top, int(counts.max())
+    for i, count in enumerate(counts):
+        if count:
+            x0 = left + i * width
+            draw.rectangle([x0 + 1, bottom - count / peak * height, x0 + width - 1, bottom], fill=BAR)
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill=INK, width=1)
+    ticks = (
+        (left, edges[0], "left"),
+        ((left + right) / 2, (edges[0] + edges[-1]) / 2, "center"),
+        (right, edges[-1], "right"),
+    )
+    for x, value, align in ticks:
+        draw.line([(x, bottom), (x, bottom + 4)], fill=INK)
+        _text(draw, (x, bottom + 6), _seconds(value), align)
+    _text(draw, ((left + right) / 2, bottom + 24), "clip duration", "center")
+    for y, label in ((bottom, "0"), (top, f"{peak:,}")):
+        draw.line([(left - 4, y), (left, y)], fill=INK)
+        _text(draw, (left - 6, y - 7), label, "right")
+    _text(draw, (left - 6, top - 22), "clips", "right")
