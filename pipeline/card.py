@@ -45,7 +45,9 @@ class ClipStats:
         return float(self.durations_s.sum()) / 3600
 
 
-def write_card(output: str, summary: dict, clips_table: str, errors_table: str) -> str:
+def write_card(
+    output: str, summary: dict, clips_table: str, errors_table: str, clip_format: str = "wav", sharded: bool = False
+) -> str:
     """Write the card and its histogram under `output`; return the card's path.
 
     `summary` is `Summary.as_dict()` (for rows in, and written vs already there). The histogram PNG is
@@ -55,7 +57,7 @@ def write_card(output: str, summary: dict, clips_table: str, errors_table: str) 
     stats = read_clip_stats(clips_table)
     errors = read_error_counts(errors_table)
     _publish(FileSystems.join(output, HISTOGRAM_NAME), histogram_png(stats.durations_s), "image/png")
-    text = card_text(output, summary, stats, errors, clips_table, errors_table)
+    text = card_text(output, summary, stats, errors, clips_table, errors_table, Layout(clip_format, sharded))
     path = FileSystems.join(output, CARD_NAME)
     _publish(path, text.encode(), "text/markdown")
     return path
@@ -102,27 +104,42 @@ def _publish(path: str, data: bytes, mime_type: str) -> None:
 # The card's text.
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How the clips are stored: the format, and files or tar shards."""
+
+    clip_format: str = "wav"
+    sharded: bool = False
+
+
 def card_text(
-    output: str, summary: dict, stats: ClipStats, errors: dict[str, int], clips_table: str, errors_table: str
+    output: str,
+    summary: dict,
+    stats: ClipStats,
+    errors: dict[str, int],
+    clips_table: str,
+    errors_table: str,
+    layout: Layout = Layout(),
 ) -> str:
     """The whole card, as Markdown."""
     sections = [
-        _header(output),
+        _header(output, layout),
         _contents(summary, stats, errors),
         _durations(stats),
         _errors(errors),
-        _layout(output, clips_table, errors_table),
-        _loading(output, clips_table),
+        _layout(output, clips_table, errors_table, layout),
+        _loading(output, clips_table, layout),
     ]
     return "\n\n".join(sections) + "\n"
 
 
-def _header(output: str) -> str:
+def _header(output: str, layout: Layout) -> str:
     name = output.rstrip("/").rsplit("/", 1)[-1] or output
+    stored = " in WebDataset tar shards" if layout.sharded else ""
     return (
         f"# Audio clips: {name}\n\n"
-        "WAV clips cut from Soniox Storage API audio, with Parquet tables describing every clip "
-        "and every manifest row that gave none."
+        f"{layout.clip_format.upper()} clips{stored} cut from Soniox Storage API audio, with Parquet tables "
+        "describing every clip and every manifest row that gave none."
     )
 
 
@@ -187,12 +204,18 @@ def _relative(output: str, path: str) -> str:
     return path[len(root) :] if path.startswith(root) else path
 
 
-def _layout(output: str, clips_table: str, errors_table: str) -> str:
+def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) -> str:
+    fmt = layout.clip_format
+    clips = (
+        ("shards/shard-NNNNN.tar", f"tar shards: {{key}}.{fmt} and {{key}}.json per clip (key: clip_id, . as ~)")
+        if layout.sharded
+        else (f"clips/{{clip_id}}.{fmt}", "one clip per file, 16 kHz 16-bit PCM")
+    )
     entries = [
         (CARD_NAME, "this card"),
         (HISTOGRAM_NAME, "the clip duration histogram"),
         ("_RUN.json", "the run record: counts, timings, options (written last)"),
-        ("clips/{clip_id}.wav", "one clip per file, 16 kHz 16-bit PCM"),
+        clips,
         (_relative(output, clips_table), "one row per clip: path, times, channels, samples, sha256, manifest columns"),
         (_relative(output, errors_table), "one row per manifest row that gave no clip: error_code, error_message"),
     ]
@@ -201,31 +224,36 @@ def _layout(output: str, clips_table: str, errors_table: str) -> str:
     return "## Files\n\n```text\n" + "\n".join(lines) + "\n```"
 
 
-def _loading(output: str, clips_table: str) -> str:
+def _loading(output: str, clips_table: str, layout: Layout) -> str:
     """A snippet that loads every clip; object-store paths go through Beam's FileSystems, which
-    soundfile cannot open itself."""
-    check = '    assert len(audio) == row["num_samples"]  # frames; stereo is (frames, 2)\n'
-    show = '    print(row["clip_id"], len(audio), sample_rate)\n'
-    if is_local(output):
-        code = (
-            "import pyarrow.parquet as pq\n"
-            "import soundfile\n\n"
-            f"clips = pq.read_table({clips_table!r})\n"
-            "for row in clips.to_pylist():\n"
-            '    audio, sample_rate = soundfile.read(row["path"], dtype="int16")\n' + check + show
-        )
+    soundfile cannot open itself, and a shard's member is read out of its tar."""
+    local = is_local(output)
+    head = ["import io", "import tarfile"] if layout.sharded else (["import io"] if not local else [])
+    head += ["", "import pyarrow.parquet as pq", "import soundfile"]
+    if not local:
+        head.append("from apache_beam.io.filesystems import FileSystems")
+    lines = [*head, ""]
+    if local:
+        lines.append(f"clips = pq.read_table({clips_table!r})")
     else:
-        code = (
-            "import io\n\n"
-            "import pyarrow.parquet as pq\n"
-            "import soundfile\n"
-            "from apache_beam.io.filesystems import FileSystems\n\n"
-            f"with FileSystems.open({clips_table!r}) as f:\n"
-            "    clips = pq.read_table(f)\n"
-            "for row in clips.to_pylist():\n"
-            '    with FileSystems.open(row["path"]) as f:\n'
-            '        audio, sample_rate = soundfile.read(io.BytesIO(f.read()), dtype="int16")\n' + check + show
-        )
+        lines += [f"with FileSystems.open({clips_table!r}) as f:", "    clips = pq.read_table(f)"]
+    lines.append("for row in clips.to_pylist():")
+    source = 'row["path"]'
+    if not local:
+        lines += ['    with FileSystems.open(row["path"]) as f:', "        data = io.BytesIO(f.read())"]
+        source = "data"
+    if layout.sharded:
+        lines += [
+            f"    with tarfile.open({'fileobj=data' if not local else source}) as tar:",
+            '        member = io.BytesIO(tar.extractfile(row["member"]).read())',
+        ]
+        source = "member"
+    lines += [
+        f'    audio, sample_rate = soundfile.read({source}, dtype="int16")',
+        '    assert len(audio) == row["num_samples"]  # frames; stereo is (frames, 2)',
+        '    print(row["clip_id"], len(audio), sample_rate)',
+    ]
+    code = "\n".join(lines).lstrip("\n") + "\n"
     return "## Loading\n\n```python\n" + code + "```"
 
 

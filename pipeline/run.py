@@ -20,6 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from pipeline import manifest as mf
 from pipeline import tables
+from pipeline.card import write_card
 from pipeline.clips import CLIPS_DIR, is_local, prepare_output, remove_tmp
 from pipeline.elements import ClipError
 from pipeline.fetch import FAILED_ATTEMPTS, NAMESPACE, AttachTranscripts, FetchClips, FetchSettings, check_key
@@ -242,6 +243,8 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     remove_tmp(opts.output)
     summary = Summary.from_result(result, manifest.num_rows, time.monotonic() - started)
     clips_path, errors_path = table_paths(opts.output)
+    clips_table, errors_table = f"{clips_path}-00000-of-00001.parquet", f"{errors_path}-00000-of-00001.parquet"
+    write_card(opts.output, summary.as_dict(), clips_table, errors_table, opts.clip_format, opts.shards > 0)
     write_record(
         opts.output,
         {
@@ -249,8 +252,8 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
             "finished_at": now(),
             **summary.as_dict(),
             "manifest": list(manifest.files),
-            "clips_table": f"{clips_path}-00000-of-00001.parquet",
-            "errors_table": f"{errors_path}-00000-of-00001.parquet",
+            "clips_table": clips_table,
+            "errors_table": errors_table,
             "options": safe_options(options),
         },
     )

@@ -172,7 +172,8 @@ class SpeechServicer(pb_grpc.SpeechServiceServicer):
     def __init__(self, store: AudioStore, settings: ServerSettings):
         self.store = store
         self.settings = settings
-        self.calls: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()  # GetAudio calls per object
+        self.object_calls: collections.Counter[str] = collections.Counter()  # GetObject calls per object
         self.outcomes: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._rng = random.Random(settings.faults.seed)
@@ -261,6 +262,8 @@ class SpeechServicer(pb_grpc.SpeechServiceServicer):
 
     # -- GetObject --------------------------------------------------------------------------------------
     def GetObject(self, request: pb.GetObjectRequest, context: grpc.ServicerContext) -> pb.GetObjectResponse:
+        with self._lock:
+            self.object_calls[request.object_id] += 1
         try:
             self._check_key(request.api_key)
             obj = self._object(request.object_id)
