@@ -59,6 +59,9 @@ OBJECTS = {"demo-mono": (12_000, 1), "demo-stereo": (9_000, 2), "demo-flac-3ch":
 # -- helpers -------------------------------------------------------------------------------------------
 
 
+CARD = ("README.md", "duration_histogram.png")  # the dataset card, written before the record
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """This process's environment without any SONIOX_* setting, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SONIOX_")}
@@ -242,6 +245,7 @@ def test_object_storage_build(storage: StorageServer, make_server, store: dict[s
     expected_objects = sorted(
         [f"clips/{c}.wav" for c in by_id]
         + ["metadata/clips-00000-of-00001.parquet", "metadata/errors-00000-of-00001.parquet", "_RUN.json"]
+        + list(CARD)
     )
     (tmp,) = FileSystems.match([f"{ds}/_tmp/*"])
     assert tmp.metadata_list == [], "clip temporaries left under _tmp/"
@@ -436,6 +440,7 @@ def test_killed_run_then_rerun_completes_dataset(make_server, store: dict[str, s
         "metadata/clips-00000-of-00001.parquet",
         "metadata/errors-00000-of-00001.parquet",
         "_RUN.json",
+        *CARD,
     }, "leftovers (partial clips, _tmp/, beam-temp-*) after the rerun"
     assert not (out / "_tmp").exists()
     # No beam-temp-* file is left (local_files above); the empty folders the killed run made are: see
@@ -469,6 +474,7 @@ def test_rerun_removes_what_a_killed_run_left(make_server, store: dict[str, str]
         "metadata/clips-00000-of-00001.parquet",
         "metadata/errors-00000-of-00001.parquet",
         "_RUN.json",
+        *CARD,
     }
     assert not (out / "_tmp").exists()
     assert sorted(p.name for p in (out / "metadata").iterdir()) == [
@@ -566,7 +572,7 @@ def test_run_record_holds_no_secret(make_server, store: dict[str, str], tmp_path
     for where, text in (("stdout", proc.stdout), ("stderr", proc.stderr)):
         assert api_key not in text and s3_secret not in text, f"a secret in {where}"
     files = local_files(out)
-    assert "_RUN.json" in files and len(files) == 3 + 3  # 3 clips, 2 tables, the record
+    assert "_RUN.json" in files and len(files) == 3 + 3 + 2  # 3 clips, 2 tables, the record, the card
     for name in files:
         data = (out / name).read_bytes()
         assert api_key.encode() not in data, f"the API key is in {name}"
