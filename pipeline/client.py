@@ -262,9 +262,7 @@ class GetAudioClient:
                 call = self._stub.GetAudio(request, timeout=self._deadline(duration))
                 stream.consume(call)
                 self.throttler.accepted()
-                return AudioResult(
-                    stream.info, stream.frames_done, attempt, time.monotonic() - started, held, tuple(seen)
-                )
+                return stream.result(attempt, time.monotonic() - started, held, seen)
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
             except _StreamBroken as e:
@@ -272,10 +270,8 @@ class GetAudioClient:
             except _BadStream as e:
                 raise GetAudioError(BAD_STREAM, str(e), attempt, (*seen, BAD_STREAM)) from None
             seen.append(code.name)
-            if stream.complete:
-                return AudioResult(
-                    stream.info, stream.frames_done, attempt, time.monotonic() - started, held, tuple(seen)
-                )
+            if stream.complete:  # every frame arrived before the error
+                return stream.result(attempt, time.monotonic() - started, held, seen)
             failures = 1 if stream.frames_done > frames_before else failures + 1
             self._after_failure(code, details, failures, object_id, attempt, tuple(seen))
 
@@ -319,7 +315,7 @@ class GetAudioClient:
         if code not in self.retry.retry_codes or failures >= self.retry.max_attempts:
             raise GetAudioError(code.name, details, attempt, seen)
         delay = self.retry.backoff(failures)
-        log.info("GetAudio %s: %s on attempt %d, retrying in %.2fs", object_id, code.name, attempt, delay)
+        log.debug("GetAudio %s: %s on attempt %d, retrying in %.2fs", object_id, code.name, attempt, delay)
         time.sleep(delay)
 
     # -- GetObject --------------------------------------------------------------------------------------
