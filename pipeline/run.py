@@ -66,41 +66,41 @@ def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest) -> N
         | "ReadRows" >> beam.ParDo(mf.ReadManifestRows(manifest.schema.names))
         | "ValidateRows" >> mf.ValidateRows()
     )
-    requests = rows["requests"]
+    requests, errors = rows["requests"], [rows["errors"]]
     if settings.with_transcripts:
-        with_tokens = (
-            requests
-            | "KeyByObjectId" >> beam.Map(lambda r: (r.object_id, r))
-            | "GroupByObjectId" >> beam.GroupByKey()
-            | "AttachTranscripts" >> beam.ParDo(AttachTranscripts(settings))
-            | "SplitNoTranscript" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="requests")
-        )
-        requests = with_tokens.requests | "Spread" >> beam.Reshuffle()
-        rows = {"requests": requests, "errors": (rows["errors"], with_tokens.errors) | "RowErrors" >> beam.Flatten()}
+        requests, no_transcript = _attach_transcripts(requests, settings)
+        errors.append(no_transcript)
     fetched = (
         requests
         | "Fetch" >> beam.ParDo(FetchClips(settings))
         | "SplitFailed" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="clips")
     )
+    errors.append(fetched.errors)
     clips = fetched.clips
     if settings.shards:
         clips = clips | "Shards" >> WriteShards(settings.output, settings.shards)
-    errors = (rows["errors"], fetched.errors) | "AllErrors" >> beam.Flatten()
     clips_path, errors_path = table_paths(settings.output)
-    _ = (
-        clips
-        | "ClipRows" >> beam.Map(tables.to_row)
-        | "WriteClips"
-        >> _write_table(
-            clips_path, tables.clips_schema(manifest.schema, settings.with_transcripts, settings.shards > 0)
-        )
-    )
+    clips_schema = tables.clips_schema(manifest.schema, settings.with_transcripts, settings.shards > 0)
+    _ = clips | "ClipRows" >> beam.Map(tables.to_row) | "WriteClips" >> _write_table(clips_path, clips_schema)
     _ = (
         errors
+        | "AllErrors" >> beam.Flatten()
         | "CountErrors" >> beam.Map(_count_error)
         | "ErrorRows" >> beam.Map(tables.to_row)
         | "WriteErrors" >> _write_table(errors_path, tables.errors_schema(manifest.schema))
     )
+
+
+def _attach_transcripts(requests, settings: FetchSettings):
+    """Requests with their object's tokens (one GetObject per object), and errors for objects without."""
+    with_tokens = (
+        requests
+        | "KeyByObjectId" >> beam.Map(lambda r: (r.object_id, r))
+        | "GroupByObjectId" >> beam.GroupByKey()
+        | "AttachTranscripts" >> beam.ParDo(AttachTranscripts(settings))
+        | "SplitNoTranscript" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="requests")
+    )
+    return with_tokens.requests | "Spread" >> beam.Reshuffle(), with_tokens.errors
 
 
 def _write_table(prefix: str, schema) -> beam.PTransform:
