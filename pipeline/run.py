@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from pipeline import manifest as mf
 from pipeline import tables
@@ -175,12 +175,14 @@ class Summary:
         yield f"audio           {self.audio_ms / 3_600_000:>10.3f} h written"
         yield f"bytes           {self.bytes:>10,}"
         yield f"retries         {self.retries:>10,}   ({self.throttled:,} calls held back by throttling)"
-        for code, n in sorted(self.failed_attempts.items(), key=lambda kv: -kv[1]):
-            yield f"  {code:<22}{n:>8,} failed attempts"
+        if self.failed_attempts:
+            by_code = ", ".join(f"{c} {n:,}" for c, n in sorted(self.failed_attempts.items(), key=lambda kv: -kv[1]))
+            yield f"failed attempts {sum(self.failed_attempts.values()):>10,}   ({by_code})"
         rate = self.written / self.seconds if self.seconds else 0.0
         yield f"wall time       {self.seconds:>10.1f} s   ({rate:.1f} clips/s)"
         yield f"clips table     {clips_path}-*.parquet"
         yield f"errors table    {errors_path}-*.parquet"
+        yield f"dataset card    {FileSystems.join(output, 'README.md')}"
 
 
 class KeyRejected(RuntimeError):
@@ -216,6 +218,8 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     Raises ManifestError or KeyRejected before any clip is fetched.
     """
     options = PipelineOptions(expand_config(argv))
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
     opts = options.view_as(ClipOptions)
     for name in ("manifest", "output"):
         if not getattr(opts, name):
