@@ -336,7 +336,11 @@ class LocalServer:
         self.servicer = SpeechServicer(AudioStore(store_dir), self.settings)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            options=[("grpc.max_send_message_length", 6 << 20), ("grpc.max_receive_message_length", 6 << 20)],
+            options=[
+                ("grpc.max_send_message_length", 6 << 20),
+                ("grpc.max_receive_message_length", 6 << 20),
+                ("grpc.so_reuseport", 0),  # a port already taken is an error, never silently shared
+            ],
         )
         pb_grpc.add_SpeechServiceServicer_to_server(self.servicer, self._server)
         self.host = host
