@@ -33,7 +33,7 @@ setup(
         "PyYAML>=6",
     ],
     extras_require={
-        "gcp": ["apache-beam[gcp]>=2.70,<3"],
+        "gcp": ["apache-beam[gcp]>=2.70,<3", "build>=1"],  # build: Beam stages --setup_file with it
         "aws": ["apache-beam[aws]>=2.70,<3"],
         "test": [
             "pytest>=8",
