@@ -98,6 +98,7 @@ class ClipFile:
         self._local_path: str | None = None  # the temporary file on this machine, once there is one
         self._buffer = bytearray()
         self._file: BinaryIO | sf.SoundFile | None = None
+        self._hash = hashlib.sha256()  # of a WAV clip's bytes as they leave the buffer
         self._bytes = 0
         self._expected = 0
         self.info: StreamInfo | None = None
@@ -139,6 +140,7 @@ class ClipFile:
     def _flush(self) -> None:
         if self._file is None:
             self._file = open(self._open_local(), "wb")  # noqa: SIM115 - closed in publish/discard
+        self._hash.update(self._buffer)
         self._file.write(self._buffer)
         self._buffer.clear()
 
@@ -147,16 +149,16 @@ class ClipFile:
         if self._bytes != self._expected:
             self.discard()
             raise OSError(f"clip {self.path} got {self._bytes} bytes, expected {self._expected}")
-        if self._local_path is None:  # a short WAV clip, still in memory
-            digest, size = hashlib.sha256(self._buffer).hexdigest(), len(self._buffer)
-            if self._local:
-                self._flush()
+        if self.flac:
+            digest, size = _hash_local(self._close())  # the encoder's bytes exist only in its file
         else:
-            if self._buffer:
+            if self._local or self._file is not None:
                 self._flush()
-            digest, size = _hash_local(self._close())
+                self._close()
+            else:  # a short clip for an object store: uploaded straight from memory
+                self._hash.update(self._buffer)
+            digest, size = self._hash.hexdigest(), self._bytes
         if self._local:
-            self._close()
             os.replace(self._tmp, self.path)
         else:
             self._upload()
