@@ -35,7 +35,7 @@ class ClipRequest:
     segment: Segment
     columns: dict[str, Any] = field(compare=False)  # the manifest row, unchanged
     source: str = ""  # "file, row N" for messages
-    tokens: tuple[ObjectToken, ...] | None = field(default=None, compare=False)  # with --with_transcripts
+    tokens: tuple[ObjectToken, ...] | None = field(default=None, compare=False)  # --with_transcripts: this clip's
 
     @property
     def fingerprint(self) -> str:

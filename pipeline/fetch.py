@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,7 +27,7 @@ from pipeline.audio import SAMPLE_RATE
 from pipeline.client import GetAudioClient, GetAudioError, RetryPolicy
 from pipeline.clips import ClipFile, WrittenClip, existing_clip
 from pipeline.elements import WRITE_FAILED, ClipError, ClipRecord, ClipRequest
-from pipeline.transcripts import clip_tokens
+from pipeline.transcripts import clip_tokens, tokens_for
 
 log = logging.getLogger(__name__)
 NAMESPACE = "clips"
@@ -53,12 +52,13 @@ class FetchSettings:
     total_rows: int = 0
 
 
-def read_api_key(api_key_file: str | None) -> str:
-    """The key from a file on any Beam filesystem, else SONIOX_API_KEY (empty if neither is set)."""
-    if api_key_file:
-        with FileSystems.open(api_key_file) as f:
-            return f.read().decode().strip()
-    return os.environ.get("SONIOX_API_KEY", "")
+def read_api_key(api_key_file: str | None) -> str | None:
+    """The key in `api_key_file`, on any Beam filesystem (a gs:// object on Dataflow workers); None without
+    one, and the client falls back to its own sources (SONIOX_API_KEY)."""
+    if not api_key_file:
+        return None
+    with FileSystems.open(api_key_file) as f:
+        return f.read().decode().strip()
 
 
 def check_key(s: FetchSettings, object_id: str) -> str | None:
@@ -110,7 +110,7 @@ class AttachTranscripts(beam.DoFn):
                 yield _error(r, e.code, f"GetObject: {e.message}", e.attempts)
             return
         for r in requests:
-            yield dataclasses.replace(r, tokens=tokens)
+            yield dataclasses.replace(r, tokens=tokens_for(tokens, r.segment))
 
 
 class FetchClips(beam.DoFn):
@@ -194,6 +194,9 @@ class FetchClips(beam.DoFn):
         except OSError as e:
             sink.discard()
             return _error(request, WRITE_FAILED, str(e), 1), _CallStats(time.monotonic() - started)
+        except BaseException:  # anything else fails the bundle; its temporary file goes first
+            sink.discard()
+            raise
         stats = _CallStats(time.monotonic() - started, result.throttled, result.failures)
         return _record(request, written, result.attempts), stats
 
