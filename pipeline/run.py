@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import logging
 import os
@@ -42,20 +43,9 @@ def table_paths(output: str) -> tuple[str, str]:
 
 
 def fetch_settings(opts: ClipOptions, manifest: mf.Manifest) -> FetchSettings:
-    return FetchSettings(
-        output=opts.output,
-        api_host=opts.api_host,
-        api_key_file=opts.api_key_file,
-        audio_format=opts.audio_format,
-        max_in_flight=opts.max_in_flight,
-        max_attempts=opts.max_attempts,
-        rpc_timeout_s=opts.rpc_timeout_s,
-        skip_existing=opts.skip_existing,
-        with_transcripts=opts.with_transcripts,
-        clip_format=opts.clip_format,
-        shards=opts.shards,
-        total_rows=manifest.num_rows,
-    )
+    """The fetch step's settings: the options of the same names, and the manifest's row count."""
+    names = [f.name for f in dataclasses.fields(FetchSettings) if f.name != "total_rows"]
+    return FetchSettings(**{name: getattr(opts, name) for name in names}, total_rows=manifest.num_rows)
 
 
 def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest) -> None:
@@ -197,6 +187,8 @@ def preflight(settings: FetchSettings, manifest: mf.Manifest) -> None:
     code = check_key(settings, object_id)
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         raise KeyRejected(f"the API key was refused by {settings.api_host or 'the default host'} ({code})")
+    if code is not None:  # the service may come back within the retry budget: the run goes on
+        log.warning("key check: GetObject %s answered %s; starting the run anyway", object_id, code)
 
 
 def remove_leftovers(output: str) -> None:

@@ -89,10 +89,6 @@ def by_clip(table) -> dict:
     return {r["clip_id"]: r for r in table.values()}
 
 
-def matching_row(record) -> dict:
-    return next(r for r in ROWS if (r["clip_id"] or "") == record["clip_id"] or record["clip_id"].startswith("demo-"))
-
-
 def test_transcripts_are_cut_to_each_clip_from_one_get_object_per_object(make_server, store, tmp_path):
     server = make_server()
     out = tmp_path / "out"
