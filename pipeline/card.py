@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.clips import is_local
+from pipeline.storage import Store, is_local
+from pipeline.table_files import table_prefix
 
 CARD_NAME = "README.md"
 HISTOGRAM_NAME = "duration_histogram.png"
@@ -46,7 +46,13 @@ class ClipStats:
 
 
 def write_card(
-    output: str, summary: dict, clips_table: str, errors_table: str, clip_format: str = "wav", sharded: bool = False
+    store: Store,
+    output: str,
+    summary: dict,
+    clips_table: list[str],
+    errors_table: list[str],
+    clip_format: str = "wav",
+    sharded: bool = False,
 ) -> str:
     """Write the card and its histogram under `output`; return the card's path.
 
@@ -54,23 +60,24 @@ def write_card(
     always written, an empty-state image ("no clips") when there are none, so a previous run's
     histogram never outlives its data; the card embeds it only when there are clips.
     """
-    stats = read_clip_stats(clips_table)
-    errors = read_error_counts(errors_table)
-    _publish(FileSystems.join(output, HISTOGRAM_NAME), histogram_png(stats.durations_s), "image/png")
-    text = card_text(output, summary, stats, errors, clips_table, errors_table, Layout(clip_format, sharded))
-    path = FileSystems.join(output, CARD_NAME)
-    _publish(path, text.encode(), "text/markdown")
+    stats = read_clip_stats(store, clips_table)
+    errors = read_error_counts(store, errors_table)
+    root = output.rstrip("/")
+    store.put(f"{root}/{HISTOGRAM_NAME}", histogram_png(stats.durations_s), content_type="image/png")
+    clips_glob, errors_glob = table_prefix(output, "clips") + "*.parquet", table_prefix(output, "errors") + "*.parquet"
+    text = card_text(output, summary, stats, errors, clips_glob, errors_glob, Layout(clip_format, sharded))
+    path = f"{root}/{CARD_NAME}"
+    store.put(path, text.encode(), content_type="text/markdown")
     return path
 
 
-def _read_table(path: str, columns: list[str]) -> pa.Table:
-    with FileSystems.open(path) as f:
-        return pq.read_table(f, columns=columns)
+def _read_table(store: Store, paths: list[str], columns: list[str]) -> pa.Table:
+    return pa.concat_tables(pq.read_table(io.BytesIO(store.read(p)), columns=columns) for p in paths)
 
 
-def read_clip_stats(clips_table: str) -> ClipStats:
+def read_clip_stats(store: Store, clips_table: list[str]) -> ClipStats:
     """Only the columns the card needs: the table also holds every manifest column."""
-    table = _read_table(clips_table, CLIP_COLUMNS)
+    table = _read_table(store, clips_table, CLIP_COLUMNS)
     channels = pc.value_counts(table.column("num_channels")).to_pylist()
     return ClipStats(
         clips=table.num_rows,
@@ -81,24 +88,10 @@ def read_clip_stats(clips_table: str) -> ClipStats:
     )
 
 
-def read_error_counts(errors_table: str) -> dict[str, int]:
+def read_error_counts(store: Store, errors_table: list[str]) -> dict[str, int]:
     """Rows per error code, the most common first."""
-    counts = pc.value_counts(_read_table(errors_table, ["error_code"]).column("error_code")).to_pylist()
+    counts = pc.value_counts(_read_table(store, errors_table, ["error_code"]).column("error_code")).to_pylist()
     return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _publish(path: str, data: bytes, mime_type: str) -> None:
-    """Write through `{path}.tmp` and rename; drop the temporary object if the write fails (S3 would
-    publish a half-written one)."""
-    tmp = path + ".tmp"
-    try:
-        with FileSystems.create(tmp, mime_type=mime_type) as f:
-            f.write(data)
-    except BaseException:
-        if FileSystems.exists(tmp):
-            FileSystems.delete([tmp])
-        raise
-    FileSystems.rename([tmp], [path])
 
 
 # The card's text.
@@ -225,24 +218,30 @@ def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) ->
 
 
 def _loading(output: str, clips_table: str, layout: Layout) -> str:
-    """A snippet that loads every clip; object-store paths go through Beam's FileSystems, which
-    soundfile cannot open itself, and a shard's member is read out of its tar."""
+    """A snippet that loads every clip from every table file; object-store paths go through Beam's
+    FileSystems, which soundfile cannot open itself, and a shard's member is read out of its tar."""
     local = is_local(output)
-    head = ["import io", "import tarfile"] if layout.sharded else (["import io"] if not local else [])
-    head += ["", "import pyarrow.parquet as pq", "import soundfile"]
+    head = ["import glob"] if local else ["import io"]
+    head += ["import tarfile"] if layout.sharded else []
+    head += ["", *([] if local else ["import pyarrow as pa"]), "import pyarrow.parquet as pq", "import soundfile"]
     if not local:
         head.append("from apache_beam.io.filesystems import FileSystems")
     lines = [*head, ""]
     if local:
-        lines.append(f"clips = pq.read_table({clips_table!r})")
+        lines.append(f"clips = pq.read_table(sorted(glob.glob({clips_table!r})))")
     else:
-        lines += [f"with FileSystems.open({clips_table!r}) as f:", "    clips = pq.read_table(f)"]
+        lines += [
+            f"files = sorted(m.path for m in FileSystems.match([{clips_table!r}])[0].metadata_list)",
+            "clips = pa.concat_tables(pq.read_table(FileSystems.open(path)) for path in files)",
+        ]
     lines.append("for row in clips.to_pylist():")
     source = 'row["path"]'
     if not local:
         lines += ['    with FileSystems.open(row["path"]) as f:', "        data = io.BytesIO(f.read())"]
         source = "data"
     if layout.sharded:
+        if local:
+            lines.insert(0, "import io")
         lines += [
             f"    with tarfile.open({'fileobj=data' if not local else source}) as tar:",
             '        member = io.BytesIO(tar.extractfile(row["member"]).read())',

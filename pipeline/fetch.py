@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -25,8 +25,10 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
 from pipeline.client import GetAudioClient, GetAudioError, RetryPolicy
-from pipeline.clips import ClipFile, WrittenClip, existing_clip
+from pipeline.clips import ClipFile, FinishedClip, WrittenClip, clip_path, existing_clip
 from pipeline.elements import WRITE_FAILED, ClipError, ClipRecord, ClipRequest
+from pipeline.shards import ShardWriter, shard_path
+from pipeline.storage import StorageError, StoreSettings, open_store
 from pipeline.transcripts import clip_tokens, tokens_for
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class FetchSettings:
     clip_format: str = "wav"
     shards: int = 0
     total_rows: int = 0
+    store: StoreSettings = field(default_factory=StoreSettings)
 
 
 def read_api_key(api_key_file: str | None) -> str | None:
@@ -113,8 +116,8 @@ class AttachTranscripts(beam.DoFn):
             yield dataclasses.replace(r, tokens=tokens_for(tokens, r.segment))
 
 
-class FetchClips(beam.DoFn):
-    """ClipRequest -> ClipRecord | ClipError, with the calls of a bundle running concurrently."""
+class _Fetch(beam.DoFn):
+    """What both fetch steps share: the process's client, pool and store, one clip's fetch, the counters."""
 
     def __init__(self, settings: FetchSettings):
         self.settings = settings
@@ -129,7 +132,67 @@ class FetchClips(beam.DoFn):
 
     def setup(self) -> None:
         self.client, self.pool = _client_and_pool(self.settings)
+        self.store = open_store(self.settings.output, self.settings.store)
         self.progress = _Progress(self.settings.total_rows)
+
+    def _count(self, out: ClipRecord | ClipError, stats: _CallStats) -> None:
+        """Count one result, in the DoFn's own thread: Beam metrics are kept per thread, so the pool's
+        threads cannot update them."""
+        self.progress.tick()
+        self.retries.inc(max(0, out.attempts - 1))
+        self.throttled.inc(stats.throttled)
+        for code in stats.failures:
+            Metrics.counter(FAILED_ATTEMPTS, code).inc()
+        if isinstance(out, ClipError):
+            return
+        if out.attempts == 0:
+            self.skipped.inc()
+            return
+        self.written.inc()
+        self.bytes.inc(out.num_bytes)
+        self.audio_ms.inc(out.clip_duration_ms)
+        self.latency.update(int(stats.seconds * 1000))
+        self.duration.update(out.clip_duration_ms)
+
+    def _fetch(self, request: ClipRequest, publish: bool = True) -> _Done:
+        """One clip, start to finish: skip it, or fetch it and publish it (or, for a shard, keep its bytes),
+        or say why not. Runs in the pool's threads."""
+        started = time.monotonic()
+        s = self.settings
+        path = clip_path(s.output, request.clip_id, s.clip_format)
+        if s.skip_existing:
+            try:
+                existing = existing_clip(self.store, path, request.fingerprint, s.clip_format)
+            except StorageError as e:  # the check failed: fetch the clip again rather than lose it
+                log.warning("skip_existing: cannot check %s (%s); fetching it", path, e)
+                existing = None
+            if existing is not None:
+                return _Done(_record(request, existing, attempts=0), _CallStats())
+        sink = ClipFile(self.store, path, request.fingerprint, s.clip_format)
+        try:
+            result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
+            finished = None
+            if publish:
+                written = sink.publish()
+            else:
+                finished = sink.finish()
+                written = WrittenClip(path, sink.info, sink.info.num_frames, finished.num_bytes, finished.sha256)
+        except GetAudioError as e:
+            sink.discard()
+            stats = _CallStats(time.monotonic() - started, 0, e.failures)
+            return _Done(_error(request, e.code, e.message, e.attempts), stats)
+        except OSError as e:  # a StorageError among them: the store's own retries are spent
+            sink.discard()
+            return _Done(_error(request, WRITE_FAILED, str(e), 1), _CallStats(time.monotonic() - started))
+        except BaseException:  # anything else fails the bundle; its scratch file goes first
+            sink.discard()
+            raise
+        stats = _CallStats(time.monotonic() - started, result.throttled, result.failures)
+        return _Done(_record(request, written, result.attempts), stats, finished)
+
+
+class FetchClips(_Fetch):
+    """ClipRequest -> ClipRecord | ClipError, with the calls of a bundle running concurrently."""
 
     def start_bundle(self) -> None:
         self.pending = 0
@@ -146,8 +209,7 @@ class FetchClips(beam.DoFn):
                 yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
 
     def _collect(self, block: bool) -> Iterator[ClipRecord | ClipError]:
-        """Emit the results of finished calls (waiting for one if `block`), counted here, in the DoFn's
-        own thread: Beam metrics are kept per thread, so the pool's threads cannot update them."""
+        """Emit the results of finished calls (waiting for one if `block`)."""
         while self.pending:
             try:
                 future = self.done.get(block=block)
@@ -155,50 +217,53 @@ class FetchClips(beam.DoFn):
                 return
             block = False
             self.pending -= 1
-            out, stats = future.result()  # an unexpected exception fails the bundle, as it should
+            done = future.result()  # an unexpected exception fails the bundle, as it should
+            self._count(done.out, done.stats)
+            yield done.out
+
+
+class FetchShard(_Fetch):
+    """(shard, requests) -> ClipRecord | ClipError: the shard's clips fetched concurrently, each added to a
+    tar in a local scratch file as it completes, and the tar uploaded once. No clip is staged in the output."""
+
+    def process(self, item: tuple[int, Iterable[ClipRequest]]) -> Iterator[ClipRecord | ClipError]:
+        shard, requests = item
+        final = shard_path(self.settings.output, shard)
+        writer = ShardWriter(self.store, final)
+        done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
+        pending, results = 0, []
+        try:
+            for request in requests:
+                self.pool.submit(self._fetch, request, False).add_done_callback(done.put)
+                pending += 1
+                while pending >= self.settings.max_in_flight or (pending and not done.empty()):
+                    results.append(self._add(writer, done.get()))
+                    pending -= 1
+            while pending:
+                results.append(self._add(writer, done.get()))
+                pending -= 1
+            writer.publish()
+        except OSError as e:  # the shard could not be written: none of its clips was
+            writer.discard()
+            results = [_shard_failed(r, e) for r in results]
+        for out, stats in results:
             self._count(out, stats)
-            self.progress.tick()
             yield out
 
-    def _count(self, out: ClipRecord | ClipError, stats: _CallStats) -> None:
-        self.retries.inc(max(0, out.attempts - 1))
-        self.throttled.inc(stats.throttled)
-        for code in stats.failures:
-            Metrics.counter(FAILED_ATTEMPTS, code).inc()
-        if isinstance(out, ClipError):
-            return
-        if out.attempts == 0:
-            self.skipped.inc()
-            return
-        self.written.inc()
-        self.bytes.inc(out.num_bytes)
-        self.audio_ms.inc(out.clip_duration_ms)
-        self.latency.update(int(stats.seconds * 1000))
-        self.duration.update(out.clip_duration_ms)
+    @staticmethod
+    def _add(writer: ShardWriter, future: futures.Future) -> tuple[ClipRecord | ClipError, _CallStats]:
+        d = future.result()
+        if isinstance(d.out, ClipRecord):
+            return writer.add(d.out, d.finished), d.stats
+        return d.out, d.stats
 
-    def _fetch(self, request: ClipRequest) -> tuple[ClipRecord | ClipError, _CallStats]:
-        """One clip, start to finish: skip it, or fetch and publish it, or say why not."""
-        started = time.monotonic()
-        s = self.settings
-        if s.skip_existing:
-            existing = existing_clip(s.output, request.clip_id, request.fingerprint, s.clip_format)
-            if existing is not None:
-                return _record(request, existing, attempts=0), _CallStats()
-        sink = ClipFile(s.output, request.clip_id, request.fingerprint, s.clip_format, staged=s.shards > 0)
-        try:
-            result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
-            written = sink.publish()
-        except GetAudioError as e:
-            sink.discard()
-            return _error(request, e.code, e.message, e.attempts), _CallStats(time.monotonic() - started, 0, e.failures)
-        except OSError as e:
-            sink.discard()
-            return _error(request, WRITE_FAILED, str(e), 1), _CallStats(time.monotonic() - started)
-        except BaseException:  # anything else fails the bundle; its temporary file goes first
-            sink.discard()
-            raise
-        stats = _CallStats(time.monotonic() - started, result.throttled, result.failures)
-        return _record(request, written, result.attempts), stats
+
+def _shard_failed(result: tuple[ClipRecord | ClipError, _CallStats], e: OSError):
+    out, stats = result
+    if isinstance(out, ClipError):
+        return out, stats
+    error = ClipError(out.clip_id, out.object_id, WRITE_FAILED, f"shard {out.path}: {e}", out.attempts, out.columns)
+    return error, stats
 
 
 @dataclass(frozen=True)
@@ -206,6 +271,15 @@ class _CallStats:
     seconds: float = 0.0
     throttled: int = 0
     failures: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Done:
+    """One clip's outcome, handed back from the pool: the row, its numbers, and a shard clip's bytes."""
+
+    out: ClipRecord | ClipError
+    stats: _CallStats
+    finished: FinishedClip | None = None
 
 
 def _record(request: ClipRequest, clip: WrittenClip, attempts: int) -> ClipRecord:

@@ -78,6 +78,12 @@ class ClipOptions(PipelineOptions):
             "shards/ instead of one file each under clips/; 0: clip files",
         )
         g.add_argument(
+            "--table_shards",
+            type=int,
+            default=0,
+            help="Parquet files per table, written in parallel; 0: one per million manifest rows",
+        )
+        g.add_argument(
             "--with_transcripts",
             action="store_true",
             default=False,

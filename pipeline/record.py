@@ -10,11 +10,11 @@ import re
 from datetime import datetime
 from typing import Any
 
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import __version__
 from pipeline.options import option_names
+from pipeline.storage import Store
 
 RECORD_NAME = "_RUN.json"
 _SECRET = re.compile(r"secret|password|passwd|token|credential|key", re.IGNORECASE)
@@ -22,7 +22,7 @@ _SAFE = re.compile(r"_file$|_path$|^api_key_file$")
 
 
 def record_path(output: str) -> str:
-    return FileSystems.join(output, RECORD_NAME)
+    return f"{output.rstrip('/')}/{RECORD_NAME}"
 
 
 def safe_options(options: PipelineOptions) -> dict[str, Any]:
@@ -36,20 +36,17 @@ def safe_options(options: PipelineOptions) -> dict[str, Any]:
     }
 
 
-def write_record(output: str, record: dict[str, Any]) -> str:
-    """Write the record through a temporary name, so a reader never sees half of it."""
-    path, tmp = record_path(output), record_path(output) + ".tmp"
+def write_record(store: Store, output: str, record: dict[str, Any]) -> str:
+    """Write the record in one write (a bucket publishes it whole; a local disk renames it into place)."""
     body = dict(record, version=__version__)
-    with FileSystems.create(tmp, mime_type="application/json") as f:
-        f.write(json.dumps(body, indent=2, default=str).encode())
-    FileSystems.rename([tmp], [path])
-    return path
+    store.put(record_path(output), json.dumps(body, indent=2, default=str).encode(), content_type="application/json")
+    return record_path(output)
 
 
-def remove_record(output: str) -> None:
+def remove_record(store: Store, output: str) -> None:
     """Remove the previous run's record at the start of a run: its done marker no longer holds."""
-    if FileSystems.exists(record_path(output)):
-        FileSystems.delete([record_path(output)])
+    if store.head(record_path(output)) is not None:
+        store.delete([record_path(output)])
 
 
 def now() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import logging
 import os
 import shutil
@@ -22,12 +21,21 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.card import write_card
-from pipeline.clips import CLIPS_DIR, is_local, prepare_output, remove_tmp
 from pipeline.elements import ClipError
-from pipeline.fetch import FAILED_ATTEMPTS, NAMESPACE, AttachTranscripts, FetchClips, FetchSettings, check_key
+from pipeline.fetch import (
+    FAILED_ATTEMPTS,
+    NAMESPACE,
+    AttachTranscripts,
+    FetchClips,
+    FetchSettings,
+    FetchShard,
+    check_key,
+)
 from pipeline.options import ClipOptions, expand_config
 from pipeline.record import now, remove_record, safe_options, write_record
-from pipeline.shards import SHARDS_DIR, WriteShards
+from pipeline.shards import shard_of
+from pipeline.storage import TMP_DIR, Store, StoreSettings, open_store
+from pipeline.table_files import WriteTable, default_shards, remove_stale, table_prefix
 
 log = logging.getLogger(__name__)
 ERRORS_NAMESPACE = "errors"
@@ -38,17 +46,13 @@ def _count_error(error: ClipError) -> ClipError:
     return error
 
 
-def table_paths(output: str) -> tuple[str, str]:
-    return FileSystems.join(output, "metadata", "clips"), FileSystems.join(output, "metadata", "errors")
+def fetch_settings(opts: ClipOptions, manifest: mf.Manifest, store: StoreSettings) -> FetchSettings:
+    """The fetch step's settings: the options of the same names, the manifest's row count, the store."""
+    names = [f.name for f in dataclasses.fields(FetchSettings) if f.name not in ("total_rows", "store")]
+    return FetchSettings(**{name: getattr(opts, name) for name in names}, total_rows=manifest.num_rows, store=store)
 
 
-def fetch_settings(opts: ClipOptions, manifest: mf.Manifest) -> FetchSettings:
-    """The fetch step's settings: the options of the same names, and the manifest's row count."""
-    names = [f.name for f in dataclasses.fields(FetchSettings) if f.name != "total_rows"]
-    return FetchSettings(**{name: getattr(opts, name) for name in names}, total_rows=manifest.num_rows)
-
-
-def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest) -> None:
+def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, table_shards: int = 1) -> None:
     """The graph: read, validate (its GroupByKey on clip_id spreads rows over workers), fetch, write tables."""
     rows = (
         p
@@ -60,24 +64,31 @@ def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest) -> N
     if settings.with_transcripts:
         requests, no_transcript = _attach_transcripts(requests, settings)
         errors.append(no_transcript)
-    fetched = (
-        requests
-        | "Fetch" >> beam.ParDo(FetchClips(settings))
-        | "SplitFailed" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="clips")
-    )
+    if settings.shards:  # a shard's clips are fetched together, so the shard is built and written once
+        n = settings.shards
+        fetched = (
+            requests
+            | "KeyByShard" >> beam.Map(lambda r: (shard_of(r.clip_id, n), r))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "FetchShards" >> beam.ParDo(FetchShard(settings))
+        )
+    else:
+        fetched = requests | "Fetch" >> beam.ParDo(FetchClips(settings))
+    fetched = fetched | "SplitFailed" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="clips")
     errors.append(fetched.errors)
-    clips = fetched.clips
-    if settings.shards:
-        clips = clips | "Shards" >> WriteShards(settings.output, settings.shards)
-    clips_path, errors_path = table_paths(settings.output)
+    out, store = settings.output, settings.store
     clips_schema = tables.clips_schema(manifest.schema, settings.with_transcripts, settings.shards > 0)
-    _ = clips | "ClipRows" >> beam.Map(tables.to_row) | "WriteClips" >> _write_table(clips_path, clips_schema)
+    _ = (
+        fetched.clips
+        | "ClipRows" >> beam.Map(tables.to_row)
+        | "WriteClips" >> WriteTable(out, "clips", clips_schema, table_shards, store)
+    )
     _ = (
         errors
         | "AllErrors" >> beam.Flatten()
         | "CountErrors" >> beam.Map(_count_error)
         | "ErrorRows" >> beam.Map(tables.to_row)
-        | "WriteErrors" >> _write_table(errors_path, tables.errors_schema(manifest.schema))
+        | "WriteErrors" >> WriteTable(out, "errors", tables.errors_schema(manifest.schema), table_shards, store)
     )
 
 
@@ -91,11 +102,6 @@ def _attach_transcripts(requests, settings: FetchSettings):
         | "SplitNoTranscript" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="requests")
     )
     return with_tokens.requests | "Spread" >> beam.Reshuffle(), with_tokens.errors
-
-
-def _write_table(prefix: str, schema) -> beam.PTransform:
-    # One shard: deterministic names that a rerun overwrites, and metadata rows are small.
-    return beam.io.WriteToParquet(prefix, schema, file_name_suffix=".parquet", num_shards=1)
 
 
 @dataclass
@@ -156,7 +162,6 @@ class Summary:
         return s
 
     def lines(self, output: str) -> Iterator[str]:
-        clips_path, errors_path = table_paths(output)
         yield f"rows in         {self.rows:>10,}"
         yield f"clips           {self.clips:>10,}   ({self.written:,} written, {self.skipped:,} already there)"
         yield f"errors          {self.error_count:>10,}"
@@ -170,9 +175,9 @@ class Summary:
             yield f"failed attempts {sum(self.failed_attempts.values()):>10,}   ({by_code})"
         rate = self.written / self.seconds if self.seconds else 0.0
         yield f"wall time       {self.seconds:>10.1f} s   ({rate:.1f} clips/s)"
-        yield f"clips table     {clips_path}-*.parquet"
-        yield f"errors table    {errors_path}-*.parquet"
-        yield f"dataset card    {FileSystems.join(output, 'README.md')}"
+        yield f"clips table     {table_prefix(output, 'clips')}*.parquet"
+        yield f"errors table    {table_prefix(output, 'errors')}*.parquet"
+        yield f"dataset card    {output.rstrip('/')}/README.md"
 
 
 class KeyRejected(RuntimeError):
@@ -191,17 +196,59 @@ def preflight(settings: FetchSettings, manifest: mf.Manifest) -> None:
         log.warning("key check: GetObject %s answered %s; starting the run anyway", object_id, code)
 
 
-def remove_leftovers(output: str) -> None:
-    """What a killed run left: temporary clips, Beam's temporary table shards, the old run record."""
-    remove_tmp(output)
-    metadata = FileSystems.join(output, "metadata")
-    found = FileSystems.match([FileSystems.join(metadata, "beam-temp-*/*")])[0].metadata_list
-    if found:
-        FileSystems.delete([m.path for m in found])
-    if is_local(output):  # local folders outlive their files; buckets have none
-        for folder in glob.glob(os.path.join(metadata, "beam-temp-*")):
-            shutil.rmtree(folder)
-    remove_record(output)
+def remove_leftovers(store: Store, output: str) -> None:
+    """What a killed run left: scratch files, unfinished multipart uploads, the old run record.
+
+    Older versions also staged clips and Beam's table files under `_tmp/` and `metadata/beam-temp-*`."""
+    root = output.rstrip("/")
+    if store.local:
+        for folder in [os.path.join(root, TMP_DIR), *_beam_temp_folders(root)]:
+            shutil.rmtree(folder, ignore_errors=True)
+    else:
+        left = [o.path for o in store.list(f"{root}/{TMP_DIR}/")]
+        left += [o.path for o in store.list(f"{root}/metadata/beam-temp-")]
+        if left:
+            store.delete(left)
+        aborted = store.abort_uploads(f"{root}/")
+        if aborted:
+            log.info("aborted %d unfinished multipart upload(s) under %s", aborted, root)
+    remove_record(store, output)
+
+
+def _beam_temp_folders(root: str) -> list[str]:
+    metadata = os.path.join(root, "metadata")
+    return (
+        [os.path.join(metadata, d) for d in os.listdir(metadata) if d.startswith("beam-temp-")]
+        if os.path.isdir(metadata)
+        else []
+    )
+
+
+def finish(store: Store, options: PipelineOptions, manifest: mf.Manifest, summary: Summary, started_at: str) -> None:
+    """After the job: drop an earlier run's other table files, write the card, then the run record, last."""
+    opts = options.view_as(ClipOptions)
+    output = opts.output
+    shards = opts.table_shards or default_shards(manifest.num_rows)
+    files = {}
+    for name in ("clips", "errors"):
+        files[name] = [f"{table_prefix(output, name)}{i:05d}-of-{shards:05d}.parquet" for i in range(shards)]
+        remove_stale(store, output, name, files[name])
+    write_card(store, output, summary.as_dict(), files["clips"], files["errors"], opts.clip_format, opts.shards > 0)
+    write_record(
+        store,
+        output,
+        {
+            "started_at": started_at,
+            "finished_at": now(),
+            **summary.as_dict(),
+            "manifest": list(manifest.files),
+            "clips_table": files["clips"],
+            "errors_table": files["errors"],
+            "options": safe_options(options),
+        },
+    )
+    if store.local:  # empty now: the record went through it too
+        shutil.rmtree(os.path.join(output, TMP_DIR), ignore_errors=True)
 
 
 def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
@@ -218,41 +265,27 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
             raise SystemExit(f"error: --{name} is required")
     if opts.shards and opts.skip_existing:
         raise SystemExit("error: --skip_existing works on clip files, not with --shards (shards are rebuilt)")
-    if opts.shards < 0:
-        raise SystemExit("error: --shards takes a number of shards, or 0 for clip files")
-    FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's own reads too
+    if opts.shards < 0 or opts.table_shards < 0:
+        raise SystemExit("error: --shards and --table_shards take a number of shards (0: the default)")
+    FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's reads of the manifest
     manifest = mf.inspect_manifest(opts.manifest)
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
-    settings = fetch_settings(opts, manifest)
+    store_settings = StoreSettings.from_options(options)
+    store = open_store(opts.output, store_settings)
+    settings = fetch_settings(opts, manifest, store_settings)
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:
         preflight(settings, manifest)
-        remove_leftovers(opts.output)
-        prepare_output(opts.output, SHARDS_DIR if opts.shards else CLIPS_DIR)
+        remove_leftovers(store, opts.output)
     started_at, started = now(), time.monotonic()
     p = beam.Pipeline(options=options)
-    build(p, settings, manifest)
+    build(p, settings, manifest, opts.table_shards or default_shards(manifest.num_rows))
     result = p.run()
     result.wait_until_finish()
     if dry_run:
         return None, opts
-    remove_tmp(opts.output)
     summary = Summary.from_result(result, manifest.num_rows, time.monotonic() - started)
-    clips_path, errors_path = table_paths(opts.output)
-    clips_table, errors_table = f"{clips_path}-00000-of-00001.parquet", f"{errors_path}-00000-of-00001.parquet"
-    write_card(opts.output, summary.as_dict(), clips_table, errors_table, opts.clip_format, opts.shards > 0)
-    write_record(
-        opts.output,
-        {
-            "started_at": started_at,
-            "finished_at": now(),
-            **summary.as_dict(),
-            "manifest": list(manifest.files),
-            "clips_table": clips_table,
-            "errors_table": errors_table,
-            "options": safe_options(options),
-        },
-    )
+    finish(store, options, manifest, summary, started_at)
     return summary, opts
 
 

@@ -1,9 +1,9 @@
 """WebDataset-style tar shards: `{key}.wav` (or .flac) and `{key}.json` per sample (key: the clip_id).
 
-With `--shards N` each clip is first published under `{output}/_tmp/` (as a plain clip file would be),
-then the clips are grouped by a hash of their clip_id into N shards. Each shard is streamed straight to
-the output filesystem under `_tmp/` and renamed to `{output}/shards/shard-NNNNN.tar` when complete, so a
-reader never sees half a shard. The clips table then points at the shard (`path`) and the `member`.
+With `--shards N` the requests are grouped by a hash of their clip_id into N shards before the fetch; each
+shard's clips are written into a tar in a local scratch file as they arrive, and the tar is published in
+one write at `{output}/shards/shard-NNNNN.tar`, so a reader never sees half a shard and no clip is staged
+in the output. The clips table then points at the shard (`path`) and the `member`.
 """
 
 from __future__ import annotations
@@ -12,16 +12,12 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import tarfile
-import uuid
-from collections.abc import Iterable, Iterator
 
-import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
-from pipeline.clips import tmp_dir
+from pipeline.clips import FinishedClip
 from pipeline.elements import ClipRecord
+from pipeline.storage import Store
 from pipeline.tables import to_row
 
 SHARDS_DIR = "shards"
@@ -39,60 +35,46 @@ def sample_key(clip_id: str) -> str:
 
 
 def shard_path(output: str, shard: int) -> str:
-    return FileSystems.join(output, SHARDS_DIR, f"shard-{shard:05d}.tar")
+    return f"{output.rstrip('/')}/{SHARDS_DIR}/shard-{shard:05d}.tar"
 
 
-class WriteShards(beam.PTransform):
-    """ClipRecords of published clips -> the same records, pointing at their shard and member."""
+class ShardWriter:
+    """One tar shard, built in a local scratch file and published whole."""
 
-    def __init__(self, output: str, shards: int):
-        super().__init__()
-        self.output = output
-        self.shards = shards
+    def __init__(self, store: Store, path: str):
+        self.store = store
+        self.path = path
+        self._scratch = store.scratch_file(".tar")
+        self._file = open(self._scratch, "wb")  # noqa: SIM115 - closed in publish/discard
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
-    def expand(self, records):
-        return (
-            records
-            | "KeyByShard" >> beam.Map(lambda r, n=self.shards: (shard_of(r.clip_id, n), r))
-            | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(_WriteShard(self.output))
-        )
+    def add(self, record: ClipRecord, clip: FinishedClip) -> ClipRecord:
+        """Add a clip and its JSON; the record as the table will hold it (the shard's path, the member)."""
+        key = sample_key(record.clip_id)
+        member = key + record.path[record.path.rfind(".") :]
+        placed = dataclasses.replace(record, path=self.path, member=member)
+        if clip.file is None:
+            _add(self._tar, member, io.BytesIO(clip.data), clip.num_bytes)
+        else:
+            with open(clip.file, "rb") as f:
+                _add(self._tar, member, f, clip.num_bytes)
+            os.remove(clip.file)
+        body = json.dumps(to_row(placed), default=str).encode()
+        _add(self._tar, f"{key}.json", io.BytesIO(body), len(body))
+        return placed
 
+    def publish(self) -> None:
+        self._tar.close()
+        self._file.close()
+        self.store.put(self.path, file=self._scratch, content_type="application/x-tar")
 
-class _WriteShard(beam.DoFn):
-    def __init__(self, output: str):
-        self.output = output
-
-    def process(self, item: tuple[int, Iterable[ClipRecord]]) -> Iterator[ClipRecord]:
-        shard, records = item
-        records = sorted(records, key=lambda r: r.clip_id)
-        final = shard_path(self.output, shard)
-        tmp = FileSystems.join(tmp_dir(self.output), f"shard-{shard:05d}.{uuid.uuid4().hex}.tar")
-        out = []
-        with (
-            FileSystems.create(tmp, mime_type="application/x-tar", compression_type=CompressionTypes.UNCOMPRESSED) as f,
-            tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar,
-        ):
-            for record in records:
-                key = sample_key(record.clip_id)
-                member = key + record.path[record.path.rfind(".") :]
-                placed = dataclasses.replace(record, path=final, member=member)
-                _add(tar, member, record.path, record.num_bytes)
-                _add_bytes(tar, f"{key}.json", json.dumps(to_row(placed), default=str).encode())
-                out.append(placed)
-        FileSystems.rename([tmp], [final])
-        yield from out
+    def discard(self) -> None:
+        self._file.close()
+        if os.path.exists(self._scratch):
+            os.remove(self._scratch)
 
 
-def _add(tar: tarfile.TarFile, name: str, path: str, size: int) -> None:
-    """Stream a published clip into the tar (it is read from the filesystem, never held whole)."""
+def _add(tar: tarfile.TarFile, name: str, data, size: int) -> None:
     info = tarfile.TarInfo(name)
     info.size = size
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src:
-        tar.addfile(info, src)
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+    tar.addfile(info, data)

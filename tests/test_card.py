@@ -19,6 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
 from pipeline.card import BACKGROUND, SIZE, write_card
+from pipeline.storage import open_store
 from pipeline.tables import clips_schema, errors_schema
 from tests.storage_fixtures import gcs_server  # noqa: F401
 from tests.storage_servers import StorageServer
@@ -60,8 +61,13 @@ def write_table(path: str, rows: list[dict], schema: pa.Schema) -> None:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
 
 
-def write_dataset(output: str, clips: list[tuple], errors: list[tuple]) -> tuple[str, str]:
-    """Real WAV clips at the paths the clips table names, and both tables in the metadata/ layout."""
+def make_card(output: str, numbers: dict, clips_tables: list[str], errors_tables: list[str]) -> str:
+    return write_card(open_store(output), output, numbers, clips_tables, errors_tables)
+
+
+def write_dataset(output: str, clips: list[tuple], errors: list[tuple]) -> tuple[list[str], list[str]]:
+    """Real WAV clips at the paths the clips table names, and both tables in the metadata/ layout: the
+    clips table in two files (the first clip in one, the rest in the other)."""
     rows = []
     for clip_id, object_id, ms, channels in clips:
         path, data = join(output, "clips", f"{clip_id}.wav"), wav(ms * 16, channels)
@@ -71,9 +77,10 @@ def write_dataset(output: str, clips: list[tuple], errors: list[tuple]) -> tuple
             | dict(object_duration_ms=10_000, num_channels=channels, sample_rate=16_000, num_samples=ms * 16)
             | dict(num_bytes=len(data), sha256="0" * 64, attempts=1, speaker="s1")
         )
-    clips_table = join(output, "metadata", "clips-00000-of-00001.parquet")
+    clips_tables = [join(output, "metadata", f"clips-0000{i}-of-00002.parquet") for i in range(2)]
     errors_table = join(output, "metadata", "errors-00000-of-00001.parquet")
-    write_table(clips_table, rows, clips_schema(MANIFEST))
+    write_table(clips_tables[0], rows[:1], clips_schema(MANIFEST))
+    write_table(clips_tables[1], rows[1:], clips_schema(MANIFEST))
     write_table(
         errors_table,
         [
@@ -82,7 +89,7 @@ def write_dataset(output: str, clips: list[tuple], errors: list[tuple]) -> tuple
         ],
         errors_schema(MANIFEST),
     )
-    return clips_table, errors_table
+    return clips_tables, [errors_table]
 
 
 def snippet(card: str) -> str:
@@ -113,11 +120,12 @@ def local(tmp_path: Path) -> tuple[str, str, str]:
 
 def test_card_numbers_match_the_tables(local: tuple[str, str, str]) -> None:
     output, clips_table, errors_table = local
-    path = write_card(output, summary(rows=6, written=2, skipped=1), clips_table, errors_table)
+    path = make_card(output, summary(rows=6, written=2, skipped=1), clips_table, errors_table)
     assert path == join(output, "README.md")
     card = Path(path).read_text()
-    seconds = pq.read_table(clips_table).column("clip_duration_ms").to_numpy().sum() / 1000
-    sizes = sum(pq.read_table(clips_table).column("num_bytes").to_pylist())
+    table = pq.read_table(clips_table)  # both files
+    seconds = table.column("clip_duration_ms").to_numpy().sum() / 1000
+    sizes = sum(table.column("num_bytes").to_pylist())
     for line in [
         "- Manifest rows in: 6",
         "- Clips: 3 (2 written by the last run, 1 already there)",
@@ -129,9 +137,9 @@ def test_card_numbers_match_the_tables(local: tuple[str, str, str]) -> None:
         "| 0.500 s | 1.250 s | 1.583 s | 3.000 s |",
         "![clip durations](duration_histogram.png)",
         "| NOT_FOUND | 2 |\n| INVALID_RANGE | 1 |",
-        "metadata/clips-00000-of-00001.parquet",
+        "metadata/clips-*.parquet",
         'soundfile.read(row["path"], dtype="int16")',
-        f"pq.read_table({clips_table!r})",
+        f"pq.read_table(sorted(glob.glob({join(output, 'metadata', 'clips-*.parquet')!r})))",
     ]:
         assert line in card, line
     assert not list(Path(output).rglob("*.tmp"))
@@ -139,13 +147,13 @@ def test_card_numbers_match_the_tables(local: tuple[str, str, str]) -> None:
 
 def test_snippet_loads_every_clip(local: tuple[str, str, str]) -> None:
     output, clips_table, errors_table = local
-    card = Path(write_card(output, summary(6, 3, 0), clips_table, errors_table)).read_text()
+    card = Path(make_card(output, summary(6, 3, 0), clips_table, errors_table)).read_text()
     assert run_snippet(card) == [(c, ms * 16, 16_000) for c, _, ms, _ in CLIPS]
 
 
 def test_histogram_is_drawn(local: tuple[str, str, str]) -> None:
     output, clips_table, errors_table = local
-    write_card(output, summary(6, 3, 0), clips_table, errors_table)
+    make_card(output, summary(6, 3, 0), clips_table, errors_table)
     assert_histogram((Path(output) / "duration_histogram.png").read_bytes())
 
 
@@ -153,7 +161,7 @@ def test_histogram_is_drawn(local: tuple[str, str, str]) -> None:
 def test_one_duration(tmp_path: Path, durations: list[int]) -> None:
     output = str(tmp_path / "out")
     clips = [(f"c{i}", "obj", ms, 1) for i, ms in enumerate(durations)]
-    card = Path(write_card(output, summary(len(clips), len(clips), 0), *write_dataset(output, clips, []))).read_text()
+    card = Path(make_card(output, summary(len(clips), len(clips), 0), *write_dataset(output, clips, []))).read_text()
     s = f"{durations[0] / 1000:.3f} s"
     assert f"| {s} | {s} | {s} | {s} |" in card
     assert "## Errors by code\n\nnone" in card
@@ -162,7 +170,7 @@ def test_one_duration(tmp_path: Path, durations: list[int]) -> None:
 
 def test_zero_clips(tmp_path: Path) -> None:
     output = str(tmp_path / "out")
-    card = Path(write_card(output, summary(0, 0, 0), *write_dataset(output, [], []))).read_text()
+    card = Path(make_card(output, summary(0, 0, 0), *write_dataset(output, [], []))).read_text()
     assert "- Clips: 0 (0 written" in card and "There are no clips." in card
     assert "- Audio: 0.000 h" in card and "- Channels: none" in card
     assert "![clip durations]" not in card and "## Errors by code\n\nnone" in card
@@ -173,8 +181,8 @@ def test_zero_clips(tmp_path: Path) -> None:
 
 def test_a_rerun_replaces_the_card(local: tuple[str, str, str]) -> None:
     output, clips_table, errors_table = local
-    write_card(output, summary(6, 3, 0), clips_table, errors_table)
-    card = Path(write_card(output, summary(7, 0, 3), clips_table, errors_table)).read_text()
+    make_card(output, summary(6, 3, 0), clips_table, errors_table)
+    card = Path(make_card(output, summary(7, 0, 3), clips_table, errors_table)).read_text()
     assert "- Manifest rows in: 7" in card and "(0 written by the last run, 3 already there)" in card
 
 
@@ -187,7 +195,7 @@ def gcs(gcs_server: StorageServer) -> str:  # noqa: F811
 
 def test_card_on_gcs(gcs: str) -> None:
     clips_table, errors_table = write_dataset(gcs, CLIPS, ERRORS)
-    path = write_card(gcs, summary(6, 3, 0), clips_table, errors_table)
+    path = make_card(gcs, summary(6, 3, 0), clips_table, errors_table)
     assert path == gcs + "/README.md"
     card = read_bytes(path).decode()
     assert "- Clips: 3 (3 written" in card and "| NOT_FOUND | 2 |" in card

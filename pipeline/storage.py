@@ -1,0 +1,371 @@
+"""The dataset's writes: clips, shards, tables, card and record, on a local disk, `s3://` or `gs://`.
+
+Why not Beam's FileSystems for these: it builds a new S3 or GCS client on every call (a boto3 client costs
+about 119 ms of CPU to build) and its bucket writers stage each object under a temporary name, then copy
+and delete it: six requests a clip. Here a write is one request. An object store publishes an object only
+when its upload completes, so an upload goes straight to its final name; a local file is written under
+`{output}/_tmp/` and renamed into place. Reading the manifest stays with Beam (a few reads a job).
+
+The per-process client cache: one boto3 client and one google-cloud-storage client per worker process
+(per settings), built on first use and shared by every thread and clip. Both are thread-safe.
+The libraries retry what is transient (throttling, 5xx, timeouts, dropped connections) a bounded number
+of times; whatever still fails is raised as `StorageError`, which the fetch step turns into a
+`WRITE_FAILED` row.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+TMP_DIR = "_tmp"  # local disk only: readers ignore names starting with "_"
+S3_SINGLE_PUT_LIMIT = 256 << 20  # larger uploads (long shards) go as multipart uploads
+CONNECTIONS = 128  # per process: above the default 64 streams, so no thread waits for a connection
+ATTEMPTS = 5  # of each storage request, the libraries' own retries with backoff
+
+
+class StorageError(OSError):
+    """A write or listing that failed after the library's retries."""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """How to reach the output's store: Beam's S3 options and the GCP project; picklable."""
+
+    s3_endpoint_url: str | None = None
+    s3_region_name: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = field(default=None, repr=False)
+    s3_session_token: str | None = field(default=None, repr=False)
+    s3_verify: str | None = None
+    s3_disable_ssl: bool = False
+    gcp_project: str | None = None
+
+    @classmethod
+    def from_options(cls, options) -> StoreSettings:
+        """From Beam's PipelineOptions (S3Options and GoogleCloudOptions), as Beam's own IO reads them."""
+        every = options.get_all_options()
+        return cls(
+            s3_endpoint_url=every.get("s3_endpoint_url"),
+            s3_region_name=every.get("s3_region_name"),
+            s3_access_key_id=every.get("s3_access_key_id"),
+            s3_secret_access_key=every.get("s3_secret_access_key"),
+            s3_session_token=every.get("s3_session_token"),
+            s3_verify=every.get("s3_verify"),
+            s3_disable_ssl=bool(every.get("s3_disable_ssl")),
+            gcp_project=every.get("project"),
+        )
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object found at a path: its size and the metadata it was written with (none on a local disk)."""
+
+    path: str
+    size: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """What the pipeline does with its output. Paths are full paths (a local path, s3://b/k, gs://b/k)."""
+
+    local: bool
+
+    def put(
+        self, path: str, data: bytes | None = None, *, file: str | None = None, content_type: str = "", metadata=None
+    ) -> None:
+        """Publish `data`, or the local file `file` (which is consumed: moved or uploaded, then removed)."""
+
+    def head(self, path: str) -> StoredObject | None:
+        """The object at `path` with its metadata (one request), or None."""
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose path starts with `prefix` (sizes only)."""
+
+    def read(self, path: str) -> bytes:
+        """A whole (small) object: a table shard, for the card."""
+
+    def delete(self, paths: Iterable[str]) -> None: ...
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort unfinished multipart uploads under `prefix` (a killed writer's); how many."""
+
+    def scratch_file(self, suffix: str) -> str:
+        """A new empty local file for bytes on their way to `put(file=...)`."""
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def split_bucket(path: str) -> tuple[str, str]:
+    """("bucket", "key") of s3://bucket/key or gs://bucket/key."""
+    bucket, _, key = path.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def open_store(output: str, settings: StoreSettings = StoreSettings()) -> Store:
+    """The store holding `output`: cheap to call, the clients behind it are built once per process."""
+    if is_local(output):
+        return LocalStore(output.removeprefix("file://"))
+    scheme = output.split("://", 1)[0]
+    if scheme == "s3":
+        return S3Store(_client("s3", settings))
+    if scheme == "gs":
+        return GcsStore(_client("gs", settings))
+    raise ValueError(f"output {output}: unsupported scheme {scheme}:// (use a local path, gs:// or s3://)")
+
+
+_clients: dict[tuple[str, StoreSettings], object] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(scheme: str, settings: StoreSettings):
+    """The per-process client cache (see the module's docstring)."""
+    with _clients_lock:
+        if (scheme, settings) not in _clients:
+            _clients[scheme, settings] = _s3_client(settings) if scheme == "s3" else _gcs_client(settings)
+        return _clients[scheme, settings]
+
+
+class LocalStore:
+    """A folder: each write goes to `{root}/_tmp/` and is renamed into place, so no reader sees half a file."""
+
+    local = True
+
+    def __init__(self, root: str):
+        self.tmp = os.path.join(root, TMP_DIR)
+        self._tmp_made = False
+
+    def put(self, path, data=None, *, file=None, content_type="", metadata=None) -> None:
+        try:
+            if file is None:
+                file = self.scratch_file(os.path.splitext(path)[1])
+                with open(file, "wb") as f:
+                    f.write(data)
+            try:
+                os.replace(file, path)
+            except FileNotFoundError:  # the first file in a new folder: no makedirs call for every clip
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                os.replace(file, path)
+        except OSError as e:
+            raise StorageError(f"{path}: {e}") from e
+
+    def head(self, path: str) -> StoredObject | None:
+        try:
+            return StoredObject(path, os.stat(path).st_size)
+        except FileNotFoundError:
+            return None
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        folder = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
+        for dirpath, _, names in os.walk(folder or "."):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if path.startswith(prefix):
+                    yield StoredObject(path, os.stat(path).st_size)
+
+    def read(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def delete(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            os.remove(path)
+
+    def abort_uploads(self, prefix: str) -> int:
+        return 0
+
+    def scratch_file(self, suffix: str) -> str:
+        if not self._tmp_made:
+            os.makedirs(self.tmp, exist_ok=True)
+            self._tmp_made = True
+        path = os.path.join(self.tmp, f"{uuid.uuid4().hex}{suffix}")
+        open(path, "wb").close()
+        return path
+
+
+def _scratch_file(suffix: str) -> str:
+    """A file in the machine's temporary folder, for bytes on their way to a bucket."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="clip-", suffix=suffix)
+    os.close(fd)
+    return path
+
+
+# S3, through boto3 (what Beam's [aws] extra installs).
+
+
+def _s3_client(s: StoreSettings):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        max_pool_connections=CONNECTIONS,
+        retries={"mode": "standard", "max_attempts": ATTEMPTS},
+        connect_timeout=20,
+        read_timeout=120,
+    )
+    verify = None if s.s3_verify is None else s.s3_verify not in ("false", "False", "0")
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=s.s3_endpoint_url,
+        region_name=s.s3_region_name,
+        aws_access_key_id=s.s3_access_key_id,
+        aws_secret_access_key=s.s3_secret_access_key,
+        aws_session_token=s.s3_session_token,
+        use_ssl=not s.s3_disable_ssl,
+        verify=verify,
+        config=config,
+    )
+
+
+class S3Store:
+    """One PutObject per object (a multipart upload only past S3_SINGLE_PUT_LIMIT), metadata as x-amz-meta-*."""
+
+    local = False
+
+    def __init__(self, client):
+        self.client = client
+
+    def put(self, path, data=None, *, file=None, content_type="", metadata=None) -> None:
+        bucket, key = split_bucket(path)
+        extra = {"ContentType": content_type or "application/octet-stream", "Metadata": metadata or {}}
+        try:
+            if file is None:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+            elif os.path.getsize(file) <= S3_SINGLE_PUT_LIMIT:
+                with open(file, "rb") as f:
+                    self.client.put_object(Bucket=bucket, Key=key, Body=f, **extra)
+            else:
+                from boto3.s3.transfer import TransferConfig
+
+                config = TransferConfig(multipart_threshold=S3_SINGLE_PUT_LIMIT, use_threads=False)
+                self.client.upload_file(file, bucket, key, ExtraArgs=extra, Config=config)
+        except Exception as e:  # botocore's errors share no base class with the connection errors
+            raise StorageError(f"{path}: {type(e).__name__}: {e}") from e
+        finally:
+            _remove(file)
+
+    def head(self, path: str) -> StoredObject | None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_bucket(path)
+        try:
+            found = self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"{path}: {e}") from e
+        return StoredObject(path, found["ContentLength"], found.get("Metadata", {}))
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        bucket, key = split_bucket(prefix)
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        for page in pages:
+            for o in page.get("Contents", []):
+                yield StoredObject(f"s3://{bucket}/{o['Key']}", o["Size"])
+
+    def read(self, path: str) -> bytes:
+        bucket, key = split_bucket(path)
+        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def delete(self, paths: Iterable[str]) -> None:
+        by_bucket: dict[str, list[str]] = {}
+        for path in paths:
+            bucket, key = split_bucket(path)
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for i in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
+                batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+                self.client.delete_objects(Bucket=bucket, Delete=batch)
+
+    def abort_uploads(self, prefix: str) -> int:
+        bucket, key = split_bucket(prefix)
+        aborted = 0
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key):
+            for upload in page.get("Uploads", []):
+                self.client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        return aborted
+
+    scratch_file = staticmethod(_scratch_file)
+
+
+# GCS, through google-cloud-storage (what Beam's [gcp] extra installs).
+
+
+def _gcs_client(s: StoreSettings):
+    import requests
+    from google.cloud import storage
+
+    client = storage.Client(project=s.gcp_project)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=CONNECTIONS, pool_maxsize=CONNECTIONS)
+    client._http.mount("https://", adapter)  # the default pool of 10 would make most streams wait
+    client._http.mount("http://", adapter)
+    return client
+
+
+class GcsStore:
+    """One single-request upload per object (a resumable upload past the library's 8 MiB), metadata as
+    custom metadata. Uploads are retried: an object written whole at a name is idempotent."""
+
+    local = False
+
+    def __init__(self, client):
+        self.client = client
+
+    def _blob(self, path: str):
+        bucket, name = split_bucket(path)
+        return self.client.bucket(bucket).blob(name)  # no request: bucket() and blob() only name them
+
+    def put(self, path, data=None, *, file=None, content_type="", metadata=None) -> None:
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        blob = self._blob(path)
+        blob.metadata = metadata or None
+        content_type = content_type or "application/octet-stream"
+        try:
+            if file is None:
+                blob.upload_from_string(data, content_type=content_type, retry=DEFAULT_RETRY)
+            else:
+                blob.upload_from_filename(file, content_type=content_type, retry=DEFAULT_RETRY)
+        except Exception as e:  # google-api-core, requests and urllib3 errors share no base class
+            raise StorageError(f"{path}: {type(e).__name__}: {e}") from e
+        finally:
+            _remove(file)
+
+    def head(self, path: str) -> StoredObject | None:
+        bucket, name = split_bucket(path)
+        try:
+            blob = self.client.bucket(bucket).get_blob(name)
+        except Exception as e:
+            raise StorageError(f"{path}: {type(e).__name__}: {e}") from e
+        return None if blob is None else StoredObject(path, blob.size, dict(blob.metadata or {}))
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        bucket, name = split_bucket(prefix)
+        for blob in self.client.list_blobs(bucket, prefix=name):
+            yield StoredObject(f"gs://{bucket}/{blob.name}", blob.size)
+
+    def read(self, path: str) -> bytes:
+        return self._blob(path).download_as_bytes()
+
+    def delete(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            self._blob(path).delete()
+
+    def abort_uploads(self, prefix: str) -> int:
+        return 0  # an unfinished resumable upload is never visible and expires by itself
+
+    scratch_file = staticmethod(_scratch_file)
+
+
+def _remove(file: str | None) -> None:
+    if file is not None and os.path.exists(file):
+        os.remove(file)
