@@ -193,6 +193,7 @@ class StorageProxy:
         fail_status: int = 503,
         drop_fraction: float = 0.0,
         fail_kinds: Iterable[str] = UPLOAD_KINDS,
+        fail_match: str = "",
         seed: int = 0,
         timeout: float = 60.0,
     ):
@@ -209,6 +210,9 @@ class StorageProxy:
         self.drop_fraction = drop_fraction
         self.fail_status = fail_status
         self.fail_kinds = fail_kinds
+        self.fail_match = fail_match
+        """Faults hit only requests whose path (or, for GCS, the JSON part that starts an upload's body and
+        names its object) contains this text; "" for all."""
         self._counts: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
         self._bytes_read = 0
@@ -355,12 +359,15 @@ class StorageProxy:
 
     # --- used by the handler ---------------------------------------------------------------------
 
-    def _admit(self, kind: str, method: str, path: str) -> str | None:
+    def _admit(self, kind: str, method: str, path: str, body: bytes = b"") -> str | None:
         """Record a request; return the fault to inject ("drop" or the status), or None to forward."""
         with self._lock:
             self._counts[kind] += 1
             self._log.append(ProxiedRequest(kind, method, path))
             if kind not in self._fail_kinds or not (self._drop_fraction or self._fail_fraction):
+                return None
+            named_in_body = is_gcs_path(path) and self.fail_match.encode() in body[:1024]  # upload's JSON part
+            if self.fail_match and self.fail_match not in path and not named_in_body:
                 return None
             draw = self._rng.random()
             if draw < self._drop_fraction:
@@ -438,7 +445,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         headers = {name.lower(): value for name, value in self.headers.items()}
         kind = classify(self.command, self.path, headers, body)
-        fault = self.proxy._admit(kind, self.command, self.path)
+        fault = self.proxy._admit(kind, self.command, self.path, body)
         if fault == "drop":
             self._reset_connection()
         elif fault is not None:

@@ -1,0 +1,216 @@
+"""Builds to buckets, counted and faulted: `python -m pipeline run` writing to moto (S3) and the GCS emulator
+through `tests.storage_proxy`, which counts every storage request by kind and injects faults into uploads.
+
+What a user of a bucket output relies on: a clip costs one write request and nothing else (no staging copy,
+no delete); a shard is one upload; a `--skip_existing` rerun reads no clip audio and makes no GetAudio call;
+a throttled or dropped upload is retried, and one that still fails is a WRITE_FAILED row, never a failed
+run; a run killed mid-way, then rerun, gives a complete dataset with nothing left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.server import Faults, LocalServer
+from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
+from tests.storage_proxy import StorageProxy
+from tests.storage_servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
+from tests.test_builds import (
+    REPO,
+    check_clips_table,
+    child_env,
+    clips_table,
+    errors_table,
+    expect_exit,
+    read_bytes,
+    run_cli,
+    run_record,
+    total_calls,
+    write_local_manifest,
+)
+
+FIXED_WRITES = 5  # per run: the two tables (one file each), the card and its histogram, the run record
+
+
+class Target:
+    """A bucket behind a proxy: the output prefix, and the flags and environment that send a child run
+    through the proxy (this process reads the results from the server directly)."""
+
+    def __init__(self, server: StorageServer, proxy: StorageProxy):
+        self.server, self.proxy = server, proxy
+        self.output = f"{server.bucket_url}{uuid.uuid4().hex}/ds"
+        self.s3 = server.bucket_url.startswith("s3://")
+        if self.s3:
+            self.flags = [f"--s3_endpoint_url={proxy.endpoint_url}", *server.flags[1:]]
+            self.env = child_env(**{**server.env, "AWS_ENDPOINT_URL_S3": proxy.endpoint_url})
+        else:
+            self.flags = []
+            self.env = child_env(**{**server.env, "STORAGE_EMULATOR_HOST": proxy.endpoint_url})
+        FileSystems.set_options(PipelineOptions(server.flags))
+
+    def run(self, server: LocalServer, manifest: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(server, manifest, self.output, *self.flags, *flags, env=self.env)
+
+    def objects(self) -> list[str]:
+        (found,) = FileSystems.match([f"{self.output}/**"])
+        return sorted(m.path[len(self.output) + 1 :] for m in found.metadata_list)
+
+
+@pytest.fixture(params=["s3_server", "gcs_server"], ids=["s3", "gcs"])
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+    server: StorageServer = request.getfixturevalue(request.param)
+    with StorageProxy(server.endpoint_url) as proxy:
+        yield Target(server, proxy)
+
+
+def rows(n: int) -> list[dict]:
+    return [
+        {"clip_id": f"c{i:03d}", "object_id": "demo-mono", "start_ms": 130 * i % 11_000, "duration_ms": 700}
+        for i in range(n)
+    ]
+
+
+def writes(counts: dict[str, int]) -> int:
+    return counts.get("PUT", 0) + counts.get("POST_INIT", 0) + counts.get("COMPLETE", 0)
+
+
+def test_one_write_per_clip_and_a_rerun_reads_no_audio(target: Target, make_server, store, tmp_path: Path) -> None:
+    server = make_server()
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows(12))
+    expect_exit(target.run(server, manifest), 0)
+    counts = target.proxy.counts()
+    assert writes(counts) == counts["PUT"] == 12 + FIXED_WRITES, counts
+    assert (counts.get("COPY", 0), counts.get("DELETE", 0)) == (0, 0), counts
+    clip_reads = [r for r in target.proxy.log if r.kind == "GET" and "/clips/" in r.path]
+    assert clip_reads == [], "a clip was read back"
+    table = clips_table(target.output).to_pylist()
+    assert len(table) == 12 and errors_table(target.output).num_rows == 0
+    check_clips_table(table, store)
+    assert "_tmp" not in {name.split("/")[0] for name in target.objects()}
+
+    target.proxy.reset()
+    calls = total_calls(server)
+    expect_exit(target.run(server, manifest, "--skip_existing"), 0)
+    assert total_calls(server) == calls, "a current clip was fetched again"
+    counts = target.proxy.counts()
+    assert counts.get("HEAD", 0) <= 12 + 1, counts  # one metadata request per clip (and the old record)
+    assert writes(counts) == FIXED_WRITES, counts  # only the tables, the card and the record
+    assert [r for r in target.proxy.log if r.kind == "GET" and "/clips/" in r.path] == []
+    rerun = clips_table(target.output).to_pylist()
+    assert {r["clip_id"]: (r["sha256"], r["num_bytes"]) for r in rerun} == {
+        r["clip_id"]: (r["sha256"], r["num_bytes"]) for r in table
+    }
+    assert all(r["attempts"] == 0 for r in rerun)
+    assert run_record(target.output)["clips_skipped"] == 12
+
+
+def test_a_shard_is_one_upload(target: Target, make_server, store, tmp_path: Path) -> None:
+    server = make_server()
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows(10))
+    expect_exit(target.run(server, manifest, "--shards=2", "--clip_format=flac"), 0)
+    counts = target.proxy.counts()
+    assert writes(counts) == counts["PUT"] == 2 + FIXED_WRITES, counts
+    assert (counts.get("COPY", 0), counts.get("DELETE", 0)) == (0, 0), counts
+    assert [name for name in target.objects() if name.startswith("shards/")] == [
+        "shards/shard-00000.tar",
+        "shards/shard-00001.tar",
+    ]
+    table = clips_table(target.output).to_pylist()
+    assert len(table) == 10
+    for row in table:
+        with tarfile.open(fileobj=io.BytesIO(read_bytes(row["path"]))) as tar:
+            assert tar.extractfile(row["member"]).read()[:4] == b"fLaC"
+
+
+@pytest.mark.parametrize("fault", ["503", "drop"])
+def test_flaky_uploads_are_retried(fault: str, target: Target, make_server, store, tmp_path: Path) -> None:
+    """A share of clip uploads answered 503 (or cut off): the store's retries bring every clip in."""
+    setattr(target.proxy, "fail_fraction" if fault == "503" else "drop_fraction", 0.3)
+    target.proxy.fail_match = "/clips/"
+    server = make_server()
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows(20))
+    proc = target.run(server, manifest, "--max_error_ratio=1")
+    expect_exit(proc, 0)
+    assert target.proxy.faults().get(fault, 0) > 0, "no fault was injected"
+    table = clips_table(target.output).to_pylist()
+    errors = errors_table(target.output).to_pylist()
+    assert len(table) + len(errors) == 20
+    assert {e["error_code"] for e in errors} <= {"WRITE_FAILED"}
+    check_clips_table(table, store)
+
+
+def test_uploads_that_keep_failing_are_error_rows(s3_server: StorageServer, make_server, tmp_path: Path) -> None:  # noqa: F811
+    """Every clip upload refused: each row is a WRITE_FAILED error naming the clip, the tables are written, and
+    the run exits 1 ("ran, too many errors"), not with a crash. (S3 only: GCS's retry budget is two minutes.)"""
+    with StorageProxy(s3_server.endpoint_url, fail_fraction=1.0, fail_match="/clips/") as proxy:
+        target = Target(s3_server, proxy)
+        server = make_server()
+        manifest = write_local_manifest(tmp_path / "m.parquet", rows(4))
+        expect_exit(target.run(server, manifest), 1)
+    errors = sorted(errors_table(target.output).to_pylist(), key=lambda e: e["clip_id"])
+    assert [(e["clip_id"], e["error_code"]) for e in errors] == [(f"c{i:03d}", "WRITE_FAILED") for i in range(4)]
+    assert all("/ds/clips/c" in e["error_message"] and "SlowDown" in e["error_message"] for e in errors)
+    assert clips_table(target.output).num_rows == 0
+    assert not [name for name in target.objects() if name.startswith("clips/")]
+
+
+def test_killed_run_on_s3_then_rerun(s3_server: StorageServer, make_server, store, tmp_path: Path) -> None:  # noqa: F811
+    """SIGKILL mid-run, and an unfinished multipart upload as a kill mid-upload leaves one: the rerun with
+    --skip_existing fetches only the missing clips, aborts the upload and leaves nothing under _tmp/."""
+    s3 = boto3.session.Session().client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name=S3_REGION,
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+    )
+    with StorageProxy(s3_server.endpoint_url) as proxy:
+        target = Target(s3_server, proxy)
+        bucket, prefix = target.output[len("s3://") :].split("/", 1)
+        server = make_server(faults=Faults(latency_s=0.05))
+        manifest = write_local_manifest(tmp_path / "m.parquet", rows(80))
+        cmd = [
+            sys.executable, "-m", "pipeline", "run", f"--manifest={manifest}", f"--output={target.output}",
+            f"--api_host={server.address}", "--max_in_flight=4", *target.flags,
+        ]  # fmt: skip
+        with open(tmp_path / "killed.log", "w") as log:
+            proc = subprocess.Popen(cmd, env=target.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            try:
+                deadline = time.monotonic() + 120
+                while len([n for n in target.objects() if n.startswith("clips/")]) < 5:
+                    assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+                    assert time.monotonic() < deadline, "no clip appeared"
+                    time.sleep(0.05)
+                os.kill(proc.pid, signal.SIGKILL)
+                assert proc.wait(timeout=30) == -signal.SIGKILL
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        survivors = [n for n in target.objects() if n.startswith("clips/")]
+        assert 5 <= len(survivors) < 80 and "_RUN.json" not in target.objects()
+        s3.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/clips/c079.wav")  # a kill mid-upload
+
+        server.settings.faults = Faults()
+        calls = total_calls(server)
+        expect_exit(target.run(server, manifest, "--skip_existing"), 0)
+    assert total_calls(server) - calls == 80 - len(survivors)
+    table = clips_table(target.output).to_pylist()
+    assert len(table) == 80
+    check_clips_table(table, store)
+    assert s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", []) == []
+    assert not [n for n in target.objects() if n.startswith("_tmp/")]
+    assert run_record(target.output)["clips_skipped"] == len(survivors)
