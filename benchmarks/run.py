@@ -89,8 +89,10 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_child(name: str, cmd: list[str], server: Server | None, env: dict[str, str] | None = None) -> Child:
-    """Run `cmd` from the repository root through the measure.py trampoline (see there why);
+def run_child(
+    name: str, cmd: list[str], server: Server | None, env: dict[str, str] | None = None, cwd: str = ROOT
+) -> Child:
+    """Run `cmd` from `cwd` (the repository root) through the measure.py trampoline (see there why);
     stdout and stderr go to logs/{name}.out / .err."""
     measured = os.path.join(LOGS, f"{name}.measure.json")
     with contextlib.suppress(FileNotFoundError):
@@ -99,7 +101,7 @@ def run_child(name: str, cmd: list[str], server: Server | None, env: dict[str, s
     with open(os.path.join(LOGS, f"{name}.out"), "wb") as out, open(os.path.join(LOGS, f"{name}.err"), "wb") as err:
         started = time.monotonic()
         trampoline = [PY, os.path.join(ROOT, "benchmarks", "measure.py"), measured, "--", *cmd]
-        subprocess.run(trampoline, stdout=out, stderr=err, cwd=ROOT, env={**os.environ, **(env or {})})
+        subprocess.run(trampoline, stdout=out, stderr=err, cwd=cwd, env={**os.environ, **(env or {})})
         wall = time.monotonic() - started
     try:
         with open(measured, encoding="utf-8") as f:

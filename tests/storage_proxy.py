@@ -215,6 +215,7 @@ class StorageProxy:
         names its object) contains this text; "" for all."""
         self._counts: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
+        self._upstream_errors: Counter[str] = Counter()
         self._bytes_read = 0
         self._bytes_written = 0
         self._accepted = 0
@@ -328,6 +329,11 @@ class StorageProxy:
         with self._lock:
             return dict(self._faults)
 
+    def upstream_errors(self) -> dict[str, int]:
+        """Error answers of the server itself (not injected faults), as {"PUT 503": n}."""
+        with self._lock:
+            return dict(self._upstream_errors)
+
     def bytes_read(self) -> int:
         """Body bytes of 2xx responses to GET-kind requests: the object bytes clients read."""
         with self._lock:
@@ -354,6 +360,7 @@ class StorageProxy:
         with self._lock:
             self._counts.clear()
             self._faults.clear()
+            self._upstream_errors.clear()
             self._bytes_read = self._bytes_written = self._accepted = 0
             self._log.clear()
 
@@ -381,6 +388,8 @@ class StorageProxy:
 
     def _forwarded(self, kind: str, request_bytes: int, status: int, response_bytes: int) -> None:
         with self._lock:
+            if status >= 400:
+                self._upstream_errors[f"{kind} {status}"] += 1
             if kind in UPLOAD_KINDS:
                 self._bytes_written += request_bytes
             if kind == "GET" and 200 <= status < 300:
@@ -478,6 +487,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         try:
             response, data = self._exchange(headers, body if has_body else None)
         except (OSError, http.client.HTTPException) as e:
+            self.proxy._forwarded(kind, len(body), 502, 0)
             self._send(502, [("Content-Type", "text/plain")], f"storage proxy: upstream failed: {e!r}".encode())
             return
         self.proxy._forwarded(kind, len(body), response.status, len(data))
