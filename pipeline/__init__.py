@@ -1,3 +1,3 @@
 """Soniox clip pipeline: builds speech datasets from the Soniox Storage API's GetAudio call."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

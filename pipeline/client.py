@@ -236,6 +236,8 @@ class GetAudioClient:
         self.rpc_timeout_s = rpc_timeout_s
         self.timeout_per_audio_s = timeout_per_audio_s
         self.throttler = AdaptiveThrottler()
+        self._waited_s = 0.0  # held back or backing off, not yet taken by take_waited_seconds
+        self._waited_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"GetAudioClient(target={self.target!r}, tls={self.tls})"
@@ -292,8 +294,22 @@ class GetAudioClient:
         held = 0
         while self.throttler.should_hold():
             held += 1
-            time.sleep(self.retry.backoff(attempt))
+            self._wait(self.retry.backoff(attempt))
         return held
+
+    def _wait(self, seconds: float) -> None:
+        with self._waited_lock:
+            self._waited_s += seconds
+        time.sleep(seconds)
+
+    def take_waited_seconds(self) -> int:
+        """Whole seconds that calls spent held back or backing off since the last take, across threads.
+
+        For a runner's throttling signal: each second is taken once, whoever takes it."""
+        with self._waited_lock:
+            whole = int(self._waited_s)
+            self._waited_s -= whole
+            return whole
 
     def _after_failure(
         self,
@@ -316,7 +332,7 @@ class GetAudioClient:
             raise GetAudioError(code.name, details, attempt, seen)
         delay = self.retry.backoff(failures)
         log.debug("GetAudio %s: %s on attempt %d, retrying in %.2fs", object_id, code.name, attempt, delay)
-        time.sleep(delay)
+        self._wait(delay)
 
     # -- GetObject --------------------------------------------------------------------------------------
     def get_object(self, object_id: str) -> ObjectInfo:

@@ -17,6 +17,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import apache_beam as beam
+from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
@@ -129,6 +130,9 @@ class _Fetch(beam.DoFn):
         self.audio_ms = Metrics.counter(NAMESPACE, "audio_ms")
         self.latency = Metrics.distribution(NAMESPACE, "call_latency_ms")
         self.duration = Metrics.distribution(NAMESPACE, "clip_duration_ms")
+        # Seconds that calls were held back or backed off: a runner that autoscales (Dataflow) reads this
+        # counter and does not add workers while the API pushes back.
+        self.throttling = ThrottlingSignaler(NAMESPACE)
 
     def setup(self) -> None:
         self.client, self.pool = _client_and_pool(self.settings)
@@ -139,6 +143,9 @@ class _Fetch(beam.DoFn):
         """Count one result, in the DoFn's own thread: Beam metrics are kept per thread, so the pool's
         threads cannot update them."""
         self.progress.tick()
+        waited = self.client.take_waited_seconds()
+        if waited:
+            self.throttling.signal_throttled(waited)
         self.retries.inc(max(0, out.attempts - 1))
         self.throttled.inc(stats.throttled)
         for code in stats.failures:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -16,11 +17,19 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
+    TestOptions,
+    WorkerOptions,
+)
 
 from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.card import write_card
+from pipeline.client import DEFAULT_API_HOST
 from pipeline.elements import ClipError
 from pipeline.fetch import (
     FAILED_ATTEMPTS,
@@ -47,9 +56,13 @@ def _count_error(error: ClipError) -> ClipError:
 
 
 def fetch_settings(opts: ClipOptions, manifest: mf.Manifest, store: StoreSettings) -> FetchSettings:
-    """The fetch step's settings: the options of the same names, the manifest's row count, the store."""
+    """The fetch step's settings: the options of the same names, the manifest's row count, the store.
+
+    SONIOX_API_HOST is resolved here, at launch, so the workers call the host the launcher checked the key
+    against, whatever their own environment holds."""
     names = [f.name for f in dataclasses.fields(FetchSettings) if f.name not in ("total_rows", "store")]
-    return FetchSettings(**{name: getattr(opts, name) for name in names}, total_rows=manifest.num_rows, store=store)
+    settings = FetchSettings(**{name: getattr(opts, name) for name in names}, total_rows=manifest.num_rows, store=store)
+    return dataclasses.replace(settings, api_host=opts.api_host or os.environ.get("SONIOX_API_HOST"))
 
 
 def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, table_shards: int = 1) -> None:
@@ -116,6 +129,7 @@ class Summary:
     audio_ms: int = 0
     retries: int = 0
     throttled: int = 0
+    throttled_seconds: int = 0
     failed_attempts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -144,6 +158,7 @@ class Summary:
             "audio_seconds": self.audio_ms / 1000,
             "retries": self.retries,
             "throttled": self.throttled,
+            "throttled_seconds": self.throttled_seconds,
             "failed_attempts_by_code": dict(sorted(self.failed_attempts.items())),
             "wall_seconds": round(self.seconds, 3),
         }
@@ -159,6 +174,8 @@ class Summary:
                 s.failed_attempts[name] = s.failed_attempts.get(name, 0) + value
             elif ns == NAMESPACE and name in ("written", "skipped", "bytes", "audio_ms", "retries", "throttled"):
                 setattr(s, name, getattr(s, name) + value)
+            elif ns == NAMESPACE and name == "cumulativeThrottlingSeconds":
+                s.throttled_seconds += value
         return s
 
     def lines(self, output: str) -> Iterator[str]:
@@ -169,7 +186,10 @@ class Summary:
             yield f"  {code:<22}{n:>8,}"
         yield f"audio           {self.audio_ms / 3_600_000:>10.3f} h written"
         yield f"bytes           {self.bytes:>10,}"
-        yield f"retries         {self.retries:>10,}   ({self.throttled:,} calls held back by throttling)"
+        yield (
+            f"retries         {self.retries:>10,}   ({self.throttled:,} calls held back by throttling; "
+            f"{self.throttled_seconds:,} s held or backing off)"
+        )
         if self.failed_attempts:
             by_code = ", ".join(f"{c} {n:,}" for c, n in sorted(self.failed_attempts.items(), key=lambda kv: -kv[1]))
             yield f"failed attempts {sum(self.failed_attempts.values()):>10,}   ({by_code})"
@@ -180,8 +200,49 @@ class Summary:
         yield f"dataset card    {output.rstrip('/')}/README.md"
 
 
-class KeyRejected(RuntimeError):
+class LaunchError(RuntimeError):
+    """The run cannot start as asked: it stops before anything is fetched or written (exit 2)."""
+
+
+class KeyRejected(LaunchError):
     """The service refused the API key: every call would fail, so the run stops before it starts."""
+
+
+# Runners whose workers run on this machine, in this process or its children, and so see its environment.
+LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner")
+
+
+def workers_share_environment(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    if name.rsplit(".", 1)[-1] in LOCAL_RUNNERS:
+        return True
+    return (options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK"
+
+
+def check_workers_get_the_key(opts: ClipOptions, options: PipelineOptions) -> None:
+    """On Dataflow (or a portable runner's containers) SONIOX_API_KEY set here never reaches the workers,
+    which would fail every row UNAUTHENTICATED after a key check here had passed: refuse at launch."""
+    if not opts.api_key_file and not workers_share_environment(options):
+        raise LaunchError(
+            "this runner's workers do not see this machine's environment, so SONIOX_API_KEY would not reach "
+            "them: put the key in a file they can read (e.g. a locked-down gs:// object) and pass --api_key_file"
+        )
+
+
+def stream_bound(options: PipelineOptions, max_in_flight: int) -> str:
+    """The most GetAudio streams the job can open at once, as a sentence for the launch log."""
+    workers = options.view_as(WorkerOptions)
+    if workers_share_environment(options):
+        processes = options.view_as(DirectOptions).direct_num_workers or 1
+        return f"{processes} process(es) x --max_in_flight {max_in_flight} = {processes * max_in_flight} streams"
+    machines = workers.max_num_workers or workers.num_workers or 1
+    vcpus = int(re.search(r"-(\d+)", workers.machine_type or "n1-standard-1").group(1))  # a process per vCPU
+    most = machines * vcpus * max_in_flight
+    return (
+        f"{machines} worker(s) x {vcpus} process(es) ({workers.machine_type or 'default machine type'}) x "
+        f"--max_in_flight {max_in_flight} = {most} streams at most (bound it with --max_num_workers)"
+    )
 
 
 def preflight(settings: FetchSettings, manifest: mf.Manifest) -> None:
@@ -254,7 +315,7 @@ def finish(store: Store, options: PipelineOptions, manifest: mf.Manifest, summar
 def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     """Run the pipeline over argv (Beam flags included): the summary (None for a dry run) and the options.
 
-    Raises ManifestError or KeyRejected before any clip is fetched.
+    Raises ManifestError or LaunchError before any clip is fetched.
     """
     options = PipelineOptions(expand_config(argv))
     if not options.view_as(StandardOptions).runner:
@@ -267,12 +328,15 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
         raise SystemExit("error: --skip_existing works on clip files, not with --shards (shards are rebuilt)")
     if opts.shards < 0 or opts.table_shards < 0:
         raise SystemExit("error: --shards and --table_shards take a number of shards (0: the default)")
+    check_workers_get_the_key(opts, options)
     FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's reads of the manifest
     manifest = mf.inspect_manifest(opts.manifest)
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
     store_settings = StoreSettings.from_options(options)
     store = open_store(opts.output, store_settings)
     settings = fetch_settings(opts, manifest, store_settings)
+    host = settings.api_host or DEFAULT_API_HOST
+    log.info("GetAudio at %s; concurrency: %s", host, stream_bound(options, opts.max_in_flight))
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:
         preflight(settings, manifest)
@@ -307,7 +371,7 @@ def main(argv: list[str]) -> None:
         return
     try:
         summary, opts = run(argv)
-    except (mf.ManifestError, KeyRejected) as e:
+    except (mf.ManifestError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if summary is None:

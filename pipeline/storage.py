@@ -114,9 +114,9 @@ def open_store(output: str, settings: StoreSettings = StoreSettings()) -> Store:
         return LocalStore(output.removeprefix("file://"))
     scheme = output.split("://", 1)[0]
     if scheme == "s3":
-        return S3Store(_client("s3", settings))
+        return S3Store(settings)
     if scheme == "gs":
-        return GcsStore(_client("gs", settings))
+        return GcsStore(settings)
     raise ValueError(f"output {output}: unsupported scheme {scheme}:// (use a local path, gs:// or s3://)")
 
 
@@ -126,10 +126,14 @@ _clients_lock = threading.Lock()
 
 def _client(scheme: str, settings: StoreSettings):
     """The per-process client cache (see the module's docstring)."""
-    with _clients_lock:
-        if (scheme, settings) not in _clients:
-            _clients[scheme, settings] = _s3_client(settings) if scheme == "s3" else _gcs_client(settings)
-        return _clients[scheme, settings]
+    key = (scheme, settings)
+    client = _clients.get(key)  # the common case takes no lock
+    if client is None:
+        with _clients_lock:
+            if key not in _clients:
+                _clients[key] = _s3_client(settings) if scheme == "s3" else _gcs_client(settings)
+            client = _clients[key]
+    return client
 
 
 class LocalStore:
@@ -231,13 +235,27 @@ def _s3_client(s: StoreSettings):
     )
 
 
-class S3Store:
-    """One PutObject per object (a multipart upload only past S3_SINGLE_PUT_LIMIT), metadata as x-amz-meta-*."""
+class _BucketStore:
+    """A bucket store's client, built on first use (a dry run, or a launcher that only names the output,
+    needs no credentials)."""
 
     local = False
+    scheme = ""
 
-    def __init__(self, client):
-        self.client = client
+    def __init__(self, settings: StoreSettings):
+        self.settings = settings
+
+    @property
+    def client(self):
+        return _client(self.scheme, self.settings)
+
+    scratch_file = staticmethod(_scratch_file)
+
+
+class S3Store(_BucketStore):
+    """One PutObject per object (a multipart upload only past S3_SINGLE_PUT_LIMIT), metadata as x-amz-meta-*."""
+
+    scheme = "s3"
 
     def put(self, path, data=None, *, file=None, content_type="", metadata=None) -> None:
         bucket, key = split_bucket(path)
@@ -300,8 +318,6 @@ class S3Store:
                 aborted += 1
         return aborted
 
-    scratch_file = staticmethod(_scratch_file)
-
 
 # GCS, through google-cloud-storage (what Beam's [gcp] extra installs).
 
@@ -317,14 +333,11 @@ def _gcs_client(s: StoreSettings):
     return client
 
 
-class GcsStore:
+class GcsStore(_BucketStore):
     """One single-request upload per object (a resumable upload past the library's 8 MiB), metadata as
     custom metadata. Uploads are retried: an object written whole at a name is idempotent."""
 
-    local = False
-
-    def __init__(self, client):
-        self.client = client
+    scheme = "gs"
 
     def _blob(self, path: str):
         bucket, name = split_bucket(path)
@@ -368,8 +381,6 @@ class GcsStore:
 
     def abort_uploads(self, prefix: str) -> int:
         return 0  # an unfinished resumable upload is never visible and expires by itself
-
-    scratch_file = staticmethod(_scratch_file)
 
 
 def _remove(file: str | None) -> None:

@@ -120,11 +120,31 @@ def write_fake_gcp_credentials(directory: str) -> str:
 
 
 def start_gcs_server(bucket: str = "test-bucket") -> StorageServer:
-    """Start gcp-storage-emulator in memory, in a thread on a free loopback port, with `bucket`."""
-    from gcp_storage_emulator.server import create_server
+    """Start gcp-storage-emulator in memory, in a thread on a free loopback port, with `bucket`.
+
+    The emulator serves one request at a time and closes each connection, from a socket with
+    `http.server`'s listen backlog of 5: under 64 concurrent uploads most connections would be refused
+    (a real bucket refuses none) and the clients would spend their time in retry backoff. Its server
+    thread is started here with a backlog of 256 instead, so connections wait their turn.
+    """
+    from functools import partial
+    from http.server import HTTPServer
+
+    from gcp_storage_emulator.server import RequestHandler, create_server
+
+    class Backlogged(HTTPServer):
+        request_queue_size = 256
 
     port = free_port()
     server = create_server(LOOPBACK, port, in_memory=True, default_bucket=bucket)
+    api = server._api
+
+    def serve() -> None:  # APIThread.run, with the larger backlog
+        api._httpd = Backlogged((api._host, api._port), partial(RequestHandler, api._storage))
+        api.is_running.set()
+        api._httpd.serve_forever()
+
+    api.run = serve
     server.start()
     endpoint = f"http://{LOOPBACK}:{port}"
     tmp = tempfile.mkdtemp(prefix="fake-gcp-adc-")

@@ -152,6 +152,22 @@ def test_every_clip_completes_under_the_fault_mix(make_server, store, tmp_path):
     assert sum(server.calls.values()) == sum(c["attempts"] for c in clips.values())
 
 
+def test_time_held_back_reaches_beams_throttling_counter(make_server, tmp_path):
+    """Under RESOURCE_EXHAUSTED the seconds that calls spend held back or backing off go to Beam's
+    `cumulativeThrottlingSeconds` counter (what Dataflow's autoscaler reads); without pushback it stays 0."""
+    write_manifest(tmp_path / "m.parquet", 40)
+    seconds = {}
+    for fraction in (0.0, 0.6):
+        server = make_server(Faults(throttle_fraction=fraction, seed=3))
+        out = tmp_path / f"out-{fraction}"
+        done = run_cli(tmp_path / "m.parquet", out, server.address, "--max_attempts=20", "--max_error_ratio=1")
+        assert done.returncode == 0, done.stderr
+        record = json.loads((out / "_RUN.json").read_text())
+        assert record["clips"] == 40, record
+        seconds[fraction] = record["throttled_seconds"]
+    assert seconds[0.0] == 0 and seconds[0.6] >= 1, seconds
+
+
 @pytest.mark.parametrize("code", ["NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED"])
 def test_permanent_errors_are_tried_exactly_once(make_server, tmp_path, code):
     server = make_server(Faults(fail_fraction=1.0, fail_code=grpc.StatusCode[code]))

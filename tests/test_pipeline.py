@@ -538,16 +538,21 @@ def test_demo(tmp_path):
 DATAFLOW_FLAGS = [
     "--runner=DataflowRunner",
     "--dry_run=True",
+    "--api_key_file=gs://bucket/soniox-key",  # SONIOX_API_KEY would not reach Dataflow's workers
     "--project=test-project",
     "--region=us-central1",
     "--temp_location=gs://bucket/tmp",
+    "--max_num_workers=2",
+    "--machine_type=n2-standard-4",
     "--output=gs://bucket/out",
 ]
 
 DRY_RUN = """
-import json, sys
+import json, logging, sys
 import apache_beam as beam
 from pipeline.run import main
+
+logging.basicConfig(level=logging.INFO)
 
 results = []
 run = beam.Pipeline.run
@@ -599,3 +604,54 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, tmp_path):
     assert KEY.encode() not in bytes.fromhex(job["job"])  # the key is not in the serialized job
     assert not server.calls  # nothing fetched
     assert sorted(os.listdir(tmp_path)) == ["m.parquet"]  # nothing written locally
+    assert "2 worker(s) x 4 process(es) (n2-standard-4) x --max_in_flight 64 = 512 streams" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "runner", [["--runner=DataflowRunner"], ["--runner=PortableRunner", "--environment_type=DOCKER"]]
+)
+def test_a_key_only_in_the_launchers_environment_is_refused(runner, make_server, tmp_path):
+    """SONIOX_API_KEY set where the job is launched never reaches Dataflow's (or a container's) workers:
+    the launch stops with exit 2 and points at --api_key_file, before anything is called or written."""
+    server = keyed_server(make_server)
+    manifest = write_manifest(
+        tmp_path / "m.parquet", FULL_SCHEMA, [manifest_row(FULL_SCHEMA, "a", "demo-mono", "a", time=(0, 1000))]
+    )
+    flags = [f for f in DATAFLOW_FLAGS if not f.startswith(("--runner", "--api_key_file"))]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            f"--manifest={manifest}",
+            f"--api_host={server.address}",
+            *runner,
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=child_env(),
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--api_key_file" in proc.stderr and "Traceback" not in proc.stderr
+    assert not server.calls and KEY not in proc.stdout + proc.stderr
+
+
+def test_the_api_host_is_resolved_at_launch(monkeypatch):
+    """SONIOX_API_HOST set where the job is launched goes to the workers inside the job's settings."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.manifest import Manifest
+    from pipeline.options import ClipOptions
+    from pipeline.run import fetch_settings
+    from pipeline.storage import StoreSettings
+
+    monkeypatch.setenv("SONIOX_API_HOST", "http://10.0.0.7:5000")
+    opts = PipelineOptions(["--manifest=m", "--output=o"]).view_as(ClipOptions)
+    settings = fetch_settings(opts, Manifest(("m",), None, 1), StoreSettings())
+    assert settings.api_host == "http://10.0.0.7:5000"
+    opts = PipelineOptions(["--manifest=m", "--output=o", "--api_host=http://127.0.0.1:1"]).view_as(ClipOptions)
+    assert fetch_settings(opts, Manifest(("m",), None, 1), StoreSettings()).api_host == "http://127.0.0.1:1"
