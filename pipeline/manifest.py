@@ -37,10 +37,20 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
+class Piece:
+    """One row group of a manifest file: the unit that workers read in parallel."""
+
+    path: str
+    row_group: int
+    first_row: int  # the file's row number of the group's first row, for "file row N" in messages
+
+
+@dataclass(frozen=True)
 class Manifest:
     files: tuple[str, ...]
     schema: pa.Schema
     num_rows: int
+    pieces: tuple[Piece, ...] = ()
 
 
 def inspect_manifest(pattern: str) -> Manifest:
@@ -52,12 +62,16 @@ def inspect_manifest(pattern: str) -> Manifest:
     files = sorted(m.path for m in matched)
     if not files:
         raise ManifestError(f"manifest {pattern}: no file matches")
-    schema, num_rows = None, 0
+    schema, num_rows, pieces = None, 0, []
     for path in files:
         try:
             with FileSystems.open(path, compression_type="uncompressed") as f:
                 meta = pq.ParquetFile(f)
                 file_schema, rows = meta.schema_arrow, meta.metadata.num_rows
+                first = 0
+                for group in range(meta.metadata.num_row_groups):
+                    pieces.append(Piece(path, group, first))
+                    first += meta.metadata.row_group(group).num_rows
         except Exception as e:
             raise ManifestError(f"manifest {path}: not a readable Parquet file ({e})") from None
         if set(file_schema.names) >= ERROR_ONLY:  # an errors table, fed back to retry its rows
@@ -70,7 +84,7 @@ def inspect_manifest(pattern: str) -> Manifest:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise ManifestError(f"manifest {path}: its column types disagree with {files[0]} ({e})") from None
         num_rows += rows
-    return Manifest(tuple(files), schema, num_rows)
+    return Manifest(tuple(files), schema, num_rows, tuple(pieces))
 
 
 def first_object_id(manifest: Manifest) -> str | None:
@@ -111,21 +125,37 @@ def _is_string(t: pa.DataType) -> bool:
 
 
 class ReadManifestRows(beam.DoFn):
-    """Reads one manifest file in batches: (where, row) for each row, where = "file row N"."""
+    """Reads one row group of a manifest file: (where, row) for each row, where = "file row N"."""
 
-    def __init__(self, columns: list[str], batch_rows: int = 10_000):
+    def __init__(self, columns: list[str]):
         self.columns = columns  # the manifest's columns (an errors table's own are left out)
-        self.batch_rows = batch_rows
 
-    def process(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        index = 0
-        with FileSystems.open(path, compression_type="uncompressed") as f:
+    def process(self, piece: Piece) -> Iterator[tuple[str, dict[str, Any]]]:
+        with FileSystems.open(piece.path, compression_type="uncompressed") as f:
             parquet = pq.ParquetFile(f)
             columns = [c for c in parquet.schema_arrow.names if c in self.columns]
-            for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=columns):
+            index = piece.first_row
+            for batch in parquet.iter_batches(row_groups=[piece.row_group], columns=columns):
                 for row in batch.to_pylist():
-                    yield f"{path} row {index}", row
+                    yield f"{piece.path} row {index}", row
                     index += 1
+
+
+class ReadManifest(beam.PTransform):
+    """The manifest's rows, its row groups spread over the workers before they are read: a one-file
+    manifest of 10M rows is read by as many workers as it has row groups, not by one thread."""
+
+    def __init__(self, manifest: Manifest):
+        super().__init__()
+        self.manifest = manifest
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "RowGroups" >> beam.Create(self.manifest.pieces)
+            | "Spread" >> beam.Reshuffle()
+            | "ReadRows" >> beam.ParDo(ReadManifestRows(self.manifest.schema.names))
+        )
 
 
 def validate_row(item: tuple[str, dict[str, Any]]) -> el.ClipRequest | el.ClipError:

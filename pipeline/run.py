@@ -67,12 +67,7 @@ def fetch_settings(opts: ClipOptions, manifest: mf.Manifest, store: StoreSetting
 
 def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, table_shards: int = 1) -> None:
     """The graph: read, validate (its GroupByKey on clip_id spreads rows over workers), fetch, write tables."""
-    rows = (
-        p
-        | "ManifestFiles" >> beam.Create(manifest.files)
-        | "ReadRows" >> beam.ParDo(mf.ReadManifestRows(manifest.schema.names))
-        | "ValidateRows" >> mf.ValidateRows()
-    )
+    rows = p | "Manifest" >> mf.ReadManifest(manifest) | "ValidateRows" >> mf.ValidateRows()
     requests, errors = rows["requests"], [rows["errors"]]
     if settings.with_transcripts:
         requests, no_transcript = _attach_transcripts(requests, settings)

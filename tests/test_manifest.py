@@ -17,7 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import elements as el
 from pipeline.ids import clip_id_problem
-from pipeline.manifest import ManifestError, ValidateRows, inspect_manifest, validate_row
+from pipeline.manifest import ManifestError, Piece, ReadManifest, ValidateRows, inspect_manifest, validate_row
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -345,6 +345,20 @@ def test_files_are_unified(tmp_path):
     assert manifest.num_rows == 5
     assert manifest.schema.names == ["object_id", "start_ms", "duration_ms", "speaker", "token_start", "token_end"]
     assert manifest.schema.field("start_ms").type == pa.int32()
+
+
+def test_row_groups_are_read_as_pieces_with_their_file_row_numbers(tmp_path):
+    """A one-file manifest of 50 rows in row groups of 7: 8 pieces read separately (spread over the workers
+    by a Reshuffle), and every row keeps its place in the file for messages."""
+    path = str(tmp_path / "m.parquet")
+    table = pa.table({"object_id": [f"obj-{i}" for i in range(50)], "start_ms": list(range(50))})
+    table = table.append_column("duration_ms", pa.array([100] * 50))
+    pq.write_table(table, path, row_group_size=7)
+    manifest = inspect_manifest(path)
+    assert manifest.pieces == tuple(Piece(path, g, 7 * g) for g in range(8))
+    with BeamPipeline() as p:
+        rows = p | ReadManifest(manifest) | beam.Map(lambda item: (item[0], item[1]["object_id"]))
+        assert_that(rows, equal_to([(f"{path} row {i}", f"obj-{i}") for i in range(50)]))
 
 
 # -- ValidateRows on Beam -------------------------------------------------------------------------

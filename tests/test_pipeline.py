@@ -598,8 +598,11 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, tmp_path):
     assert KEY not in proc.stdout + proc.stderr
     job = json.loads(proc.stdout.strip().splitlines()[-1])
     assert job["state"] == "DONE" and job["job_name"]
-    for name in ("ReadRows", "ValidateRows/GroupByClipId", "Fetch", "WriteClips", "WriteErrors"):
+    for name in ("Manifest/Spread", "Manifest/ReadRows", "ValidateRows/GroupByClipId", "Fetch"):
         assert name in job["transforms"], name
+    # The tables are written by shard (one GroupByKey on N keys), not by Beam's single-key file sink.
+    assert "WriteClips/GroupByShard" in job["transforms"] and "WriteErrors/GroupByShard" in job["transforms"]
+    assert not [t for t in job["transforms"] if "WriteToParquet" in t or "WriteImpl" in t]
     assert job["environments"] == ["beam:env:docker:v1"]
     assert KEY.encode() not in bytes.fromhex(job["job"])  # the key is not in the serialized job
     assert not server.calls  # nothing fetched
