@@ -156,9 +156,6 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(LOGS)
     work = tempfile.mkdtemp(prefix="soniox-storage-bench-")
     servers = {"s3": start_s3_server, "gs": start_gcs_server}
-    started = {name: servers[name]() for name in a.outputs.split(",") if name in servers}
-    if "gs" in started:  # for this process's own reads of the run records (google-cloud-storage reads it)
-        os.environ.update(started["gs"].env)
     data.write_store(os.path.join(work, "store"), 20, 60, 0)
     manifest = data.write_manifest(os.path.join(work, "m.parquet"), data.clip_rows(a.rows, 20, 60))
     api = Server(os.path.join(work, "store"), 0)
@@ -166,18 +163,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         api.warm_up(data.mono_ids(20))
         for name in a.outputs.split(","):
-            for i in range(a.repeat):  # each repeat writes a fresh output, then reruns over it
-                out = Output(name, work, started.get(name))
+            for i in range(a.repeat):  # each repeat: a fresh server (the emulators slow down as they fill)
+                bucket = servers[name]() if name in servers else None
+                if name == "gs":  # for this process's own reads of the run records
+                    os.environ.update(bucket.env)
+                out = Output(name, work, bucket)
                 try:
                     for run, flags in (("first", []), ("rerun", ["--skip_existing"])):
                         result = run_pipeline(f"{name}-{run}-{i}", manifest, out, api, a.repo, *flags)
                         runs.setdefault(f"{name}-{run}", []).append(result)
                 finally:
                     out.stop()
+                    if bucket is not None:
+                        bucket.stop()
     finally:
         api.stop()
-        for server in started.values():
-            server.stop()
         shutil.rmtree(work, ignore_errors=True)
     results = {key: median(values) for key, values in runs.items()}
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
