@@ -29,8 +29,9 @@ proto: $(VENV)/.test  ## regenerate pipeline/wire/ from schemas/speech_service.p
 	$(BIN)/python -m grpc_tools.protoc --proto_path=pipeline/wire=schemas \
 		--python_out=. --pyi_out=. --grpc_python_out=. schemas/speech_service.proto
 
-bench: $(VENV)/.test  ## the performance benchmark (prints a table, writes JSON)
+bench: $(VENV)/.test  ## the performance benchmarks (print tables, write JSON): throughput, then object storage
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.storage
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
