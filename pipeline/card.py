@@ -1,9 +1,8 @@
-"""The dataset card: `{output}/README.md` and `{output}/duration_histogram.png`, written after a run.
+"""The dataset card: `{output}/README.md` and `{output}/duration_histogram.png`, the job's last step but one.
 
-The numbers come from the clips and errors tables, not from the run's metrics, so they describe the
-whole dataset on disk, clips that `--skip_existing` kept included. Both files go through a temporary
-name and a rename (like the run record), so a reader never sees half a card, on a local disk or an
-object store alike.
+The numbers are counted in the job from the rows the tables get (not from the run's metrics), so they
+describe the whole dataset, clips that `--skip_existing` kept included. Each file is published in one
+write, so a reader never sees half a card, on a local disk or an object store alike.
 """
 
 from __future__ import annotations
@@ -13,9 +12,6 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.storage import Store, is_local
@@ -27,71 +23,55 @@ BINS = 20
 SIZE = (640, 360)  # the PNG, in pixels
 MARGINS = (64, 40, 20, 48)  # left, top, right, bottom: room for the title and tick labels
 BACKGROUND, INK, BAR = (255, 255, 255), (40, 40, 40), (70, 130, 180)
-CLIP_COLUMNS = ["clip_duration_ms", "num_channels", "num_bytes", "object_id"]
 
 
 @dataclass(frozen=True)
 class ClipStats:
-    """What the card says about the clips table."""
+    """What the card says about the clips, counted in the job (no table is read back)."""
 
     clips: int
     objects: int
     num_bytes: int
     channels: dict[int, int]  # channel count -> clips
-    durations_s: np.ndarray
+    durations_ms: dict[int, int]  # clip duration -> clips: as many entries as distinct durations, not clips
+
+    @property
+    def seconds(self) -> float:
+        return sum(ms * n for ms, n in self.durations_ms.items()) / 1000
 
     @property
     def hours(self) -> float:
-        return float(self.durations_s.sum()) / 3600
+        return self.seconds / 3600
+
+    def duration_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(durations in seconds, sorted; clips of each)."""
+        pairs = sorted(self.durations_ms.items())
+        return np.array([ms / 1000 for ms, _ in pairs], np.float64), np.array([n for _, n in pairs], np.int64)
 
 
 def write_card(
     store: Store,
     output: str,
     summary: dict,
-    clips_table: list[str],
-    errors_table: list[str],
+    stats: ClipStats,
+    errors: dict[str, int],
     clip_format: str = "wav",
     sharded: bool = False,
 ) -> str:
     """Write the card and its histogram under `output`; return the card's path.
 
-    `summary` is `Summary.as_dict()` (for rows in, and written vs already there). The histogram PNG is
-    always written, an empty-state image ("no clips") when there are none, so a previous run's
-    histogram never outlives its data; the card embeds it only when there are clips.
+    `summary` is the run record's numbers (for rows in, and written vs already there); `errors` the rows
+    per error code, most common first. The histogram PNG is always written, an empty-state image ("no
+    clips") when there are none, so a previous run's histogram never outlives its data; the card embeds
+    it only when there are clips.
     """
-    stats = read_clip_stats(store, clips_table)
-    errors = read_error_counts(store, errors_table)
     root = output.rstrip("/")
-    store.put(f"{root}/{HISTOGRAM_NAME}", histogram_png(stats.durations_s), content_type="image/png")
+    store.put(f"{root}/{HISTOGRAM_NAME}", histogram_png(stats), content_type="image/png")
     clips_glob, errors_glob = table_prefix(output, "clips") + "*.parquet", table_prefix(output, "errors") + "*.parquet"
     text = card_text(output, summary, stats, errors, clips_glob, errors_glob, Layout(clip_format, sharded))
     path = f"{root}/{CARD_NAME}"
     store.put(path, text.encode(), content_type="text/markdown")
     return path
-
-
-def _read_table(store: Store, paths: list[str], columns: list[str]) -> pa.Table:
-    return pa.concat_tables(pq.read_table(io.BytesIO(store.read(p)), columns=columns) for p in paths)
-
-
-def read_clip_stats(store: Store, clips_table: list[str]) -> ClipStats:
-    """Only the columns the card needs: the table also holds every manifest column."""
-    table = _read_table(store, clips_table, CLIP_COLUMNS)
-    channels = pc.value_counts(table.column("num_channels")).to_pylist()
-    return ClipStats(
-        clips=table.num_rows,
-        objects=pc.count_distinct(table.column("object_id")).as_py(),
-        num_bytes=pc.sum(table.column("num_bytes")).as_py() or 0,
-        channels=dict(sorted((c["values"], c["counts"]) for c in channels)),
-        durations_s=table.column("clip_duration_ms").to_numpy(zero_copy_only=False).astype(np.float64) / 1000,
-    )
-
-
-def read_error_counts(store: Store, errors_table: list[str]) -> dict[str, int]:
-    """Rows per error code, the most common first."""
-    counts = pc.value_counts(_read_table(store, errors_table, ["error_code"]).column("error_code")).to_pylist()
-    return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda kv: (-kv[1], kv[0])))
 
 
 # The card's text.
@@ -145,7 +125,7 @@ def _contents(summary: dict, stats: ClipStats, errors: dict[str, int]) -> str:
         f"- Clips: {stats.clips:,} ({written:,} written by the last run, {skipped:,} already there)",
         f"- Errors: {sum(errors.values()):,}",
         f"- Distinct objects: {stats.objects:,}",
-        f"- Audio: {stats.hours:,.3f} h ({stats.durations_s.sum():,.3f} s)",
+        f"- Audio: {stats.hours:,.3f} h ({stats.seconds:,.3f} s)",
         f"- Size of the clips: {_size(stats.num_bytes)} ({stats.num_bytes:,} bytes)",
         f"- Channels: {_channels(stats.channels)}",
     ]
@@ -169,8 +149,10 @@ def _channels(channels: dict[int, int]) -> str:
 def _durations(stats: ClipStats) -> str:
     if not stats.clips:
         return "## Clip durations\n\nThere are no clips."
-    d = stats.durations_s
-    values = [d.min(), np.median(d), d.mean(), d.max()]
+    seconds, counts = stats.duration_values()
+    middle = np.searchsorted(np.cumsum(counts), [(stats.clips - 1) // 2 + 1, stats.clips // 2 + 1])
+    median = seconds[middle].mean()  # of the one or two middle clips, as np.median of every clip
+    values = [seconds[0], median, stats.seconds / stats.clips, seconds[-1]]
     return "\n".join(
         [
             "## Clip durations",
@@ -280,7 +262,7 @@ def _seconds(v: float) -> str:
     return f"{round(float(v), 3):g} s"
 
 
-def histogram_png(durations_s: np.ndarray) -> bytes:
+def histogram_png(stats: ClipStats) -> bytes:
     """A BINS-bar histogram of the durations as PNG bytes, or an empty-state image for no clips.
 
     np.histogram widens an all-equal set of durations to a one-second range, so one clip or clips of
@@ -288,10 +270,11 @@ def histogram_png(durations_s: np.ndarray) -> bytes:
     """
     image = Image.new("RGB", SIZE, BACKGROUND)
     draw = ImageDraw.Draw(image)
-    n = len(durations_s)
+    n = stats.clips
     _text(draw, (SIZE[0] / 2, 12), f"Clip durations ({n:,} clip{'s' * (n != 1)})", "center")
     if n:
-        _bars(draw, *np.histogram(durations_s, bins=BINS))
+        seconds, counts = stats.duration_values()
+        _bars(draw, *np.histogram(seconds, bins=BINS, weights=counts))
     else:
         _text(draw, (SIZE[0] / 2, SIZE[1] / 2 - 8), "no clips", "center")
     buffer = io.BytesIO()

@@ -8,6 +8,7 @@ audio is sample-identical to an unbroken call.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -92,6 +93,7 @@ class AudioResult:
     seconds: float
     throttled: int = 0  # times a call was held back by client-side throttling
     failures: tuple[str, ...] = ()  # the status of each failed attempt, in order
+    waited_s: float = 0.0  # held back by throttling or backing off after failures
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class GetAudioError(Exception):
         self.message = message
         self.attempts = attempts
         self.failures = failures or (code,)  # the status of each failed attempt, in order
+        self.waited_s = 0.0  # held back by throttling or backing off after failures
 
 
 class _StreamBroken(Exception):
@@ -236,8 +239,7 @@ class GetAudioClient:
         self.rpc_timeout_s = rpc_timeout_s
         self.timeout_per_audio_s = timeout_per_audio_s
         self.throttler = AdaptiveThrottler()
-        self._waited_s = 0.0  # held back or backing off, not yet taken by take_waited_seconds
-        self._waited_lock = threading.Lock()
+        self._call = threading.local()  # the seconds the current thread's call has waited
 
     def __repr__(self) -> str:
         return f"GetAudioClient(target={self.target!r}, tls={self.tls})"
@@ -249,7 +251,17 @@ class GetAudioClient:
     def get_audio(
         self, object_id: str, segment: Segment, sink: AudioSink, audio_format: str = "pcm_s16le"
     ) -> AudioResult:
-        """Stream one clip into `sink`; raises GetAudioError when it cannot be had."""
+        """Stream one clip into `sink`; raises GetAudioError when it cannot be had. Both say how long the
+        call waited (held back or backing off), for a runner's throttling signal."""
+        self._call.waited_s = 0.0
+        try:
+            result = self._get_audio(object_id, segment, sink, audio_format)
+        except GetAudioError as e:
+            e.waited_s = self._call.waited_s
+            raise
+        return dataclasses.replace(result, waited_s=self._call.waited_s)
+
+    def _get_audio(self, object_id: str, segment: Segment, sink: AudioSink, audio_format: str) -> AudioResult:
         started = time.monotonic()
         stream = _Stream(sink, audio_format)
         attempt = failures = held = 0  # failures: consecutive attempts that brought no audio
@@ -298,18 +310,8 @@ class GetAudioClient:
         return held
 
     def _wait(self, seconds: float) -> None:
-        with self._waited_lock:
-            self._waited_s += seconds
+        self._call.waited_s = getattr(self._call, "waited_s", 0.0) + seconds
         time.sleep(seconds)
-
-    def take_waited_seconds(self) -> int:
-        """Whole seconds that calls spent held back or backing off since the last take, across threads.
-
-        For a runner's throttling signal: each second is taken once, whoever takes it."""
-        with self._waited_lock:
-            whole = int(self._waited_s)
-            self._waited_s -= whole
-            return whole
 
     def _after_failure(
         self,

@@ -27,6 +27,17 @@ def segment_tag(segment: Segment) -> str:
 
 
 @dataclass(frozen=True)
+class CallStats:
+    """What fetching one clip took: carried with its record or error so the job's last step can count
+    retries, failed attempts and time held back from the data, on whatever worker it runs."""
+
+    seconds: float = 0.0
+    held: int = 0  # times the call was held back by client-side throttling
+    waited_s: float = 0.0  # held back or backing off
+    failures: tuple[str, ...] = ()  # the status of each failed attempt, in order
+
+
+@dataclass(frozen=True)
 class ClipRequest:
     """A valid manifest row: which audio to fetch and where it came from."""
 
@@ -63,6 +74,7 @@ class ClipRecord:
     transcript_text: str | None = None  # with --with_transcripts
     transcript_tokens: list[dict[str, Any]] | None = None
     member: str | None = None  # with --shards: the clip's name inside the tar at `path`
+    stats: CallStats = field(default_factory=CallStats, compare=False)  # not a table column
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class ClipError:
     error_message: str
     attempts: int
     columns: dict[str, Any] = field(compare=False)
+    stats: CallStats = field(default_factory=CallStats, compare=False)  # not a table column
 
 
-__all__ = ["ClipError", "ClipRecord", "ClipRequest", "Segment", "TimeRange", "TokenRange"]
+__all__ = ["CallStats", "ClipError", "ClipRecord", "ClipRequest", "Segment", "TimeRange", "TokenRange"]

@@ -27,7 +27,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline.audio import SAMPLE_RATE
 from pipeline.client import GetAudioClient, GetAudioError, RetryPolicy
 from pipeline.clips import ClipFile, FinishedClip, WrittenClip, clip_path, existing_clip
-from pipeline.elements import WRITE_FAILED, ClipError, ClipRecord, ClipRequest
+from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
 from pipeline.shards import ShardWriter, shard_path
 from pipeline.storage import StorageError, StoreSettings, open_store
 from pipeline.transcripts import clip_tokens, tokens_for
@@ -138,16 +138,19 @@ class _Fetch(beam.DoFn):
         self.client, self.pool = _client_and_pool(self.settings)
         self.store = open_store(self.settings.output, self.settings.store)
         self.progress = _Progress(self.settings.total_rows)
+        self.waited_s = 0.0  # not yet signalled: the counter takes whole seconds
 
-    def _count(self, out: ClipRecord | ClipError, stats: _CallStats) -> None:
+    def _count(self, out: ClipRecord | ClipError) -> None:
         """Count one result, in the DoFn's own thread: Beam metrics are kept per thread, so the pool's
         threads cannot update them."""
+        stats = out.stats
         self.progress.tick()
-        waited = self.client.take_waited_seconds()
-        if waited:
-            self.throttling.signal_throttled(waited)
+        self.waited_s += stats.waited_s
+        if self.waited_s >= 1:
+            self.throttling.signal_throttled(int(self.waited_s))
+            self.waited_s -= int(self.waited_s)
         self.retries.inc(max(0, out.attempts - 1))
-        self.throttled.inc(stats.throttled)
+        self.throttled.inc(stats.held)
         for code in stats.failures:
             Metrics.counter(FAILED_ATTEMPTS, code).inc()
         if isinstance(out, ClipError):
@@ -174,7 +177,7 @@ class _Fetch(beam.DoFn):
                 log.warning("skip_existing: cannot check %s (%s); fetching it", path, e)
                 existing = None
             if existing is not None:
-                return _Done(_record(request, existing, attempts=0), _CallStats())
+                return _Done(_record(request, existing, attempts=0, stats=CallStats()))
         sink = ClipFile(self.store, path, request.fingerprint, s.clip_format)
         try:
             result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
@@ -186,16 +189,17 @@ class _Fetch(beam.DoFn):
                 written = WrittenClip(path, sink.info, sink.info.num_frames, finished.num_bytes, finished.sha256)
         except GetAudioError as e:
             sink.discard()
-            stats = _CallStats(time.monotonic() - started, 0, e.failures)
-            return _Done(_error(request, e.code, e.message, e.attempts), stats)
+            stats = CallStats(time.monotonic() - started, 0, e.waited_s, e.failures)
+            return _Done(_error(request, e.code, e.message, e.attempts, stats))
         except OSError as e:  # a StorageError among them: the store's own retries are spent
             sink.discard()
-            return _Done(_error(request, WRITE_FAILED, str(e), 1), _CallStats(time.monotonic() - started))
+            stats = CallStats(time.monotonic() - started)
+            return _Done(_error(request, WRITE_FAILED, str(e), 1, stats))
         except BaseException:  # anything else fails the bundle; its scratch file goes first
             sink.discard()
             raise
-        stats = _CallStats(time.monotonic() - started, result.throttled, result.failures)
-        return _Done(_record(request, written, result.attempts), stats, finished)
+        stats = CallStats(time.monotonic() - started, result.throttled, result.waited_s, result.failures)
+        return _Done(_record(request, written, result.attempts, stats), finished)
 
 
 class FetchClips(_Fetch):
@@ -225,7 +229,7 @@ class FetchClips(_Fetch):
             block = False
             self.pending -= 1
             done = future.result()  # an unexpected exception fails the bundle, as it should
-            self._count(done.out, done.stats)
+            self._count(done.out)
             yield done.out
 
 
@@ -252,44 +256,33 @@ class FetchShard(_Fetch):
             writer.publish()
         except OSError as e:  # the shard could not be written: none of its clips was
             writer.discard()
-            results = [_shard_failed(r, e) for r in results]
-        for out, stats in results:
-            self._count(out, stats)
+            results = [_shard_failed(out, e) for out in results]
+        for out in results:
+            self._count(out)
             yield out
 
     @staticmethod
-    def _add(writer: ShardWriter, future: futures.Future) -> tuple[ClipRecord | ClipError, _CallStats]:
+    def _add(writer: ShardWriter, future: futures.Future) -> ClipRecord | ClipError:
         d = future.result()
-        if isinstance(d.out, ClipRecord):
-            return writer.add(d.out, d.finished), d.stats
-        return d.out, d.stats
+        return writer.add(d.out, d.finished) if isinstance(d.out, ClipRecord) else d.out
 
 
-def _shard_failed(result: tuple[ClipRecord | ClipError, _CallStats], e: OSError):
-    out, stats = result
+def _shard_failed(out: ClipRecord | ClipError, e: OSError) -> ClipError:
     if isinstance(out, ClipError):
-        return out, stats
-    error = ClipError(out.clip_id, out.object_id, WRITE_FAILED, f"shard {out.path}: {e}", out.attempts, out.columns)
-    return error, stats
-
-
-@dataclass(frozen=True)
-class _CallStats:
-    seconds: float = 0.0
-    throttled: int = 0
-    failures: tuple[str, ...] = ()
+        return out
+    message = f"shard {out.path}: {e}"
+    return ClipError(out.clip_id, out.object_id, WRITE_FAILED, message, out.attempts, out.columns, out.stats)
 
 
 @dataclass(frozen=True)
 class _Done:
-    """One clip's outcome, handed back from the pool: the row, its numbers, and a shard clip's bytes."""
+    """One clip's outcome, handed back from the pool: the row (with its numbers), and a shard clip's bytes."""
 
     out: ClipRecord | ClipError
-    stats: _CallStats
     finished: FinishedClip | None = None
 
 
-def _record(request: ClipRequest, clip: WrittenClip, attempts: int) -> ClipRecord:
+def _record(request: ClipRequest, clip: WrittenClip, attempts: int, stats: CallStats) -> ClipRecord:
     info = clip.info
     text, tokens = None, None
     if request.tokens is not None:
@@ -310,13 +303,13 @@ def _record(request: ClipRequest, clip: WrittenClip, attempts: int) -> ClipRecor
         columns=request.columns,
         transcript_text=text,
         transcript_tokens=tokens,
+        stats=stats,
     )
 
 
-def _error(request: ClipRequest, code: str, message: str, attempts: int) -> ClipError:
-    return ClipError(
-        request.clip_id, request.object_id, code, f"{request.source}: {message}", attempts, request.columns
-    )
+def _error(request: ClipRequest, code: str, message: str, attempts: int, stats: CallStats | None = None) -> ClipError:
+    where = f"{request.source}: {message}"
+    return ClipError(request.clip_id, request.object_id, code, where, attempts, request.columns, stats or CallStats())
 
 
 class _Progress:

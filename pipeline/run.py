@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (
     DirectOptions,
     PipelineOptions,
@@ -28,23 +28,21 @@ from apache_beam.options.pipeline_options import (
 
 from pipeline import manifest as mf
 from pipeline import tables
-from pipeline.card import write_card
 from pipeline.client import DEFAULT_API_HOST
 from pipeline.elements import ClipError
 from pipeline.fetch import (
-    FAILED_ATTEMPTS,
-    NAMESPACE,
     AttachTranscripts,
     FetchClips,
     FetchSettings,
     FetchShard,
     check_key,
 )
+from pipeline.finish import FinishRun, RunInfo
 from pipeline.options import ClipOptions, expand_config
-from pipeline.record import now, remove_record, safe_options, write_record
+from pipeline.record import now, record_path, remove_record, safe_options
 from pipeline.shards import shard_of
 from pipeline.storage import TMP_DIR, Store, StoreSettings, open_store
-from pipeline.table_files import WriteTable, default_shards, remove_stale, table_prefix
+from pipeline.table_files import WriteTable, default_shards, table_prefix
 
 log = logging.getLogger(__name__)
 ERRORS_NAMESPACE = "errors"
@@ -65,8 +63,11 @@ def fetch_settings(opts: ClipOptions, manifest: mf.Manifest, store: StoreSetting
     return dataclasses.replace(settings, api_host=opts.api_host or os.environ.get("SONIOX_API_HOST"))
 
 
-def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, table_shards: int = 1) -> None:
-    """The graph: read, validate (its GroupByKey on clip_id spreads rows over workers), fetch, write tables."""
+def build(
+    p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info: RunInfo, table_shards: int = 1
+) -> None:
+    """The graph: read, validate (its GroupByKey on clip_id spreads rows over workers), fetch, write the
+    tables, then count the run and write the card and the record."""
     rows = p | "Manifest" >> mf.ReadManifest(manifest) | "ValidateRows" >> mf.ValidateRows()
     requests, errors = rows["requests"], [rows["errors"]]
     if settings.with_transcripts:
@@ -86,18 +87,19 @@ def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, tabl
     errors.append(fetched.errors)
     out, store = settings.output, settings.store
     clips_schema = tables.clips_schema(manifest.schema, settings.with_transcripts, settings.shards > 0)
-    _ = (
+    clip_files = (
         fetched.clips
         | "ClipRows" >> beam.Map(tables.to_row)
         | "WriteClips" >> WriteTable(out, "clips", clips_schema, table_shards, store)
     )
-    _ = (
-        errors
-        | "AllErrors" >> beam.Flatten()
-        | "CountErrors" >> beam.Map(_count_error)
+    all_errors = errors | "AllErrors" >> beam.Flatten() | "CountErrors" >> beam.Map(_count_error)
+    error_files = (
+        all_errors
         | "ErrorRows" >> beam.Map(tables.to_row)
         | "WriteErrors" >> WriteTable(out, "errors", tables.errors_schema(manifest.schema), table_shards, store)
     )
+    outcomes = (fetched.clips, all_errors) | "Outcomes" >> beam.Flatten()
+    _ = (outcomes, fetched.clips, clip_files, error_files) | "Finish" >> FinishRun(info)
 
 
 def _attach_transcripts(requests, settings: FetchSettings):
@@ -114,7 +116,7 @@ def _attach_transcripts(requests, settings: FetchSettings):
 
 @dataclass
 class Summary:
-    """The run in numbers, from Beam's metrics."""
+    """The run in numbers, as the job recorded them."""
 
     rows: int
     written: int = 0
@@ -124,7 +126,7 @@ class Summary:
     audio_ms: int = 0
     retries: int = 0
     throttled: int = 0
-    throttled_seconds: int = 0
+    throttled_seconds: float = 0.0
     failed_attempts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -140,38 +142,22 @@ class Summary:
     def error_ratio(self) -> float:
         return self.error_count / self.rows if self.rows else 0.0
 
-    def as_dict(self) -> dict:
-        return {
-            "rows": self.rows,
-            "clips": self.clips,
-            "clips_written": self.written,
-            "clips_skipped": self.skipped,
-            "errors": self.error_count,
-            "errors_by_code": dict(sorted(self.errors.items())),
-            "error_ratio": round(self.error_ratio, 6),
-            "bytes": self.bytes,
-            "audio_seconds": self.audio_ms / 1000,
-            "retries": self.retries,
-            "throttled": self.throttled,
-            "throttled_seconds": self.throttled_seconds,
-            "failed_attempts_by_code": dict(sorted(self.failed_attempts.items())),
-            "wall_seconds": round(self.seconds, 3),
-        }
-
     @classmethod
-    def from_result(cls, result, rows: int, seconds: float) -> Summary:
-        s = cls(rows=rows, seconds=seconds)
-        for c in result.metrics().query(MetricsFilter())["counters"]:
-            ns, name, value = c.key.metric.namespace, c.key.metric.name, c.committed or 0
-            if ns == ERRORS_NAMESPACE:
-                s.errors[name] = s.errors.get(name, 0) + value
-            elif ns == FAILED_ATTEMPTS:
-                s.failed_attempts[name] = s.failed_attempts.get(name, 0) + value
-            elif ns == NAMESPACE and name in ("written", "skipped", "bytes", "audio_ms", "retries", "throttled"):
-                setattr(s, name, getattr(s, name) + value)
-            elif ns == NAMESPACE and name == "cumulativeThrottlingSeconds":
-                s.throttled_seconds += value
-        return s
+    def from_record(cls, record: dict) -> Summary:
+        """The numbers the job's last step wrote into `_RUN.json`."""
+        return cls(
+            rows=record["rows"],
+            written=record["clips_written"],
+            skipped=record["clips_skipped"],
+            errors=record["errors_by_code"],
+            bytes=record["bytes"],
+            audio_ms=round(record["audio_seconds"] * 1000),
+            retries=record["retries"],
+            throttled=record["throttled"],
+            throttled_seconds=record["throttled_seconds"],
+            failed_attempts=record["failed_attempts_by_code"],
+            seconds=record["wall_seconds"],
+        )
 
     def lines(self, output: str) -> Iterator[str]:
         yield f"rows in         {self.rows:>10,}"
@@ -280,33 +266,6 @@ def _beam_temp_folders(root: str) -> list[str]:
     )
 
 
-def finish(store: Store, options: PipelineOptions, manifest: mf.Manifest, summary: Summary, started_at: str) -> None:
-    """After the job: drop an earlier run's other table files, write the card, then the run record, last."""
-    opts = options.view_as(ClipOptions)
-    output = opts.output
-    shards = opts.table_shards or default_shards(manifest.num_rows)
-    files = {}
-    for name in ("clips", "errors"):
-        files[name] = [f"{table_prefix(output, name)}{i:05d}-of-{shards:05d}.parquet" for i in range(shards)]
-        remove_stale(store, output, name, files[name])
-    write_card(store, output, summary.as_dict(), files["clips"], files["errors"], opts.clip_format, opts.shards > 0)
-    write_record(
-        store,
-        output,
-        {
-            "started_at": started_at,
-            "finished_at": now(),
-            **summary.as_dict(),
-            "manifest": list(manifest.files),
-            "clips_table": files["clips"],
-            "errors_table": files["errors"],
-            "options": safe_options(options),
-        },
-    )
-    if store.local:  # empty now: the record went through it too
-        shutil.rmtree(os.path.join(output, TMP_DIR), ignore_errors=True)
-
-
 def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     """Run the pipeline over argv (Beam flags included): the summary (None for a dry run) and the options.
 
@@ -336,16 +295,23 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     if not dry_run:
         preflight(settings, manifest)
         remove_leftovers(store, opts.output)
-    started_at, started = now(), time.monotonic()
+    info = RunInfo(
+        output=opts.output,
+        store=store_settings,
+        started_at=now(),
+        started_epoch=time.time(),
+        manifest=manifest.files,
+        options=safe_options(options),
+        clip_format=opts.clip_format,
+        sharded=opts.shards > 0,
+    )
     p = beam.Pipeline(options=options)
-    build(p, settings, manifest, opts.table_shards or default_shards(manifest.num_rows))
+    build(p, settings, manifest, info, opts.table_shards or default_shards(manifest.num_rows))
     result = p.run()
     result.wait_until_finish()
     if dry_run:
         return None, opts
-    summary = Summary.from_result(result, manifest.num_rows, time.monotonic() - started)
-    finish(store, options, manifest, summary, started_at)
-    return summary, opts
+    return Summary.from_record(json.loads(store.read(record_path(opts.output)))), opts
 
 
 def print_help() -> None:

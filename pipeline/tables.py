@@ -74,9 +74,12 @@ def errors_schema(manifest_schema: pa.Schema) -> pa.Schema:
     return pa.schema(list(ERROR_FIELDS) + passthrough(manifest_schema))
 
 
+NOT_COLUMNS = ("columns", "stats")  # the manifest row (spread into columns) and the fetch's numbers
+
+
 def to_row(element: ClipRecord | ClipError) -> dict[str, Any]:
     """The table row of a record or error: its fixed fields, then the manifest columns (fields that the
     table's schema does not hold, such as transcripts in a run without them, are left out by the writer)."""
     row = {k: v for k, v in element.columns.items() if k not in SHARED}
-    row.update((f.name, getattr(element, f.name)) for f in dataclasses.fields(element) if f.name != "columns")
+    row.update((f.name, getattr(element, f.name)) for f in dataclasses.fields(element) if f.name not in NOT_COLUMNS)
     return row

@@ -1,0 +1,191 @@
+"""The job's last steps: the run's numbers counted from the data, then the dataset card and the run record.
+
+They run inside the job, after both tables are written, so a detached launch (a Flex Template, a scheduler
+that does not wait, a launcher that dies) still gets the card, `_RUN.json` and a clean output. The numbers
+are combined in parallel (a combiner per worker, merged), so nothing but one small accumulator meets on
+the worker that writes the files; the card needs no table read back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+
+from pipeline.card import ClipStats, write_card
+from pipeline.elements import ClipError, ClipRecord
+from pipeline.record import now, write_record
+from pipeline.storage import TMP_DIR, StoreSettings, open_store
+from pipeline.table_files import remove_stale
+
+
+@dataclass
+class RunStats:
+    """What the run did, from its outcomes (every manifest row gives exactly one)."""
+
+    rows: int = 0
+    written: int = 0
+    skipped: int = 0
+    bytes_written: int = 0
+    audio_ms_written: int = 0
+    clip_bytes: int = 0  # of every clip, written now or already there (the card's size)
+    durations_ms: Counter = field(default_factory=Counter)  # clip duration -> clips
+    channels: Counter = field(default_factory=Counter)  # channel count -> clips
+    errors_by_code: Counter = field(default_factory=Counter)
+    retries: int = 0
+    held: int = 0
+    waited_s: float = 0.0
+    failed_attempts: Counter = field(default_factory=Counter)
+
+    def add(self, out: ClipRecord | ClipError) -> None:
+        self.rows += 1
+        self.retries += max(0, out.attempts - 1)
+        self.held += out.stats.held
+        self.waited_s += out.stats.waited_s
+        self.failed_attempts.update(out.stats.failures)
+        if isinstance(out, ClipError):
+            self.errors_by_code[out.error_code] += 1
+            return
+        self.clip_bytes += out.num_bytes
+        self.durations_ms[out.clip_duration_ms] += 1
+        self.channels[out.num_channels] += 1
+        if out.attempts == 0:
+            self.skipped += 1
+        else:
+            self.written += 1
+            self.bytes_written += out.num_bytes
+            self.audio_ms_written += out.clip_duration_ms
+
+    def merge(self, other: RunStats) -> RunStats:
+        for name, value in vars(other).items():
+            mine = getattr(self, name)
+            if isinstance(mine, Counter):
+                mine.update(value)
+            else:
+                setattr(self, name, mine + value)
+        return self
+
+    def numbers(self, wall_seconds: float) -> dict[str, Any]:
+        """The record's numbers (the launcher's summary prints them)."""
+        clips, errors = self.written + self.skipped, sum(self.errors_by_code.values())
+        return {
+            "rows": self.rows,
+            "clips": clips,
+            "clips_written": self.written,
+            "clips_skipped": self.skipped,
+            "errors": errors,
+            "errors_by_code": dict(sorted(self.errors_by_code.items())),
+            "error_ratio": round(errors / self.rows, 6) if self.rows else 0.0,
+            "bytes": self.bytes_written,
+            "audio_seconds": self.audio_ms_written / 1000,
+            "retries": self.retries,
+            "throttled": self.held,
+            "throttled_seconds": round(self.waited_s, 3),
+            "failed_attempts_by_code": dict(sorted(self.failed_attempts.items())),
+            "wall_seconds": round(wall_seconds, 3),
+        }
+
+
+class CountRun(beam.CombineFn):
+    def create_accumulator(self) -> RunStats:
+        return RunStats()
+
+    def add_input(self, stats: RunStats, out: ClipRecord | ClipError) -> RunStats:
+        stats.add(out)
+        return stats
+
+    def merge_accumulators(self, accumulators: Iterable[RunStats]) -> RunStats:
+        merged = RunStats()
+        for stats in accumulators:
+            merged.merge(stats)
+        return merged
+
+    def extract_output(self, stats: RunStats) -> RunStats:
+        return stats
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the launcher knows and the last step writes: picklable, and holding no secret."""
+
+    output: str
+    store: StoreSettings
+    started_at: str
+    started_epoch: float
+    manifest: tuple[str, ...]
+    options: dict[str, Any]
+    clip_format: str = "wav"
+    sharded: bool = False
+
+
+class WriteRunFiles(beam.DoFn):
+    """The last step, once: an earlier run's other table files removed, the card, the record (last), and the
+    local scratch folder removed."""
+
+    def __init__(self, info: RunInfo):
+        self.info = info
+
+    def process(
+        self, _: Any, stats: RunStats, objects: int, clip_files: list[str], error_files: list[str]
+    ) -> Iterator[dict[str, Any]]:
+        info = self.info
+        store = open_store(info.output, info.store)
+        clip_files, error_files = sorted(clip_files), sorted(error_files)
+        remove_stale(store, info.output, "clips", clip_files)
+        remove_stale(store, info.output, "errors", error_files)
+        numbers = stats.numbers(time.time() - info.started_epoch)
+        clip_stats = ClipStats(
+            stats.written + stats.skipped, objects, stats.clip_bytes, dict(stats.channels), dict(stats.durations_ms)
+        )
+        errors = dict(sorted(stats.errors_by_code.items(), key=lambda kv: (-kv[1], kv[0])))
+        write_card(store, info.output, numbers, clip_stats, errors, info.clip_format, info.sharded)
+        record = {
+            "started_at": info.started_at,
+            "finished_at": now(),
+            **numbers,
+            "manifest": list(info.manifest),
+            "clips_table": clip_files,
+            "errors_table": error_files,
+            "options": info.options,
+        }
+        write_record(store, info.output, record)
+        if store.local:  # empty by now: the record went through it too
+            shutil.rmtree(os.path.join(info.output, TMP_DIR), ignore_errors=True)
+        yield record
+
+
+class FinishRun(beam.PTransform):
+    """(outcomes, clips, clips table files, errors table files) -> the run record, written with the card."""
+
+    def __init__(self, info: RunInfo):
+        super().__init__()
+        self.info = info
+
+    def expand(self, inputs):
+        outcomes, clips, clip_files, error_files = inputs
+        stats = outcomes | "Count" >> beam.CombineGlobally(CountRun())
+        objects = (
+            clips
+            | "ObjectIds" >> beam.Map(lambda r: r.object_id)
+            | "DistinctObjects" >> beam.Distinct()
+            | "CountObjects" >> beam.combiners.Count.Globally()
+        )
+        side = beam.pvalue
+        return (
+            outcomes.pipeline
+            | "Once" >> beam.Create([None])
+            | "WriteCardAndRecord"
+            >> beam.ParDo(
+                WriteRunFiles(self.info),
+                side.AsSingleton(stats),
+                side.AsSingleton(objects),
+                side.AsList(clip_files),
+                side.AsList(error_files),
+            )
+        )

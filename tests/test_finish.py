@@ -1,0 +1,89 @@
+"""The job's last steps: the card and `_RUN.json` are written by the job itself (a launcher that does not
+wait still gets them), the tables' files are exactly this run's, and the numbers add up on every runner here."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import manifest as mf
+from pipeline.finish import RunInfo
+from pipeline.options import ClipOptions
+from pipeline.record import now
+from pipeline.run import build, fetch_settings
+from pipeline.storage import StoreSettings
+from tests.test_builds import CARD, check_clips_table, child_env, expect_exit, local_files, run_cli
+from tests.test_builds import write_local_manifest as write_manifest
+
+
+def rows(n: int) -> list[dict]:
+    return [
+        {"clip_id": f"c{i:03d}", "object_id": "demo-mono", "start_ms": 100 * i % 11_000, "duration_ms": 300}
+        for i in range(n)
+    ] + [{"clip_id": "gone", "object_id": "no-such-object", "start_ms": 0, "duration_ms": 100}]
+
+
+def test_the_job_writes_its_own_card_and_record(server, store, tmp_path: Path) -> None:
+    """The graph alone, run with no launcher code after it (as a detached Dataflow job or a Flex Template
+    launch would be): the card, the record and both tables are there, and the numbers add up."""
+    manifest = mf.inspect_manifest(write_manifest(tmp_path / "m.parquet", rows(12)))
+    out = str(tmp_path / "out")
+    options = PipelineOptions([f"--manifest={manifest.files[0]}", f"--output={out}", f"--api_host={server.address}"])
+    settings = fetch_settings(options.view_as(ClipOptions), manifest, StoreSettings())
+    info = RunInfo(out, StoreSettings(), now(), time.time(), manifest.files, {"note": "test"})
+    p = beam.Pipeline(options=options)
+    build(p, settings, manifest, info, table_shards=2)
+    p.run().wait_until_finish()
+
+    record = json.loads(Path(out, "_RUN.json").read_text())
+    assert (record["rows"], record["clips"], record["errors"]) == (13, 12, 1)
+    assert record["errors_by_code"] == {"NOT_FOUND": 1} and record["options"] == {"note": "test"}
+    clips = pq.read_table(record["clips_table"]).to_pylist()
+    assert len(record["clips_table"]) == 2 and len(clips) == 12
+    check_clips_table(clips, store)
+    assert record["bytes"] == sum(c["num_bytes"] for c in clips)
+    assert record["audio_seconds"] == sum(c["clip_duration_ms"] for c in clips) / 1000
+    card = Path(out, "README.md").read_text()
+    assert "- Clips: 12 (12 written" in card and "| NOT_FOUND | 1 |" in card and "- Distinct objects: 1" in card
+    assert not os.path.exists(os.path.join(out, "_tmp"))
+    newest = max(local_files(out), key=lambda name: os.path.getmtime(os.path.join(out, name)))
+    assert newest == "_RUN.json", "the record must be the last file written"
+
+
+def test_a_rerun_with_other_table_shards_leaves_exactly_its_own(make_server, store, tmp_path: Path) -> None:
+    server = make_server()
+    manifest = write_manifest(tmp_path / "m.parquet", rows(20))
+    out = tmp_path / "out"
+    expect_exit(run_cli(server, manifest, str(out), "--table_shards=3", "--max_error_ratio=1"), 0)
+    assert len(list((out / "metadata").glob("clips-*-of-00003.parquet"))) == 3
+    expect_exit(run_cli(server, manifest, str(out), "--table_shards=2", "--skip_existing", "--max_error_ratio=1"), 0)
+    expected = {f"metadata/{t}-0000{i}-of-00002.parquet" for t in ("clips", "errors") for i in range(2)}
+    assert local_files(out) == {f"clips/c{i:03d}.wav" for i in range(20)} | expected | {"_RUN.json", *CARD}
+    clips = pq.read_table(sorted(str(p) for p in (out / "metadata").glob("clips-*.parquet"))).to_pylist()
+    assert sorted(c["clip_id"] for c in clips) == [f"c{i:03d}" for i in range(20)]
+    assert all(c["attempts"] == 0 for c in clips)
+
+
+def test_multi_processing_runner(make_server, store, tmp_path: Path) -> None:
+    """Beam's DirectRunner with two worker processes: a one-file manifest in many row groups, and the run's
+    numbers (combined across the processes) agree with the tables."""
+    server = make_server()
+    path = tmp_path / "m.parquet"
+    write_manifest(path, rows(40))
+    table = pq.read_table(path)
+    pq.write_table(table, path, row_group_size=5)  # 9 row groups
+    out = tmp_path / "out"
+    flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", "--max_error_ratio=1"]
+    proc = run_cli(server, str(path), str(out), *flags, env=child_env())
+    expect_exit(proc, 0)
+    record = json.loads((out / "_RUN.json").read_text())
+    assert (record["rows"], record["clips"], record["errors"]) == (41, 40, 1)
+    clips = pq.read_table(record["clips_table"]).to_pylist()
+    check_clips_table(clips, store)
+    assert "2 process(es) x --max_in_flight 64 = 128 streams" in proc.stderr
