@@ -201,6 +201,20 @@ def workers_share_environment(options: PipelineOptions) -> bool:
     return (options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK"
 
 
+def local_runner(options: PipelineOptions):
+    """The runner of a plain run: Beam's in-process FnApiRunner, set up as Beam's DirectRunner sets it up
+    (the workers of --direct_running_mode multi_processing get the options), but without the DirectRunner's
+    first attempt to download and run Prism when the machine is online: the same runner online or not,
+    and the one the tests run."""
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=info)
+
+
 def check_workers_get_the_key(opts: ClipOptions, options: PipelineOptions) -> None:
     """On Dataflow (or a portable runner's containers) SONIOX_API_KEY set here never reaches the workers,
     which would fail every row UNAUTHENTICATED after a key check here had passed: refuse at launch."""
@@ -272,8 +286,10 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     Raises ManifestError or LaunchError before any clip is fetched.
     """
     options = PipelineOptions(expand_config(argv))
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = "DirectRunner"
+    runner = None
+    if options.view_as(StandardOptions).runner in (None, "FnApiRunner"):
+        options.view_as(StandardOptions).runner = "FnApiRunner"
+        runner = local_runner(options)
     opts = options.view_as(ClipOptions)
     for name in ("manifest", "output"):
         if not getattr(opts, name):
@@ -305,7 +321,7 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
         clip_format=opts.clip_format,
         sharded=opts.shards > 0,
     )
-    p = beam.Pipeline(options=options)
+    p = beam.Pipeline(runner=runner, options=options)
     build(p, settings, manifest, info, opts.table_shards or default_shards(manifest.num_rows))
     result = p.run()
     result.wait_until_finish()

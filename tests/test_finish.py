@@ -87,3 +87,23 @@ def test_multi_processing_runner(make_server, store, tmp_path: Path) -> None:
     clips = pq.read_table(record["clips_table"]).to_pylist()
     check_clips_table(clips, store)
     assert "2 process(es) x --max_in_flight 64 = 128 streams" in proc.stderr
+
+
+def test_a_plain_run_never_tries_prism(server, tmp_path: Path, monkeypatch) -> None:
+    """Beam's DirectRunner first tries to download and run Prism when the machine is online; a plain run
+    uses the in-process runner the tests use, online or not: Prism is never asked, and the record says so."""
+    from apache_beam.runners.portability import prism_runner
+
+    from pipeline.run import run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a plain run tried the Prism runner")
+
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", refuse)
+    monkeypatch.setenv("SONIOX_API_KEY", "any")  # the local server takes any key
+    manifest = write_manifest(tmp_path / "m.parquet", rows(3))
+    out = str(tmp_path / "out")
+    flags = [f"--manifest={manifest}", f"--output={out}", f"--api_host={server.address}", "--max_error_ratio=1"]
+    summary, _ = run(flags)
+    assert (summary.rows, summary.clips) == (4, 3)
+    assert json.loads(Path(out, "_RUN.json").read_text())["options"]["runner"] == "FnApiRunner"
