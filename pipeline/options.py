@@ -15,6 +15,19 @@ from pipeline.audio import FORMATS
 from pipeline.clips import CLIP_FORMATS
 
 
+def _boolean(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+# An on/off option that also takes a value: `--skip_existing`, `--skip_existing=false`, and the
+# `--skip_existing=true` a Dataflow Flex Template launch passes.
+_FLAG = {"nargs": "?", "const": True, "default": False, "type": _boolean}
+
+
 class ClipOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -60,8 +73,7 @@ class ClipOptions(PipelineOptions):
         )
         g.add_argument(
             "--skip_existing",
-            action="store_true",
-            default=False,
+            **_FLAG,
             help="make no call for a clip already complete at its path for the same request",
         )
         g.add_argument(
@@ -85,9 +97,13 @@ class ClipOptions(PipelineOptions):
         )
         g.add_argument(
             "--with_transcripts",
-            action="store_true",
-            default=False,
+            **_FLAG,
             help="add each clip's transcript text and tokens (from GetObject, one call per object) to the clips table",
+        )
+        g.add_argument(
+            "--detach",
+            **_FLAG,
+            help="submit the job and return without waiting (a Dataflow job writes its own card and _RUN.json)",
         )
         g.add_argument("--config", default=None, help="YAML file of options (see configs/); flags override it")
 

@@ -281,7 +281,8 @@ def _beam_temp_folders(root: str) -> list[str]:
 
 
 def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
-    """Run the pipeline over argv (Beam flags included): the summary (None for a dry run) and the options.
+    """Run the pipeline over argv (Beam flags included): the summary (None for a dry run or a detached
+    launch) and the options.
 
     Raises ManifestError or LaunchError before any clip is fetched.
     """
@@ -324,6 +325,9 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     p = beam.Pipeline(runner=runner, options=options)
     build(p, settings, manifest, info, opts.table_shards or default_shards(manifest.num_rows))
     result = p.run()
+    if opts.detach and not dry_run:
+        log.info("submitted; %s appears when the job is done", record_path(opts.output))
+        return None, opts
     result.wait_until_finish()
     if dry_run:
         return None, opts
@@ -351,8 +355,11 @@ def main(argv: list[str]) -> None:
     except (mf.ManifestError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if summary is None:
+    if summary is None and opts.view_as(TestOptions).dry_run:
         print("dry run: the job graph was built; nothing was run", flush=True)
+        return
+    if summary is None:  # --detach
+        print(f"submitted: the job writes {record_path(opts.output)} last, when it is done", flush=True)
         return
     print("\n".join(summary.lines(opts.output)), flush=True)
     if summary.error_ratio > opts.max_error_ratio:
