@@ -304,7 +304,10 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     manifest = mf.inspect_manifest(opts.manifest)
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
     store_settings = StoreSettings.from_options(options)
-    store = open_store(opts.output, store_settings)
+    try:
+        store = open_store(opts.output, store_settings)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
     settings = fetch_settings(opts, manifest, store_settings)
     host = settings.api_host or DEFAULT_API_HOST
     log.info("GetAudio at %s; concurrency: %s", host, stream_bound(options, opts.max_in_flight))

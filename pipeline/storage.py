@@ -15,6 +15,7 @@ of times; whatever still fails is raised as `StorageError`, which the fetch step
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import uuid
@@ -113,11 +114,13 @@ def open_store(output: str, settings: StoreSettings = StoreSettings()) -> Store:
     if is_local(output):
         return LocalStore(output.removeprefix("file://"))
     scheme = output.split("://", 1)[0]
-    if scheme == "s3":
-        return S3Store(settings)
-    if scheme == "gs":
-        return GcsStore(settings)
-    raise ValueError(f"output {output}: unsupported scheme {scheme}:// (use a local path, gs:// or s3://)")
+    stores = {"s3": (S3Store, "boto3", "aws"), "gs": (GcsStore, "google.cloud.storage", "gcp")}
+    if scheme not in stores:
+        raise ValueError(f"output {output}: unsupported scheme {scheme}:// (use a local path, gs:// or s3://)")
+    store, module, extra = stores[scheme]
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise ValueError(f"output {output}: {scheme}:// needs the [{extra}] extra (pip install '.[{extra}]')")
+    return store(settings)
 
 
 _clients: dict[tuple[str, StoreSettings], object] = {}
