@@ -300,14 +300,14 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     if opts.shards < 0 or opts.table_shards < 0:
         raise SystemExit("error: --shards and --table_shards take a number of shards (0: the default)")
     check_workers_get_the_key(opts, options)
-    FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's reads of the manifest
-    manifest = mf.inspect_manifest(opts.manifest)
-    log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
     store_settings = StoreSettings.from_options(options)
     try:
         store = open_store(opts.output, store_settings)
     except ValueError as e:
         raise LaunchError(str(e)) from None
+    FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's reads of the manifest
+    manifest = mf.inspect_manifest(opts.manifest)
+    log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
     settings = fetch_settings(opts, manifest, store_settings)
     host = settings.api_host or DEFAULT_API_HOST
     log.info("GetAudio at %s; concurrency: %s", host, stream_bound(options, opts.max_in_flight))
