@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
+import pyarrow as pa
 
 from pipeline.card import ClipStats, write_card
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.record import now, write_record
 from pipeline.storage import TMP_DIR, StoreSettings, open_store
-from pipeline.table_files import remove_stale
+from pipeline.table_files import remove_stale, write_empty
 
 
 @dataclass
@@ -125,20 +126,25 @@ class RunInfo:
 
 
 class WriteRunFiles(beam.DoFn):
-    """The last step, once: an earlier run's other table files removed, the card, the record (last), and the
-    local scratch folder removed."""
+    """The last step, once: each table is exactly this run's files (another run's or an abandoned bundle's
+    removed, an empty file for a table with no rows), the card, the record (last), and the local scratch
+    folder removed."""
 
-    def __init__(self, info: RunInfo):
+    def __init__(self, info: RunInfo, schemas: dict[str, pa.Schema]):
         self.info = info
+        self.schemas = schemas
 
     def process(
         self, _: Any, stats: RunStats, objects: int, clip_files: list[str], error_files: list[str]
     ) -> Iterator[dict[str, Any]]:
         info = self.info
         store = open_store(info.output, info.store)
-        clip_files, error_files = sorted(clip_files), sorted(error_files)
-        remove_stale(store, info.output, "clips", clip_files)
-        remove_stale(store, info.output, "errors", error_files)
+        files = {"clips": sorted(clip_files), "errors": sorted(error_files)}
+        for name, written in files.items():
+            remove_stale(store, info.output, name, written)
+            if not written:
+                written.append(write_empty(store, info.output, name, self.schemas[name]))
+        clip_files, error_files = files["clips"], files["errors"]
         numbers = stats.numbers(time.time() - info.started_epoch)
         clip_stats = ClipStats(
             stats.written + stats.skipped, objects, stats.clip_bytes, dict(stats.channels), dict(stats.durations_ms)
@@ -163,9 +169,10 @@ class WriteRunFiles(beam.DoFn):
 class FinishRun(beam.PTransform):
     """(outcomes, clips, clips table files, errors table files) -> the run record, written with the card."""
 
-    def __init__(self, info: RunInfo):
+    def __init__(self, info: RunInfo, schemas: dict[str, pa.Schema]):
         super().__init__()
         self.info = info
+        self.schemas = schemas
 
     def expand(self, inputs):
         outcomes, clips, clip_files, error_files = inputs
@@ -182,7 +189,7 @@ class FinishRun(beam.PTransform):
             | "Once" >> beam.Create([None])
             | "WriteCardAndRecord"
             >> beam.ParDo(
-                WriteRunFiles(self.info),
+                WriteRunFiles(self.info, self.schemas),
                 side.AsSingleton(stats),
                 side.AsSingleton(objects),
                 side.AsList(clip_files),

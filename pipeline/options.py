@@ -90,12 +90,6 @@ class ClipOptions(PipelineOptions):
             "shards/ instead of one file each under clips/; 0: clip files",
         )
         g.add_argument(
-            "--table_shards",
-            type=int,
-            default=0,
-            help="Parquet files per table, written in parallel; 0: one per million manifest rows",
-        )
-        g.add_argument(
             "--with_transcripts",
             **_FLAG,
             help="add each clip's transcript text and tokens (from GetObject, one call per object) to the clips table",

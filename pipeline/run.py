@@ -42,7 +42,7 @@ from pipeline.options import ClipOptions, expand_config
 from pipeline.record import now, record_path, remove_record, safe_options
 from pipeline.shards import shard_of
 from pipeline.storage import TMP_DIR, Store, StoreSettings, open_store
-from pipeline.table_files import WriteTable, default_shards, table_prefix
+from pipeline.table_files import WriteTable, table_prefix
 
 log = logging.getLogger(__name__)
 ERRORS_NAMESPACE = "errors"
@@ -63,9 +63,7 @@ def fetch_settings(opts: ClipOptions, manifest: mf.Manifest, store: StoreSetting
     return dataclasses.replace(settings, api_host=opts.api_host or os.environ.get("SONIOX_API_HOST"))
 
 
-def build(
-    p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info: RunInfo, table_shards: int = 1
-) -> None:
+def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info: RunInfo) -> None:
     """The graph: read, validate (its GroupByKey on clip_id spreads rows over workers), fetch, write the
     tables, then count the run and write the card and the record."""
     rows = p | "Manifest" >> mf.ReadManifest(manifest) | "ValidateRows" >> mf.ValidateRows()
@@ -87,19 +85,21 @@ def build(
     errors.append(fetched.errors)
     out, store = settings.output, settings.store
     clips_schema = tables.clips_schema(manifest.schema, settings.with_transcripts, settings.shards > 0)
+    errors_schema = tables.errors_schema(manifest.schema)
     clip_files = (
         fetched.clips
         | "ClipRows" >> beam.Map(tables.to_row)
-        | "WriteClips" >> WriteTable(out, "clips", clips_schema, table_shards, store)
+        | "WriteClips" >> WriteTable(out, "clips", clips_schema, store)
     )
     all_errors = errors | "AllErrors" >> beam.Flatten() | "CountErrors" >> beam.Map(_count_error)
     error_files = (
         all_errors
         | "ErrorRows" >> beam.Map(tables.to_row)
-        | "WriteErrors" >> WriteTable(out, "errors", tables.errors_schema(manifest.schema), table_shards, store)
+        | "WriteErrors" >> WriteTable(out, "errors", errors_schema, store)
     )
     outcomes = (fetched.clips, all_errors) | "Outcomes" >> beam.Flatten()
-    _ = (outcomes, fetched.clips, clip_files, error_files) | "Finish" >> FinishRun(info)
+    schemas = {"clips": clips_schema, "errors": errors_schema}
+    _ = (outcomes, fetched.clips, clip_files, error_files) | "Finish" >> FinishRun(info, schemas)
 
 
 def _attach_transcripts(requests, settings: FetchSettings):
@@ -297,8 +297,8 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
             raise SystemExit(f"error: --{name} is required")
     if opts.shards and opts.skip_existing:
         raise SystemExit("error: --skip_existing works on clip files, not with --shards (shards are rebuilt)")
-    if opts.shards < 0 or opts.table_shards < 0:
-        raise SystemExit("error: --shards and --table_shards take a number of shards (0: the default)")
+    if opts.shards < 0:
+        raise SystemExit("error: --shards takes a number of shards, or 0 for clip files")
     check_workers_get_the_key(opts, options)
     store_settings = StoreSettings.from_options(options)
     try:
@@ -326,7 +326,7 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
         sharded=opts.shards > 0,
     )
     p = beam.Pipeline(runner=runner, options=options)
-    build(p, settings, manifest, info, opts.table_shards or default_shards(manifest.num_rows))
+    build(p, settings, manifest, info)
     result = p.run()
     if opts.detach and not dry_run:
         log.info("submitted; %s appears when the job is done", record_path(opts.output))

@@ -1,36 +1,29 @@
-"""The clips and errors tables as Parquet files: `{output}/metadata/{name}-SSSSS-of-NNNNN.parquet`.
+"""The clips and errors tables as Parquet files: `{output}/metadata/{name}-{id}.parquet`.
 
-Rows are spread over N shards by a hash of the clip (the same on every run), the shards are written in
-parallel, each into a local scratch file and published in one write, and every shard is written even
-when it holds no rows, so the N names of a run are always all there. Files of another shard count, left
-by an earlier run, are removed by `remove_stale` once the new ones are in place.
+Each bundle of rows is written as it comes, into a local scratch file, and published in one write when the
+bundle ends: no shuffle of the rows, and no worker holds more than a batch of them (a GroupByKey of every
+row would hold the whole table in the in-process runner's memory). The job's last step keeps exactly the
+files of the bundles that committed: a retried bundle's abandoned file and an earlier run's files are
+removed (`remove_stale`), and a table with no rows gets one empty file, so both tables always exist.
 """
 
 from __future__ import annotations
 
-import math
-import zlib
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.storage import Store, StoreSettings, open_store
 
 METADATA_DIR = "metadata"
-ROWS_PER_SHARD = 1_000_000  # the default shard count gives each shard about this many rows
-MAX_SHARDS = 1024
-_BATCH = 10_000
-
-
-def default_shards(rows: int) -> int:
-    return max(1, min(MAX_SHARDS, math.ceil(rows / ROWS_PER_SHARD)))
-
-
-def table_path(output: str, name: str, shard: int, shards: int) -> str:
-    return f"{output.rstrip('/')}/{METADATA_DIR}/{name}-{shard:05d}-of-{shards:05d}.parquet"
+_BATCH = 10_000  # rows per Parquet row group
 
 
 def table_prefix(output: str, name: str) -> str:
@@ -38,61 +31,67 @@ def table_prefix(output: str, name: str) -> str:
     return f"{output.rstrip('/')}/{METADATA_DIR}/{name}-"
 
 
-def _shard(row: dict[str, Any], shards: int) -> int:
-    key = row.get("clip_id") or row.get("error_message") or ""
-    return zlib.crc32(key.encode()) % shards
+def new_table_path(output: str, name: str) -> str:
+    return f"{table_prefix(output, name)}{uuid.uuid4().hex[:16]}.parquet"
 
 
 class WriteTable(beam.PTransform):
-    """Rows (dicts) -> the paths of the table's N files, all written."""
+    """Rows (dicts) -> the paths of the table files written, one per bundle that had rows."""
 
-    def __init__(self, output: str, name: str, schema: pa.Schema, shards: int, store: StoreSettings):
+    def __init__(self, output: str, name: str, schema: pa.Schema, store: StoreSettings):
         super().__init__()
-        self.output, self.name, self.schema, self.shards, self.store = output, name, schema, shards, store
+        self.output, self.name, self.schema, self.store = output, name, schema, store
 
     def expand(self, rows):
-        n = self.shards
-        keyed = rows | "KeyByShard" >> beam.Map(lambda row: (_shard(row, n), row))
-        every = rows.pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(n)])
-        return (
-            (keyed, every)
-            | "Together" >> beam.Flatten()
-            | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(_WriteShard(self.output, self.name, self.schema, n, self.store))
-        )
+        return rows | "WriteFiles" >> beam.ParDo(_WriteFiles(self.output, self.name, self.schema, self.store))
 
 
-class _WriteShard(beam.DoFn):
-    def __init__(self, output: str, name: str, schema: pa.Schema, shards: int, store: StoreSettings):
-        self.output, self.name, self.schema, self.shards, self.settings = output, name, schema, shards, store
+class _WriteFiles(beam.DoFn):
+    def __init__(self, output: str, name: str, schema: pa.Schema, store: StoreSettings):
+        self.output, self.name, self.schema, self.settings = output, name, schema, store
 
     def setup(self) -> None:
         self.store = open_store(self.output, self.settings)
 
-    def process(self, item: tuple[int, Iterable[dict[str, Any] | None]]) -> Iterator[str]:
-        shard, rows = item
-        path = table_path(self.output, self.name, shard, self.shards)
-        scratch = self.store.scratch_file(".parquet")
-        with pq.ParquetWriter(scratch, self.schema) as writer:
-            for batch in _batches((r for r in rows if r is not None), _BATCH):
-                writer.write_table(pa.Table.from_pylist(batch, self.schema))
-        self.store.put(path, file=scratch, content_type="application/vnd.apache.parquet")
-        yield path
+    def start_bundle(self) -> None:
+        self.batch: list[dict[str, Any]] = []
+        self.scratch: str | None = None
+        self.writer: pq.ParquetWriter | None = None
+
+    def process(self, row: dict[str, Any]) -> None:
+        self.batch.append(row)
+        if len(self.batch) >= _BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.writer is None:
+            self.scratch = self.store.scratch_file(".parquet")
+            self.writer = pq.ParquetWriter(self.scratch, self.schema)
+        self.writer.write_table(pa.Table.from_pylist(self.batch, self.schema))
+        self.batch.clear()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self.batch:
+            self._flush()
+        if self.writer is None:
+            return
+        self.writer.close()
+        path = new_table_path(self.output, self.name)
+        self.store.put(path, file=self.scratch, content_type="application/vnd.apache.parquet")
+        yield WindowedValue(path, MIN_TIMESTAMP, [GlobalWindow()])
 
 
-def _batches(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def write_empty(store: Store, output: str, name: str, schema: pa.Schema) -> str:
+    """A table with no rows still gets a file, with its columns."""
+    scratch = store.scratch_file(".parquet")
+    pq.write_table(schema.empty_table(), scratch)
+    path = new_table_path(output, name)
+    store.put(path, file=scratch, content_type="application/vnd.apache.parquet")
+    return path
 
 
 def remove_stale(store: Store, output: str, name: str, written: Iterable[str]) -> list[str]:
-    """Delete the table's files that this run did not write (an earlier run's other shard count)."""
+    """Delete the table's files that no committed bundle of this run wrote."""
     keep = set(written)
     stale = [o.path for o in store.list(table_prefix(output, name)) if o.path not in keep]
     if stale:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import socket
@@ -50,7 +51,8 @@ def run_cli(manifest, output, api_host, *flags, timeout=600, wait=True):
 
 
 def read_table(output, name):
-    return pq.read_table(os.path.join(output, "metadata", f"{name}-00000-of-00001.parquet")).to_pylist()
+    files = sorted(glob.glob(os.path.join(output, "metadata", f"{name}-*.parquet")))
+    return pq.read_table(files).to_pylist()
 
 
 def assert_clips_match_source(output, rows, store):

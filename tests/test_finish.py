@@ -18,7 +18,7 @@ from pipeline.options import ClipOptions
 from pipeline.record import now
 from pipeline.run import build, fetch_settings
 from pipeline.storage import StoreSettings
-from tests.test_builds import CARD, check_clips_table, child_env, expect_exit, local_files, run_cli
+from tests.test_builds import check_clips_table, child_env, expect_exit, local_files, run_cli
 from tests.test_builds import write_local_manifest as write_manifest
 
 
@@ -38,14 +38,14 @@ def test_the_job_writes_its_own_card_and_record(server, store, tmp_path: Path) -
     settings = fetch_settings(options.view_as(ClipOptions), manifest, StoreSettings())
     info = RunInfo(out, StoreSettings(), now(), time.time(), manifest.files, {"note": "test"})
     p = beam.Pipeline(options=options)
-    build(p, settings, manifest, info, table_shards=2)
+    build(p, settings, manifest, info)
     p.run().wait_until_finish()
 
     record = json.loads(Path(out, "_RUN.json").read_text())
     assert (record["rows"], record["clips"], record["errors"]) == (13, 12, 1)
     assert record["errors_by_code"] == {"NOT_FOUND": 1} and record["options"] == {"note": "test"}
     clips = pq.read_table(record["clips_table"]).to_pylist()
-    assert len(record["clips_table"]) == 2 and len(clips) == 12
+    assert len(clips) == 12
     check_clips_table(clips, store)
     assert record["bytes"] == sum(c["num_bytes"] for c in clips)
     assert record["audio_seconds"] == sum(c["clip_duration_ms"] for c in clips) / 1000
@@ -56,18 +56,26 @@ def test_the_job_writes_its_own_card_and_record(server, store, tmp_path: Path) -
     assert newest == "_RUN.json", "the record must be the last file written"
 
 
-def test_a_rerun_with_other_table_shards_leaves_exactly_its_own(make_server, store, tmp_path: Path) -> None:
+def test_each_table_is_exactly_this_runs_files(make_server, store, tmp_path: Path) -> None:
+    """A rerun replaces the tables' files (an earlier run's, and a file no committed bundle wrote, as a
+    retried bundle leaves, are removed); a table with no rows gets one empty file with its columns."""
     server = make_server()
-    manifest = write_manifest(tmp_path / "m.parquet", rows(20))
+    manifest = write_manifest(tmp_path / "m.parquet", rows(20)[:-1])  # no row fails
     out = tmp_path / "out"
-    expect_exit(run_cli(server, manifest, str(out), "--table_shards=3", "--max_error_ratio=1"), 0)
-    assert len(list((out / "metadata").glob("clips-*-of-00003.parquet"))) == 3
-    expect_exit(run_cli(server, manifest, str(out), "--table_shards=2", "--skip_existing", "--max_error_ratio=1"), 0)
-    expected = {f"metadata/{t}-0000{i}-of-00002.parquet" for t in ("clips", "errors") for i in range(2)}
-    assert local_files(out) == {f"clips/c{i:03d}.wav" for i in range(20)} | expected | {"_RUN.json", *CARD}
-    clips = pq.read_table(sorted(str(p) for p in (out / "metadata").glob("clips-*.parquet"))).to_pylist()
+    expect_exit(run_cli(server, manifest, str(out)), 0)
+    first = json.loads((out / "_RUN.json").read_text())
+    abandoned = out / "metadata" / "clips-0123456789abcdef.parquet"
+    abandoned.write_bytes(b"PAR1 a retried bundle's file")
+    expect_exit(run_cli(server, manifest, str(out), "--skip_existing"), 0)
+    record = json.loads((out / "_RUN.json").read_text())
+    files = sorted(str(p) for p in (out / "metadata").iterdir())
+    assert files == sorted(record["clips_table"] + record["errors_table"])
+    assert not set(files) & set(first["clips_table"] + first["errors_table"]) and not abandoned.exists()
+    clips = pq.read_table(record["clips_table"]).to_pylist()
     assert sorted(c["clip_id"] for c in clips) == [f"c{i:03d}" for i in range(20)]
     assert all(c["attempts"] == 0 for c in clips)
+    errors = pq.read_table(record["errors_table"])
+    assert errors.num_rows == 0 and "error_code" in errors.schema.names
 
 
 def test_multi_processing_runner(make_server, store, tmp_path: Path) -> None:

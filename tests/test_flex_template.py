@@ -37,7 +37,7 @@ def test_each_parameter_parses_as_the_launcher_passes_it():
     examples = {
         "manifest": "gs://b/m/*.parquet", "output": "gs://b/out", "api_key_file": "gs://locked/key",
         "api_host": "https://api.soniox.com:443", "clip_format": "flac", "max_in_flight": "32",
-        "max_attempts": "4", "max_error_ratio": "0.1", "skip_existing": "true", "table_shards": "4",
+        "max_attempts": "4", "max_error_ratio": "0.1", "skip_existing": "true",
         "with_transcripts": "false",
     }  # fmt: skip
     params = metadata()["parameters"]
@@ -47,7 +47,7 @@ def test_each_parameter_parses_as_the_launcher_passes_it():
             assert re.match(regex, examples[p["name"]]), p["name"]
     opts = PipelineOptions([f"--{k}={v}" for k, v in examples.items()]).view_as(ClipOptions)
     assert (opts.skip_existing, opts.with_transcripts, opts.max_in_flight) == (True, False, 32)
-    assert (opts.table_shards, opts.clip_format, opts.max_error_ratio) == (4, "flac", 0.1)
+    assert (opts.clip_format, opts.max_error_ratio) == ("flac", 0.1)
 
 
 def test_the_image_points_at_files_that_exist():

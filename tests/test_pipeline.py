@@ -600,8 +600,9 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, tmp_path):
     assert job["state"] == "DONE" and job["job_name"]
     for name in ("Manifest/Spread", "Manifest/ReadRows", "ValidateRows/GroupByClipId", "Fetch"):
         assert name in job["transforms"], name
-    # The tables are written by shard (one GroupByKey on N keys), not by Beam's single-key file sink.
-    assert "WriteClips/GroupByShard" in job["transforms"] and "WriteErrors/GroupByShard" in job["transforms"]
+    # The tables are written a file per bundle as rows come: no grouping of rows, no single-key file sink.
+    assert "WriteClips/WriteFiles" in job["transforms"] and "WriteErrors/WriteFiles" in job["transforms"]
+    assert not [t for t in job["transforms"] if t.startswith(("WriteClips/", "WriteErrors/")) and "Group" in t]
     assert not [t for t in job["transforms"] if "WriteToParquet" in t or "WriteImpl" in t]
     assert job["environments"] == ["beam:env:docker:v1"]
     assert KEY.encode() not in bytes.fromhex(job["job"])  # the key is not in the serialized job
