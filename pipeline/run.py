@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -10,6 +9,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,7 +29,8 @@ from apache_beam.options.pipeline_options import (
 from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.card import write_card
-from pipeline.client import DEFAULT_API_HOST
+from pipeline.cli import LaunchError, Parser
+from pipeline.client import DEFAULT_API_HOST, resolve_api_key
 from pipeline.elements import ClipError
 from pipeline.fetch import (
     FAILED_ATTEMPTS,
@@ -39,8 +40,9 @@ from pipeline.fetch import (
     FetchSettings,
     FetchShard,
     check_key,
+    read_api_key,
 )
-from pipeline.options import ClipOptions, expand_config
+from pipeline.options import REQUIRED, ClipOptions, check_flags, check_values, expand_config
 from pipeline.record import now, remove_record, safe_options, write_record
 from pipeline.shards import shard_of
 from pipeline.storage import TMP_DIR, Store, StoreSettings, open_store
@@ -195,10 +197,6 @@ class Summary:
         yield f"dataset card    {output.rstrip('/')}/README.md"
 
 
-class LaunchError(RuntimeError):
-    """The run cannot start as asked: it stops before anything is fetched or written (exit 2)."""
-
-
 class KeyRejected(LaunchError):
     """The service refused the API key: every call would fail, so the run stops before it starts."""
 
@@ -240,14 +238,34 @@ def stream_bound(options: PipelineOptions, max_in_flight: int) -> str:
     )
 
 
+def key_given(settings: FetchSettings) -> bool:
+    """Whether a key was given; read here, so that a key file that cannot be read stops the launch (exit 2)
+    rather than every worker."""
+    path = settings.api_key_file or os.environ.get("SONIOX_API_KEY_FILE")
+    where = "--api_key_file" if settings.api_key_file else "SONIOX_API_KEY_FILE"
+    try:
+        return bool(read_api_key(settings.api_key_file) or resolve_api_key().reveal())
+    except Exception as e:  # any filesystem's "cannot read": missing, no permission, no credentials
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+        raise LaunchError(f"{where} {path}: cannot read the API key ({reason})") from None
+
+
 def preflight(settings: FetchSettings, manifest: mf.Manifest) -> None:
-    """One GetObject call with the key, so a wrong key stops the run with one message, not one error per row."""
+    """One GetObject call with the key, so a wrong or missing key stops the run with one message, not one
+    error per row."""
+    given = key_given(settings)
     object_id = mf.first_object_id(manifest)
     if object_id is None:
         return
     code = check_key(settings, object_id)
+    host = settings.api_host or DEFAULT_API_HOST
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") and not given:
+        raise LaunchError(
+            f"no API key was given and {host} requires one ({code}): set SONIOX_API_KEY (or SONIOX_API_KEY_FILE) "
+            "or pass --api_key_file"
+        )
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-        raise KeyRejected(f"the API key was refused by {settings.api_host or 'the default host'} ({code})")
+        raise KeyRejected(f"the API key was refused by {host} ({code})")
     if code is not None:  # the service may come back within the retry budget: the run goes on
         log.warning("key check: GetObject %s answered %s; starting the run anyway", object_id, code)
 
@@ -312,17 +330,13 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
 
     Raises ManifestError or LaunchError before any clip is fetched.
     """
-    options = PipelineOptions(expand_config(argv))
+    flags = expand_config(argv)
+    check_flags(flags)
+    options = PipelineOptions(flags)
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "DirectRunner"
     opts = options.view_as(ClipOptions)
-    for name in ("manifest", "output"):
-        if not getattr(opts, name):
-            raise SystemExit(f"error: --{name} is required")
-    if opts.shards and opts.skip_existing:
-        raise SystemExit("error: --skip_existing works on clip files, not with --shards (shards are rebuilt)")
-    if opts.shards < 0 or opts.table_shards < 0:
-        raise SystemExit("error: --shards and --table_shards take a number of shards (0: the default)")
+    check_values(opts)
     check_workers_get_the_key(opts, options)
     FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's reads of the manifest
     manifest = mf.inspect_manifest(opts.manifest)
@@ -349,18 +363,24 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
 
 
 def print_help() -> None:
-    parser = argparse.ArgumentParser(
+    """`run --help`: this pipeline's options with their defaults, the required ones marked."""
+    parser = Parser(
         prog="python -m pipeline run",
         description="Extract audio clips from the Soniox Storage API into WAV files and Parquet tables.",
-        epilog="Any Apache Beam pipeline option (--runner, --direct_num_workers, --project, ...) may be added. "
-        "The API key comes from SONIOX_API_KEY or --api_key_file, never from a flag.",
+        epilog="Any Apache Beam pipeline option (--runner, --direct_num_workers, --project, ...) may be added; "
+        "a word no option knows stops the run (exit 2). The API key comes from SONIOX_API_KEY, SONIOX_API_KEY_FILE "
+        "or --api_key_file, never from a flag. Exit codes: 0 done, 1 too many errors (tables written), "
+        "2 the run could not start (nothing written), 3 the run failed (no run record).",
     )
     ClipOptions._add_argparse_args(parser)
+    for action in parser._actions:
+        action.required = action.dest in REQUIRED
     parser.print_help()
 
 
 def main(argv: list[str]) -> None:
-    """`python -m pipeline run`: run, print the summary, exit non-zero past --max_error_ratio."""
+    """`python -m pipeline run`: run and print the summary. Exit 2 when the run cannot start, 1 past
+    --max_error_ratio, 3 when it fails after it started, so that a scheduler can tell them apart."""
     if any(a in ("-h", "--help") for a in argv):
         print_help()
         return
@@ -369,6 +389,10 @@ def main(argv: list[str]) -> None:
     except (mf.ManifestError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # Python's own exit code, 1, would read as "ran, too many errors"
+        traceback.print_exc()
+        print(f"error: the run failed ({type(e).__name__}, above); the run record was not written", file=sys.stderr)
+        sys.exit(3)
     if summary is None:
         print("dry run: the job graph was built; nothing was run", flush=True)
         return
