@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 
 import grpc
 
-from pipeline.cli import LaunchError, Parser
+from pipeline.cli import LaunchError, Parser, add_logging_options, configure_logging
 from pipeline.client import resolve_api_key
 
 
@@ -40,6 +39,7 @@ def serve(argv: list[str]) -> None:
     f.add_argument("--slow_fraction", type=float, default=0, help="calls delayed by --slow_ms")
     f.add_argument("--slow_ms", type=float, default=30_000, help="delay of a --slow_fraction call")
     f.add_argument("--seed", type=int, default=0, help="seed of the random choice of faulty calls")
+    add_logging_options(p)
     a = p.parse_args(argv)
     try:
         key = resolve_api_key(a.api_key, a.api_key_file).reveal() or None
@@ -90,15 +90,15 @@ def command_parser() -> Parser:
     commands = p.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         commands.add_parser(name, help=command.__doc__.splitlines()[0], add_help=False)
+    add_logging_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m pipeline COMMAND ...`; a launch that cannot start is one `error: ...` line and exit 2."""
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # Beam's INFO lines drown the progress
     try:
+        argv = configure_logging(argv)
         if argv and argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:])
         elif not argv:

@@ -1,4 +1,4 @@
-"""What every command shares: the launch error (exit 2) and argument parsing with one-line errors.
+"""What every command shares: the launch error (exit 2), argument parsing with one-line errors, logging flags.
 
 Kept free of Beam imports, so `python -m pipeline serve` and `--help` start fast.
 """
@@ -6,6 +6,13 @@ Kept free of Beam imports, so `python -m pipeline serve` and `--help` start fast
 from __future__ import annotations
 
 import argparse
+import logging
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Library warnings that say nothing about this run: Beam imports its BigQuery client at start-up and warns on
+# the root logger when apitools (a GCP-only dependency) is not installed.
+NOISE = ("apitools not found",)
 
 
 class LaunchError(RuntimeError):
@@ -37,3 +44,44 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         raise LaunchError(message)
+
+
+def add_logging_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging")
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="also show the libraries' log lines (Apache Beam, gRPC): -v their INFO, -vv DEBUG (default: warnings)",
+    )
+    g.add_argument(
+        "--log_level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="this pipeline's log lines: INFO shows launch and progress lines, WARNING only problems",
+    )
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NOISE)
+
+
+def configure_logging(argv: list[str]) -> list[str]:
+    """Take -v/--log_level out of argv and set up logging from them; the rest of argv, in order.
+
+    Libraries log at WARNING unless -v asks for more, so the default output is this pipeline's own lines."""
+    parser = Parser(add_help=False)
+    add_logging_options(parser)
+    args, rest = parser.parse_known_args(argv)
+    libraries = max(logging.WARNING - 10 * args.verbose, logging.DEBUG)
+    own = logging.DEBUG if args.verbose > 1 else logging.getLevelName(args.log_level)
+    logging.basicConfig(format=LOG_FORMAT)
+    root = logging.getLogger()
+    root.setLevel(libraries)
+    logging.getLogger("pipeline").setLevel(own)
+    if not any(isinstance(f, _DropNoise) for f in root.filters):
+        root.addFilter(_DropNoise())
+    return rest

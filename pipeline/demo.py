@@ -12,7 +12,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cli import Parser
+from pipeline.cli import Parser, add_logging_options
 from pipeline.run import main as run_main
 from pipeline.samples import write_sample_store
 from pipeline.server import LocalServer
@@ -46,6 +46,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--output", default="demo-output", help="where the store, manifest and dataset (DIR/dataset/) go"
     )
+    add_logging_options(parser)
     args, beam_flags = parser.parse_known_args(argv)
     output = os.path.abspath(args.output)
     store = os.path.join(output, "store")

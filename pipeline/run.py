@@ -29,7 +29,7 @@ from apache_beam.options.pipeline_options import (
 from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.card import write_card
-from pipeline.cli import LaunchError, Parser
+from pipeline.cli import LaunchError, Parser, add_logging_options
 from pipeline.client import DEFAULT_API_HOST, resolve_api_key
 from pipeline.elements import ClipError
 from pipeline.fetch import (
@@ -375,6 +375,7 @@ def print_help() -> None:
     ClipOptions._add_argparse_args(parser)
     for action in parser._actions:
         action.required = action.dest in REQUIRED
+    add_logging_options(parser)
     parser.print_help()
 
 

@@ -1,12 +1,13 @@
-"""The command line: every way a launch can fail, and --help.
+"""The command line: every way a launch can fail, --help, and logging.
 
 A launch that cannot start must say why in one `error: ...` line with exit 2 and no traceback, and leave nothing
 behind: most cases run `pipeline.__main__.main` in this process (they stop before any Beam pipeline exists); the
-crash and the help's program name run `python -m pipeline` in a child.
+crash, the help's program name and the import-time warning run `python -m pipeline` in a child.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.__main__ import main
+from pipeline.cli import LaunchError, configure_logging
 from pipeline.options import check_flags, expand_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -26,6 +28,17 @@ KEY = "sk-test-cli-key"
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """main() sets up logging for a whole process: put this process's back after each test."""
+    root, own = logging.getLogger(), logging.getLogger("pipeline")
+    saved = root.level, list(root.filters), own.level
+    yield
+    root.setLevel(saved[0])
+    root.filters[:] = saved[1]
+    own.setLevel(saved[2])
 
 
 @pytest.fixture
@@ -270,9 +283,9 @@ def test_a_run_that_fails_after_it_started_exits_3(tmp_path):
     [
         (
             "run",
-            ["--manifest MANIFEST   Parquet", "(required)", "(default: 64)", "(default: pcm_s16le)"],
+            ["--manifest MANIFEST   Parquet", "(required)", "(default: 64)", "(default: pcm_s16le)", "--log_level"],
         ),
-        ("serve", ["--store STORE", "(required)", "(default: 100)", "(default: UNAVAILABLE)"]),
+        ("serve", ["--store STORE", "(required)", "(default: 100)", "(default: UNAVAILABLE)", "-v, --verbose"]),
         ("demo", ["--output OUTPUT", "(default: demo-output)", "python -m pipeline run --help"]),
     ],
 )
@@ -298,3 +311,54 @@ def test_help_and_errors_name_the_program(tmp_path):
     assert proc.returncode == 2, explain(proc)
     assert one_error(proc.stderr) == "error: argument --shards: invalid int value: 'x'"
     assert "__main__.py" not in proc.stdout + proc.stderr
+
+
+# -- logging ---------------------------------------------------------------------------------------------
+
+NO_APITOOLS = """
+import sys
+
+class NoApitools:  # a fresh install without the [gcp] extra
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "apitools":
+            raise ImportError(name)
+
+sys.meta_path.insert(0, NoApitools())
+if sys.argv[1] == "bare":
+    import logging
+    logging.basicConfig()
+    import pipeline.run
+else:
+    from pipeline.__main__ import main
+    main(sys.argv[1:])
+"""
+
+
+def test_no_apitools_warning_on_a_fresh_install(tmp_path):
+    bare = child("-c", NO_APITOOLS, "bare")
+    assert "apitools not found" in bare.stderr, "the test no longer reproduces the warning: " + explain(bare)
+    proc = child("-c", NO_APITOOLS, "run", "--manifest=m", "--output=o", "--bogus")
+    assert proc.returncode == 2, explain(proc)
+    assert proc.stderr.strip() == "error: unknown option --bogus (python -m pipeline run --help lists the options)"
+
+
+@pytest.mark.parametrize(
+    ("flags", "own", "libraries"),
+    [
+        ([], logging.INFO, logging.WARNING),
+        (["-v"], logging.INFO, logging.INFO),
+        (["-vv"], logging.DEBUG, logging.DEBUG),
+        (["--log_level", "warning"], logging.WARNING, logging.WARNING),
+        (["--log_level=ERROR", "--verbose"], logging.ERROR, logging.INFO),
+    ],
+)
+def test_log_level_and_verbose(flags, own, libraries):
+    argv = ["run", "--manifest", "m", "--shards", "-1", "--output=o"]
+    assert configure_logging(argv[:1] + flags + argv[1:]) == argv  # the rest, in order
+    assert logging.getLogger("pipeline.run").getEffectiveLevel() == own
+    assert logging.getLogger("apache_beam.runners").getEffectiveLevel() == libraries
+
+
+def test_a_bad_log_level_is_a_launch_error():
+    with pytest.raises(LaunchError, match="argument --log_level: invalid choice: 'LOUD'"):
+        configure_logging(["run", "--log_level=loud"])
