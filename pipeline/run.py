@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -190,8 +192,11 @@ class Summary:
         if self.failed_attempts:
             by_code = ", ".join(f"{c} {n:,}" for c, n in sorted(self.failed_attempts.items(), key=lambda kv: -kv[1]))
             yield f"failed attempts {sum(self.failed_attempts.values()):>10,}   ({by_code})"
-        rate = self.written / self.seconds if self.seconds else 0.0
-        yield f"wall time       {self.seconds:>10.1f} s   ({rate:.1f} clips/s)"
+        if self.written:
+            rate = f"{self.written / max(self.seconds, 1e-9):.1f} clips/s"
+        else:  # a rerun that found every clip there: how fast the rows were checked is the rate that means something
+            rate = f"nothing fetched; {self.rows / max(self.seconds, 1e-9):,.1f} rows/s checked"
+        yield f"wall time       {self.seconds:>10.1f} s   ({rate})"
         yield f"clips table     {table_prefix(output, 'clips')}*.parquet"
         yield f"errors table    {table_prefix(output, 'errors')}*.parquet"
         yield f"dataset card    {output.rstrip('/')}/README.md"
@@ -379,6 +384,24 @@ def print_help() -> None:
     parser.print_help()
 
 
+@contextlib.contextmanager
+def own_tempdir() -> Iterator[None]:
+    """Beam leaves folders in $TMPDIR after every run (its job server's, the staged dependencies'): the run
+    gets a folder of its own, for this process and the worker processes it starts, removed at the end."""
+    folder = tempfile.mkdtemp(prefix="clip-pipeline-")
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str]) -> None:
     """`python -m pipeline run`: run and print the summary. Exit 2 when the run cannot start, 1 past
     --max_error_ratio, 3 when it fails after it started, so that a scheduler can tell them apart."""
@@ -386,7 +409,8 @@ def main(argv: list[str]) -> None:
         print_help()
         return
     try:
-        summary, opts = run(argv)
+        with own_tempdir():
+            summary, opts = run(argv)
     except (mf.ManifestError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

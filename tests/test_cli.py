@@ -1,8 +1,8 @@
-"""The command line: every way a launch can fail, --help, and logging.
+"""The command line: every line of the README's exit-code table, --help, and a quiet, clean run.
 
 A launch that cannot start must say why in one `error: ...` line with exit 2 and no traceback, and leave nothing
 behind: most cases run `pipeline.__main__.main` in this process (they stop before any Beam pipeline exists); the
-crash, the help's program name and the import-time warning run `python -m pipeline` in a child.
+builds, the crash, the help's program name and the import-time warning run `python -m pipeline` in a child.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 from pipeline.__main__ import main
 from pipeline.cli import LaunchError, configure_logging
 from pipeline.options import check_flags, expand_config
+from pipeline.run import Summary
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -259,6 +260,39 @@ def test_serve_with_an_unreadable_key_file(capsys, env, tmp_path):
         one_error(err)
         == f"error: --api_key_file {tmp_path / 'nope'}: cannot read the API key (No such file or directory)"
     )
+
+
+# -- exit 0 and 1: builds; quiet and clean ----------------------------------------------------------------
+
+
+def test_builds_exit_0_or_1_quietly_and_leave_no_temporary_folder(make_server, tmp_path):
+    """Too many errors: exit 1 after the tables. A skip-only rerun: exit 0, a rate that means something. Both
+    print no library warning and leave $TMPDIR as they found it."""
+    server = make_server()
+    manifest, out = write_manifest(tmp_path / "m.parquet", rows=3, missing=1), tmp_path / "out"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    flags = ["-m", "pipeline", "run", f"--manifest={manifest}", f"--output={out}", f"--api_host={server.address}"]
+    first = child(*flags, env={"TMPDIR": str(tmp)})
+    assert first.returncode == 1, explain(first)
+    assert one_error(first.stderr) == "error: 25.0% of rows failed, more than --max_error_ratio 0.05"
+    assert (out / "_RUN.json").exists() and list((out / "metadata").glob("errors-*.parquet"))
+    second = child(*flags, "--skip_existing", "--max_error_ratio=0.25", env={"TMPDIR": str(tmp)})
+    assert second.returncode == 0, explain(second)
+    wall = next(line for line in second.stdout.splitlines() if line.startswith("wall time"))
+    assert "nothing fetched;" in wall and "rows/s checked" in wall and "clips/s" not in wall, wall
+    for proc in (first, second):
+        assert "clips " in proc.stdout and "Traceback" not in proc.stderr
+        assert [line for line in proc.stderr.splitlines() if " WARNING " in line] == [], proc.stderr
+        assert "Discarding" not in proc.stderr
+    assert sorted(os.listdir(tmp)) == [], "the runs left temporary folders"
+
+
+def test_summary_rate_of_a_run_that_fetched_nothing():
+    lines = list(Summary(rows=7, skipped=6, errors={"NOT_FOUND": 1}, seconds=0.5).lines("out"))
+    assert "(nothing fetched; 14.0 rows/s checked)" in next(x for x in lines if x.startswith("wall time"))
+    lines = list(Summary(rows=7, written=6, seconds=2.0).lines("out"))
+    assert "(3.0 clips/s)" in next(x for x in lines if x.startswith("wall time"))
 
 
 # -- exit 3: a crash after the start ---------------------------------------------------------------------
