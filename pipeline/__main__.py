@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
 import sys
 
 import grpc
 
+from pipeline.cli import LaunchError, Parser, add_logging_options, configure_logging
 from pipeline.client import resolve_api_key
 
 
@@ -16,7 +15,7 @@ def serve(argv: list[str]) -> None:
     """Run the local GetAudio server in the foreground until interrupted."""
     from pipeline.server import Faults, LocalServer, ServerSettings
 
-    p = argparse.ArgumentParser(prog="python -m pipeline serve", description=serve.__doc__)
+    p = Parser(prog="python -m pipeline serve", description=serve.__doc__)
     p.add_argument("--store", required=True, help="directory of {object_id}.wav|.flac files (+ .json tokens)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one, printed at start)")
@@ -27,15 +26,26 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--clip_past_end", action="store_true", help="clip time ranges past the end (default: OUT_OF_RANGE)")
     f = p.add_argument_group("fault injection (fractions of GetAudio calls)")
     f.add_argument("--latency_ms", type=float, default=0, help="added to every call")
-    f.add_argument("--fail_fraction", type=float, default=0)
-    f.add_argument("--fail_code", default="UNAVAILABLE", help="status of --fail_fraction calls")
+    f.add_argument("--fail_fraction", type=float, default=0, help="calls failed with --fail_code")
+    f.add_argument(
+        "--fail_code",
+        default="UNAVAILABLE",
+        choices=grpc.StatusCode.__members__,
+        metavar="CODE",
+        help="status of --fail_fraction calls",
+    )
     f.add_argument("--break_fraction", type=float, default=0, help="streams broken half-way")
     f.add_argument("--throttle_fraction", type=float, default=0, help="calls refused with RESOURCE_EXHAUSTED")
     f.add_argument("--slow_fraction", type=float, default=0, help="calls delayed by --slow_ms")
-    f.add_argument("--slow_ms", type=float, default=30_000)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--slow_ms", type=float, default=30_000, help="delay of a --slow_fraction call")
+    f.add_argument("--seed", type=int, default=0, help="seed of the random choice of faulty calls")
+    add_logging_options(p)
     a = p.parse_args(argv)
-    key = resolve_api_key(a.api_key, a.api_key_file).reveal() or None
+    try:
+        key = resolve_api_key(a.api_key, a.api_key_file).reveal() or None
+    except OSError as e:
+        where = f"--api_key_file {a.api_key_file}" if a.api_key_file else "SONIOX_API_KEY_FILE"
+        raise LaunchError(f"{where}: cannot read the API key ({e.strerror})") from None
     faults = Faults(
         latency_s=a.latency_ms / 1000,
         fail_fraction=a.fail_fraction,
@@ -54,7 +64,7 @@ def serve(argv: list[str]) -> None:
 
 
 def run(argv: list[str]) -> None:
-    """Run the clip pipeline (Beam flags are passed through)."""
+    """Run the clip pipeline over a manifest (Beam's options are passed through)."""
     from pipeline.run import main as run_main
 
     run_main(argv)
@@ -67,15 +77,37 @@ def demo(argv: list[str]) -> None:
     demo_main(argv)
 
 
+COMMANDS = {"run": run, "serve": serve, "demo": demo}
+
+
+def command_parser() -> Parser:
+    """The bare `python -m pipeline`: its --help lists the commands."""
+    p = Parser(
+        prog="python -m pipeline",
+        description="Build speech datasets from the Soniox Storage API.",
+        epilog="`python -m pipeline COMMAND --help` lists a command's options.",
+    )
+    commands = p.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        commands.add_parser(name, help=command.__doc__.splitlines()[0], add_help=False)
+    add_logging_options(p)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline COMMAND ...`; a launch that cannot start is one `error: ...` line and exit 2."""
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # Beam's INFO lines drown the progress
-    commands = {"run": run, "serve": serve, "demo": demo}
-    if not argv or argv[0] not in commands:
-        print(f"usage: python -m pipeline {{{'|'.join(commands)}}} [options]  (--help after a command)")
+    try:
+        argv = configure_logging(argv)
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+        elif not argv:
+            raise LaunchError(f"no command given: python -m pipeline {{{','.join(COMMANDS)}}} ... (--help lists them)")
+        else:
+            command_parser().parse_args(argv[:1])  # --help (exit 0), or no or an unknown command: a LaunchError
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

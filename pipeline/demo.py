@@ -7,12 +7,12 @@ DirectRunner.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cli import Parser, add_logging_options
 from pipeline.run import main as run_main
 from pipeline.samples import write_sample_store
 from pipeline.server import LocalServer
@@ -37,8 +37,16 @@ def write_demo_manifest(path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="demo-output", help="where the store, manifest and dataset go")
+    """`python -m pipeline demo [--output DIR] [run options]`: what is not a demo option goes to the run."""
+    parser = Parser(
+        prog="python -m pipeline demo",
+        description=__doc__.splitlines()[0],
+        epilog="Any other option is passed to the run (see python -m pipeline run --help), e.g. --skip_existing.",
+    )
+    parser.add_argument(
+        "--output", default="demo-output", help="where the store, manifest and dataset (DIR/dataset/) go"
+    )
+    add_logging_options(parser)
     args, beam_flags = parser.parse_known_args(argv)
     output = os.path.abspath(args.output)
     store = os.path.join(output, "store")

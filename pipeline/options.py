@@ -7,12 +7,16 @@ it cannot show up in Beam's option dumps or the Dataflow job page.
 from __future__ import annotations
 
 import argparse
+import difflib
 
 import yaml
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from pipeline.audio import FORMATS
+from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CLIP_FORMATS
+
+REQUIRED = ("manifest", "output")
 
 
 def _boolean(value: str) -> bool:
@@ -109,17 +113,92 @@ def option_names() -> list[str]:
     return [a.dest for a in parser._actions if a.dest != "help"]
 
 
+class _EveryOptionParser(Parser, _BeamArgumentParser):
+    """Beam's parser (some Beam options are ValueProvider arguments) with one-line errors."""
+
+
+def every_option_parser() -> argparse.ArgumentParser:
+    """A parser of every option Beam knows: every PipelineOptions subclass's arguments, ours included, as
+    Beam gathers them when it lists the options (and discards what none of them parse)."""
+    parser = _EveryOptionParser(prog="python -m pipeline run", add_help=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def known_names(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option name the parser knows, without dashes (as config keys are written)."""
+    return [s.lstrip("-") for a in parser._actions for s in a.option_strings]
+
+
+def unknown(word: str, names: list[str], what: str = "option") -> str:
+    """The message for a word no option knows, naming the closest known option when one is close."""
+    written = word.split("=", 1)[0]
+    close = difflib.get_close_matches(written.lstrip("-"), names, n=1)
+    dashes = "--" if written.startswith("-") else ""
+    hint = f"did you mean {dashes}{close[0]}?" if close else "python -m pipeline run --help lists the options"
+    return f"unknown {what} {written} ({hint})"
+
+
+def check_flags(flags: list[str]) -> None:
+    """Refuse what no option parses: Beam would log "Discarding unparseable args" and run without it, so a
+    typo would change a scheduled build instead of stopping it. Bad values (`--shards abc`) stop it too."""
+    parser = every_option_parser()
+    _, rest = parser.parse_known_args(flags)
+    if not rest:
+        return
+    if not rest[0].startswith("-"):
+        raise LaunchError(f"unexpected argument {rest[0]!r}: options are written --name=value or --name value")
+    raise LaunchError(unknown(rest[0], known_names(parser)))
+
+
+def check_values(opts: ClipOptions) -> None:
+    """Values that parse but that the run cannot use: each stops the launch (exit 2) before any work."""
+    for name in REQUIRED:
+        if not getattr(opts, name):
+            raise LaunchError(f"--{name} is required")
+    problems = [
+        (opts.shards < 0, "--shards takes a number of tar shards (0: clip files)"),
+        (
+            opts.shards > 0 and opts.skip_existing,
+            "--skip_existing works on clip files, not with --shards (shards are rebuilt)",
+        ),
+        (opts.max_in_flight < 1, "--max_in_flight takes a number of streams from 1 up"),
+        (opts.max_attempts < 1, "--max_attempts takes a number of attempts from 1 up"),
+        (opts.rpc_timeout_s <= 0, "--rpc_timeout_s takes a number of seconds above 0"),
+        (not 0 <= opts.max_error_ratio <= 1, "--max_error_ratio takes a fraction from 0 to 1"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise LaunchError(message)
+
+
+def read_config(path: str) -> dict:
+    """The options of a YAML config file; a file that is missing, not YAML or not a mapping is a LaunchError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise LaunchError(f"--config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise LaunchError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise LaunchError(f"--config {path}: expected a mapping of option names to values")
+    names = known_names(every_option_parser())
+    for key in config:
+        if str(key) not in names:
+            raise LaunchError(f"--config {path}: {unknown(str(key), names, 'key')}")
+    return config
+
+
 def expand_config(argv: list[str]) -> list[str]:
     """Put the options of a --config YAML file before the flags, so that the flags win."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = Parser(prog="python -m pipeline run", add_help=False)
     parser.add_argument("--config")
     known, _ = parser.parse_known_args(argv)
     if not known.config:
         return argv
-    with open(known.config, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"config {known.config}: expected a mapping of option names to values")
+    config = read_config(known.config)
     flags = []
     for name, value in config.items():
         if value is None or value is False:

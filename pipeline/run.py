@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -10,7 +10,9 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,7 +30,8 @@ from apache_beam.options.pipeline_options import (
 
 from pipeline import manifest as mf
 from pipeline import tables
-from pipeline.client import DEFAULT_API_HOST
+from pipeline.cli import LaunchError, Parser, add_logging_options
+from pipeline.client import DEFAULT_API_HOST, resolve_api_key
 from pipeline.elements import ClipError
 from pipeline.fetch import (
     AttachTranscripts,
@@ -36,9 +39,10 @@ from pipeline.fetch import (
     FetchSettings,
     FetchShard,
     check_key,
+    read_api_key,
 )
 from pipeline.finish import FinishRun, RunInfo
-from pipeline.options import ClipOptions, expand_config
+from pipeline.options import REQUIRED, ClipOptions, check_flags, check_values, expand_config
 from pipeline.record import now, record_path, remove_record, safe_options
 from pipeline.shards import shard_of
 from pipeline.storage import TMP_DIR, Store, StoreSettings, open_store
@@ -174,15 +178,14 @@ class Summary:
         if self.failed_attempts:
             by_code = ", ".join(f"{c} {n:,}" for c, n in sorted(self.failed_attempts.items(), key=lambda kv: -kv[1]))
             yield f"failed attempts {sum(self.failed_attempts.values()):>10,}   ({by_code})"
-        rate = self.written / self.seconds if self.seconds else 0.0
-        yield f"wall time       {self.seconds:>10.1f} s   ({rate:.1f} clips/s)"
+        if self.written:
+            rate = f"{self.written / max(self.seconds, 1e-9):.1f} clips/s"
+        else:  # a rerun that found every clip there: how fast the rows were checked is the rate that means something
+            rate = f"nothing fetched; {self.rows / max(self.seconds, 1e-9):,.1f} rows/s checked"
+        yield f"wall time       {self.seconds:>10.1f} s   ({rate})"
         yield f"clips table     {table_prefix(output, 'clips')}*.parquet"
         yield f"errors table    {table_prefix(output, 'errors')}*.parquet"
         yield f"dataset card    {output.rstrip('/')}/README.md"
-
-
-class LaunchError(RuntimeError):
-    """The run cannot start as asked: it stops before anything is fetched or written (exit 2)."""
 
 
 class KeyRejected(LaunchError):
@@ -240,14 +243,34 @@ def stream_bound(options: PipelineOptions, max_in_flight: int) -> str:
     )
 
 
+def key_given(settings: FetchSettings) -> bool:
+    """Whether a key was given; read here, so that a key file that cannot be read stops the launch (exit 2)
+    rather than every worker."""
+    path = settings.api_key_file or os.environ.get("SONIOX_API_KEY_FILE")
+    where = "--api_key_file" if settings.api_key_file else "SONIOX_API_KEY_FILE"
+    try:
+        return bool(read_api_key(settings.api_key_file) or resolve_api_key().reveal())
+    except Exception as e:  # any filesystem's "cannot read": missing, no permission, no credentials
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+        raise LaunchError(f"{where} {path}: cannot read the API key ({reason})") from None
+
+
 def preflight(settings: FetchSettings, manifest: mf.Manifest) -> None:
-    """One GetObject call with the key, so a wrong key stops the run with one message, not one error per row."""
+    """One GetObject call with the key, so a wrong or missing key stops the run with one message, not one
+    error per row."""
+    given = key_given(settings)
     object_id = mf.first_object_id(manifest)
     if object_id is None:
         return
     code = check_key(settings, object_id)
+    host = settings.api_host or DEFAULT_API_HOST
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") and not given:
+        raise LaunchError(
+            f"no API key was given and {host} requires one ({code}): set SONIOX_API_KEY (or SONIOX_API_KEY_FILE) "
+            "or pass --api_key_file"
+        )
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-        raise KeyRejected(f"the API key was refused by {settings.api_host or 'the default host'} ({code})")
+        raise KeyRejected(f"the API key was refused by {host} ({code})")
     if code is not None:  # the service may come back within the retry budget: the run goes on
         log.warning("key check: GetObject %s answered %s; starting the run anyway", object_id, code)
 
@@ -286,19 +309,15 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
 
     Raises ManifestError or LaunchError before any clip is fetched.
     """
-    options = PipelineOptions(expand_config(argv))
+    flags = expand_config(argv)
+    check_flags(flags)
+    options = PipelineOptions(flags)
     runner = None
     if options.view_as(StandardOptions).runner in (None, "FnApiRunner"):
         options.view_as(StandardOptions).runner = "FnApiRunner"
         runner = local_runner(options)
     opts = options.view_as(ClipOptions)
-    for name in ("manifest", "output"):
-        if not getattr(opts, name):
-            raise SystemExit(f"error: --{name} is required")
-    if opts.shards and opts.skip_existing:
-        raise SystemExit("error: --skip_existing works on clip files, not with --shards (shards are rebuilt)")
-    if opts.shards < 0:
-        raise SystemExit("error: --shards takes a number of shards, or 0 for clip files")
+    check_values(opts)
     check_workers_get_the_key(opts, options)
     store_settings = StoreSettings.from_options(options)
     try:
@@ -338,26 +357,56 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
 
 
 def print_help() -> None:
-    parser = argparse.ArgumentParser(
+    """`run --help`: this pipeline's options with their defaults, the required ones marked."""
+    parser = Parser(
         prog="python -m pipeline run",
         description="Extract audio clips from the Soniox Storage API into WAV files and Parquet tables.",
-        epilog="Any Apache Beam pipeline option (--runner, --direct_num_workers, --project, ...) may be added. "
-        "The API key comes from SONIOX_API_KEY or --api_key_file, never from a flag.",
+        epilog="Any Apache Beam pipeline option (--runner, --direct_num_workers, --project, ...) may be added; "
+        "a word no option knows stops the run (exit 2). The API key comes from SONIOX_API_KEY, SONIOX_API_KEY_FILE "
+        "or --api_key_file, never from a flag. Exit codes: 0 done, 1 too many errors (tables written), "
+        "2 the run could not start (nothing written), 3 the run failed (no run record).",
     )
     ClipOptions._add_argparse_args(parser)
+    for action in parser._actions:
+        action.required = action.dest in REQUIRED
+    add_logging_options(parser)
     parser.print_help()
 
 
+@contextlib.contextmanager
+def own_tempdir() -> Iterator[None]:
+    """Beam leaves folders in $TMPDIR after every run (its job server's, the staged dependencies'): the run
+    gets a folder of its own, for this process and the worker processes it starts, removed at the end."""
+    folder = tempfile.mkdtemp(prefix="clip-pipeline-")
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str]) -> None:
-    """`python -m pipeline run`: run, print the summary, exit non-zero past --max_error_ratio."""
+    """`python -m pipeline run`: run and print the summary. Exit 2 when the run cannot start, 1 past
+    --max_error_ratio, 3 when it fails after it started, so that a scheduler can tell them apart."""
     if any(a in ("-h", "--help") for a in argv):
         print_help()
         return
     try:
-        summary, opts = run(argv)
+        with own_tempdir():
+            summary, opts = run(argv)
     except (mf.ManifestError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # Python's own exit code, 1, would read as "ran, too many errors"
+        traceback.print_exc()
+        print(f"error: the run failed ({type(e).__name__}, above); the run record was not written", file=sys.stderr)
+        sys.exit(3)
     if summary is None and opts.view_as(TestOptions).dry_run:
         print("dry run: the job graph was built; nothing was run", flush=True)
         return
