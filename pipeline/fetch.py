@@ -29,7 +29,7 @@ from pipeline.client import GetAudioClient, GetAudioError, RetryPolicy
 from pipeline.clips import ClipFile, FinishedClip, WrittenClip, clip_path, existing_clip
 from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
 from pipeline.shards import ShardWriter, shard_path
-from pipeline.storage import StorageError, StoreSettings, open_store
+from pipeline.storage import StoreSettings, open_store
 from pipeline.transcripts import clip_tokens, tokens_for
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class _Fetch(beam.DoFn):
         if s.skip_existing:
             try:
                 existing = existing_clip(self.store, path, request.fingerprint, s.clip_format)
-            except StorageError as e:  # the check failed: fetch the clip again rather than lose it
+            except OSError as e:  # the check failed (StorageError among them): fetch the clip again
                 log.warning("skip_existing: cannot check %s (%s); fetching it", path, e)
                 existing = None
             if existing is not None:
@@ -239,32 +239,33 @@ class FetchShard(_Fetch):
 
     def process(self, item: tuple[int, Iterable[ClipRequest]]) -> Iterator[ClipRecord | ClipError]:
         shard, requests = item
-        final = shard_path(self.settings.output, shard)
-        writer = ShardWriter(self.store, final)
+        writer = ShardWriter(self.store, shard_path(self.settings.output, shard))
         done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
         pending, results = 0, []
-        try:
-            for request in requests:
-                self.pool.submit(self._fetch, request, False).add_done_callback(done.put)
-                pending += 1
-                while pending >= self.settings.max_in_flight or (pending and not done.empty()):
-                    results.append(self._add(writer, done.get()))
-                    pending -= 1
-            while pending:
-                results.append(self._add(writer, done.get()))
+        for request in requests:
+            self.pool.submit(self._fetch, request, False).add_done_callback(done.put)
+            pending += 1
+            while pending >= self.settings.max_in_flight or (pending and not done.empty()):
+                results.append(self._add(writer, done.get().result()))
                 pending -= 1
+        while pending:
+            results.append(self._add(writer, done.get().result()))
+            pending -= 1
+        if writer.failure is None:
             writer.publish()
-        except OSError as e:  # the shard could not be written: none of its clips was
+        if writer.failure is not None:  # the shard could not be written: none of its clips was
             writer.discard()
-            results = [_shard_failed(out, e) for out in results]
+            results = [_shard_failed(out, writer.failure) for out in results]
         for out in results:
             self._count(out)
             yield out
 
     @staticmethod
-    def _add(writer: ShardWriter, future: futures.Future) -> ClipRecord | ClipError:
-        d = future.result()
-        return writer.add(d.out, d.finished) if isinstance(d.out, ClipRecord) else d.out
+    def _add(writer: ShardWriter, done: _Done) -> ClipRecord | ClipError:
+        """The row of one finished call, its clip added to the shard (unless the shard has failed)."""
+        if isinstance(done.out, ClipRecord):
+            return writer.add(done.out, done.finished)
+        return done.out
 
 
 def _shard_failed(out: ClipRecord | ClipError, e: OSError) -> ClipError:

@@ -44,29 +44,45 @@ class ShardWriter:
     def __init__(self, store: Store, path: str):
         self.store = store
         self.path = path
+        self.failure: OSError | None = None  # once set, clips are dropped and the shard is not published
         self._scratch = store.scratch_file(".tar")
         self._file = open(self._scratch, "wb")  # noqa: SIM115 - closed in publish/discard
         self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
     def add(self, record: ClipRecord, clip: FinishedClip) -> ClipRecord:
-        """Add a clip and its JSON; the record as the table will hold it (the shard's path, the member)."""
+        """Add a clip and its JSON; the record as the table will hold it (the shard's path, the member).
+        A failed write is kept in `failure` (every row of the shard becomes an error), never raised, so
+        that the calls still running are all collected."""
         key = sample_key(record.clip_id)
         member = key + record.path[record.path.rfind(".") :]
         placed = dataclasses.replace(record, path=self.path, member=member)
-        if clip.file is None:
-            _add(self._tar, member, io.BytesIO(clip.data), clip.num_bytes)
-        else:
-            with open(clip.file, "rb") as f:
-                _add(self._tar, member, f, clip.num_bytes)
-            os.remove(clip.file)
-        body = json.dumps(to_row(placed), default=str).encode()
-        _add(self._tar, f"{key}.json", io.BytesIO(body), len(body))
+        try:
+            if self.failure is None:
+                self._add_clip(member, clip)
+                body = json.dumps(to_row(placed), default=str).encode()
+                _add(self._tar, f"{key}.json", io.BytesIO(body), len(body))
+        except OSError as e:
+            self.failure = e
+        finally:
+            if clip.file is not None and os.path.exists(clip.file):
+                os.remove(clip.file)
         return placed
 
+    def _add_clip(self, member: str, clip: FinishedClip) -> None:
+        if clip.file is None:
+            _add(self._tar, member, io.BytesIO(clip.data), clip.num_bytes)
+            return
+        with open(clip.file, "rb") as f:
+            _add(self._tar, member, f, clip.num_bytes)
+
     def publish(self) -> None:
-        self._tar.close()
-        self._file.close()
-        self.store.put(self.path, file=self._scratch, content_type="application/x-tar")
+        """Close the tar and put it at its path in one write; a failure is kept in `failure`."""
+        try:
+            self._tar.close()
+            self._file.close()
+            self.store.put(self.path, file=self._scratch, content_type="application/x-tar")
+        except OSError as e:
+            self.failure = e
 
     def discard(self) -> None:
         self._file.close()

@@ -88,7 +88,7 @@ class Store(Protocol):
         """Every object whose path starts with `prefix` (sizes only)."""
 
     def read(self, path: str) -> bytes:
-        """A whole (small) object: a table shard, for the card."""
+        """A whole small object (the run record, for the launcher's summary)."""
 
     def delete(self, paths: Iterable[str]) -> None: ...
 
@@ -118,9 +118,16 @@ def open_store(output: str, settings: StoreSettings = StoreSettings()) -> Store:
     if scheme not in stores:
         raise ValueError(f"output {output}: unsupported scheme {scheme}:// (use a local path, gs:// or s3://)")
     store, module, extra = stores[scheme]
-    if importlib.util.find_spec(module.split(".")[0]) is None:
+    if not _installed(module):
         raise ValueError(f"output {output}: {scheme}:// needs the [{extra}] extra (pip install '.[{extra}]')")
     return store(settings)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing ("google" without "google.cloud")
+        return False
 
 
 _clients: dict[tuple[str, StoreSettings], object] = {}
@@ -285,10 +292,10 @@ class S3Store(_BucketStore):
         bucket, key = split_bucket(path)
         try:
             found = self.client.head_object(Bucket=bucket, Key=key)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        except Exception as e:  # a ClientError, or a connection error after the retries
+            if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
                 return None
-            raise StorageError(f"{path}: {e}") from e
+            raise StorageError(f"{path}: {type(e).__name__}: {e}") from e
         return StoredObject(path, found["ContentLength"], found.get("Metadata", {}))
 
     def list(self, prefix: str) -> Iterator[StoredObject]:

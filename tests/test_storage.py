@@ -23,6 +23,7 @@ def test_a_bucket_without_its_library_stops_the_launch(monkeypatch, tmp_path):
     WRITE_FAILED row for every clip."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "boto3" else real(name, *a))
+    assert storage._installed("google.cloud.storage") and not storage._installed("google.no_such_package")
     with pytest.raises(LaunchError, match=r"s3:// needs the \[aws\] extra"):
         run(["--manifest=unused.parquet", "--output=s3://bucket/out"])
 

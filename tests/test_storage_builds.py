@@ -214,3 +214,17 @@ def test_killed_run_on_s3_then_rerun(s3_server: StorageServer, make_server, stor
     assert s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", []) == []
     assert not [n for n in target.objects() if n.startswith("_tmp/")]
     assert run_record(target.output)["clips_skipped"] == len(survivors)
+
+
+def test_a_shard_that_cannot_be_written_is_error_rows(s3_server: StorageServer, make_server, tmp_path: Path) -> None:  # noqa: F811
+    """Every shard upload refused: each of its rows is a WRITE_FAILED error naming the shard, every row is
+    accounted for, and the run ends with exit 1, not a crash."""
+    with StorageProxy(s3_server.endpoint_url, fail_fraction=1.0, fail_match="/shards/") as proxy:
+        target = Target(s3_server, proxy)
+        manifest = write_local_manifest(tmp_path / "m.parquet", rows(6))
+        expect_exit(target.run(make_server(), manifest, "--shards=2"), 1)
+    errors = sorted(errors_table(target.output).to_pylist(), key=lambda e: e["clip_id"])
+    assert [(e["clip_id"], e["error_code"]) for e in errors] == [(f"c{i:03d}", "WRITE_FAILED") for i in range(6)]
+    assert all("/ds/shards/shard-0000" in e["error_message"] for e in errors)
+    assert clips_table(target.output).num_rows == 0
+    assert not [name for name in target.objects() if name.startswith("shards/")]
