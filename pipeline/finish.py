@@ -135,9 +135,10 @@ class WriteRunFiles(beam.DoFn):
         self.schemas = schemas
 
     def process(
-        self, _: Any, stats: RunStats, objects: int, clip_files: list[str], error_files: list[str]
+        self, _: Any, clip_stats: RunStats, error_stats: RunStats, objects: int, clip_files: list, error_files: list
     ) -> Iterator[dict[str, Any]]:
         info = self.info
+        stats = RunStats().merge(clip_stats).merge(error_stats)
         store = open_store(info.output, info.store)
         files = {"clips": sorted(clip_files), "errors": sorted(error_files)}
         for name, written in files.items():
@@ -167,7 +168,10 @@ class WriteRunFiles(beam.DoFn):
 
 
 class FinishRun(beam.PTransform):
-    """(outcomes, clips, clips table files, errors table files) -> the run record, written with the card."""
+    """(clips, errors, clips table files, errors table files) -> the run record, written with the card.
+
+    Clips and errors are counted apart and merged at the end: a Flatten of the two would make the
+    in-process runner hold every record in memory between stages, where a combine holds one accumulator."""
 
     def __init__(self, info: RunInfo, schemas: dict[str, pa.Schema]):
         super().__init__()
@@ -175,8 +179,9 @@ class FinishRun(beam.PTransform):
         self.schemas = schemas
 
     def expand(self, inputs):
-        outcomes, clips, clip_files, error_files = inputs
-        stats = outcomes | "Count" >> beam.CombineGlobally(CountRun())
+        clips, errors, clip_files, error_files = inputs
+        clip_stats = clips | "CountClips" >> beam.CombineGlobally(CountRun())
+        error_stats = errors | "CountErrors" >> beam.CombineGlobally(CountRun())
         objects = (
             clips
             | "ObjectIds" >> beam.Map(lambda r: r.object_id)
@@ -185,12 +190,13 @@ class FinishRun(beam.PTransform):
         )
         side = beam.pvalue
         return (
-            outcomes.pipeline
+            clips.pipeline
             | "Once" >> beam.Create([None])
             | "WriteCardAndRecord"
             >> beam.ParDo(
                 WriteRunFiles(self.info, self.schemas),
-                side.AsSingleton(stats),
+                side.AsSingleton(clip_stats),
+                side.AsSingleton(error_stats),
                 side.AsSingleton(objects),
                 side.AsList(clip_files),
                 side.AsList(error_files),

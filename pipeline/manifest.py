@@ -6,7 +6,7 @@ an error row with a code, and the other rows go on. Nothing is dropped: rows in 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,36 +207,66 @@ def split_errors(element):
 
 
 class ValidateRows(beam.PTransform):
-    """(where, row) -> requests (main) and errors: row checks, then duplicate clip IDs.
+    """pbegin -> requests (main) and errors: row checks, then clip IDs used by more than one row.
 
-    Grouping by clip_id is also the shuffle that spreads the rows over the workers before the fetch.
+    `read` makes a read of the (where, row) pairs; the rows are read twice. The first read finds the
+    clip IDs that several rows use (a count and the first places per ID, combined on each worker); the
+    second checks each row and refuses those IDs. No step holds every row: a GroupByKey of all requests
+    would hold the whole manifest in the in-process runner's memory.
     """
 
-    def expand(self, rows):
+    def __init__(self, read: Callable[[], beam.PTransform]):
+        super().__init__()
+        self.read = read
+
+    def expand(self, pbegin):
+        shared = (
+            pbegin
+            | "ReadForClipIds" >> self.read()
+            | "ClipIds" >> beam.FlatMap(_clip_id_and_place)
+            | "CountClipIds" >> beam.CombinePerKey(CountPlaces())
+            | "Shared" >> beam.Filter(lambda item: item[1][0] > 1)
+        )
         checked = (
-            rows
-            | "Validate" >> beam.Map(validate_row)
-            | "SplitInvalid" >> beam.ParDo(split_errors).with_outputs("errors", main="requests")
+            pbegin
+            | "Read" >> self.read()
+            | "Validate" >> beam.ParDo(_validate, beam.pvalue.AsDict(shared)).with_outputs("errors", main="requests")
         )
-        unique = (
-            checked.requests
-            | "KeyByClipId" >> beam.Map(lambda r: (r.clip_id, r))
-            | "GroupByClipId" >> beam.GroupByKey()
-            | "RejectDuplicates" >> beam.FlatMap(reject_duplicates)
-            | "SplitDuplicates" >> beam.ParDo(split_errors).with_outputs("errors", main="requests")
-        )
-        errors = (checked.errors, unique.errors) | "RowErrors" >> beam.Flatten()
-        return {"requests": unique.requests, "errors": errors}
+        return {"requests": checked.requests, "errors": checked.errors}
 
 
-def reject_duplicates(item: tuple[str, Iterable[el.ClipRequest]]) -> Iterator[el.ClipRequest | el.ClipError]:
-    """A clip_id shared by several rows names no single clip: every such row becomes an error."""
-    clip_id, requests = item
-    requests = list(requests)
-    if len(requests) == 1:
-        yield requests[0]
-        return
-    places = "; ".join(r.source for r in requests[:5])
-    for r in requests:
-        message = f"{r.source}: clip_id {clip_id!r} is used by {len(requests)} rows ({places})"
-        yield el.ClipError(clip_id, r.object_id, el.DUPLICATE_CLIP_ID, message, 0, r.columns)
+def _clip_id_and_place(item: tuple[str, dict[str, Any]]) -> Iterator[tuple[str, str]]:
+    checked = validate_row(item)
+    if isinstance(checked, el.ClipRequest):
+        yield checked.clip_id, checked.source
+
+
+class CountPlaces(beam.CombineFn):
+    """(rows, the first MAX_PLACES places) of a clip ID: enough to name the rows that share it."""
+
+    MAX_PLACES = 5
+
+    def create_accumulator(self) -> tuple[int, tuple[str, ...]]:
+        return 0, ()
+
+    def add_input(self, acc: tuple[int, tuple[str, ...]], place: str) -> tuple[int, tuple[str, ...]]:
+        return acc[0] + 1, acc[1] if len(acc[1]) >= self.MAX_PLACES else (*acc[1], place)
+
+    def merge_accumulators(self, accs: Iterable[tuple[int, tuple[str, ...]]]) -> tuple[int, tuple[str, ...]]:
+        count, places = 0, ()
+        for n, more in accs:
+            count, places = count + n, (*places, *more)[: self.MAX_PLACES]
+        return count, places
+
+    def extract_output(self, acc: tuple[int, tuple[str, ...]]) -> tuple[int, tuple[str, ...]]:
+        return acc[0], tuple(sorted(acc[1]))
+
+
+def _validate(item: tuple[str, dict[str, Any]], shared: dict[str, tuple[int, tuple[str, ...]]]):
+    """A request, or an error (to the "errors" output) for a bad row or a clip ID several rows use."""
+    checked = validate_row(item)
+    if isinstance(checked, el.ClipRequest) and checked.clip_id in shared:
+        count, places = shared[checked.clip_id]
+        message = f"{checked.source}: clip_id {checked.clip_id!r} is used by {count} rows ({'; '.join(places)})"
+        checked = el.ClipError(checked.clip_id, checked.object_id, el.DUPLICATE_CLIP_ID, message, 0, checked.columns)
+    yield from split_errors(checked)

@@ -67,11 +67,14 @@ def fetch_settings(opts: ClipOptions, manifest: mf.Manifest, store: StoreSetting
     return dataclasses.replace(settings, api_host=opts.api_host or os.environ.get("SONIOX_API_HOST"))
 
 
-def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info: RunInfo) -> None:
-    """The graph: read, validate (its GroupByKey on clip_id spreads rows over workers), fetch, write the
-    tables, then count the run and write the card and the record."""
-    rows = p | "Manifest" >> mf.ReadManifest(manifest) | "ValidateRows" >> mf.ValidateRows()
+def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info: RunInfo, spread: bool = True) -> None:
+    """The graph: read and validate the rows, spread them over the workers (`spread`: not on the in-process
+    runner, where a shuffle would hold every request in memory), fetch, write the tables, then count the
+    run and write the card and the record."""
+    rows = p | "ValidateRows" >> mf.ValidateRows(lambda: mf.ReadManifest(manifest))
     requests, errors = rows["requests"], [rows["errors"]]
+    if spread:  # on a cluster the rows of a row group would stay with the worker that read them
+        requests = requests | "SpreadRequests" >> beam.Reshuffle()
     if settings.with_transcripts:
         requests, no_transcript = _attach_transcripts(requests, settings)
         errors.append(no_transcript)
@@ -101,9 +104,8 @@ def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info
         | "ErrorRows" >> beam.Map(tables.to_row)
         | "WriteErrors" >> WriteTable(out, "errors", errors_schema, store)
     )
-    outcomes = (fetched.clips, all_errors) | "Outcomes" >> beam.Flatten()
     schemas = {"clips": clips_schema, "errors": errors_schema}
-    _ = (outcomes, fetched.clips, clip_files, error_files) | "Finish" >> FinishRun(info, schemas)
+    _ = (fetched.clips, all_errors, clip_files, error_files) | "Finish" >> FinishRun(info, schemas)
 
 
 def _attach_transcripts(requests, settings: FetchSettings):
@@ -345,7 +347,7 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
         sharded=opts.shards > 0,
     )
     p = beam.Pipeline(runner=runner, options=options)
-    build(p, settings, manifest, info)
+    build(p, settings, manifest, info, spread=runner is None)
     result = p.run()
     if opts.detach and not dry_run:
         log.info("submitted; %s appears when the job is done", record_path(opts.output))

@@ -378,7 +378,7 @@ def test_validate_rows_transform():
     ]
     items = [(f"m.parquet row {i}", r) for i, r in enumerate(rows)]
     with BeamPipeline() as p:
-        out = p | beam.Create(items) | ValidateRows()
+        out = p | ValidateRows(lambda: beam.Create(items))
         requests = out["requests"] | "Requests" >> beam.Map(lambda r: (r.source, r.clip_id, r.object_id, r.segment))
         errors = out["errors"] | "Errors" >> beam.Map(
             lambda e: (e.error_message.split(":")[0], e.clip_id, e.error_code)
@@ -420,7 +420,7 @@ def test_validate_rows_transform():
 def test_duplicate_messages_name_every_row():
     items = [(f"m.parquet row {i}", row(clip_id="same", start_ms=i)) for i in range(3)]
     with BeamPipeline() as p:
-        out = p | beam.Create(items) | ValidateRows()
+        out = p | ValidateRows(lambda: beam.Create(items))
         assert_that(out["requests"], equal_to([]), label="no requests")
         messages = out["errors"] | beam.Map(lambda e: (e.error_code, e.columns["start_ms"], e.error_message))
 

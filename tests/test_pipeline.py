@@ -598,7 +598,7 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, tmp_path):
     assert KEY not in proc.stdout + proc.stderr
     job = json.loads(proc.stdout.strip().splitlines()[-1])
     assert job["state"] == "DONE" and job["job_name"]
-    for name in ("Manifest/Spread", "Manifest/ReadRows", "ValidateRows/GroupByClipId", "Fetch"):
+    for name in ("ValidateRows/Read/Spread", "ValidateRows/Read/ReadRows", "SpreadRequests", "Fetch"):
         assert name in job["transforms"], name
     # The tables are written a file per bundle as rows come: no grouping of rows, no single-key file sink.
     assert "WriteClips/WriteFiles" in job["transforms"] and "WriteErrors/WriteFiles" in job["transforms"]
