@@ -115,3 +115,44 @@ def test_a_plain_run_never_tries_prism(server, tmp_path: Path, monkeypatch) -> N
     summary, _ = run(flags)
     assert (summary.rows, summary.clips) == (4, 3)
     assert json.loads(Path(out, "_RUN.json").read_text())["options"]["runner"] == "FnApiRunner"
+
+
+SPY = """
+import os
+
+from pipeline import manifest
+
+_process = manifest.ReadManifestRows.process
+
+
+def process(self, piece):
+    with open(os.environ["ROW_GROUP_SPY"], "a") as f:
+        f.write(f"{os.getpid()} {piece.row_group}\\n")
+    yield from _process(self, piece)
+
+
+manifest.ReadManifestRows.process = process
+"""
+
+
+def test_a_one_file_manifest_is_read_by_more_than_one_worker(make_server, store, tmp_path: Path) -> None:
+    """Two worker processes, one manifest file of 8 row groups: the row groups are spread before they are
+    read, so both processes read some. (A sitecustomize module in the workers' path records who read which.)"""
+    spy_dir, spy_log = tmp_path / "spy", tmp_path / "spy.log"
+    spy_dir.mkdir()
+    (spy_dir / "sitecustomize.py").write_text(SPY)
+    path = tmp_path / "m.parquet"
+    write_manifest(path, rows(40)[:-1])
+    pq.write_table(pq.read_table(path), path, row_group_size=5)  # 8 row groups
+    out = tmp_path / "out"
+    flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    env = child_env(
+        PYTHONPATH=os.pathsep.join([str(spy_dir), str(Path(__file__).parents[1])]), ROW_GROUP_SPY=str(spy_log)
+    )
+    expect_exit(run_cli(server := make_server(), str(path), str(out), *flags, env=env), 0)
+    assert server.calls, "nothing was fetched"
+    reads = [line.split() for line in spy_log.read_text().splitlines()]
+    readers = {pid for pid, _ in reads}
+    groups = sorted(int(group) for _, group in reads)
+    assert groups == sorted(list(range(8)) * 2), groups  # each row group read twice: clip IDs, then requests
+    assert len(readers) >= 2, f"every row group was read by one process: {readers}"
