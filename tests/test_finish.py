@@ -156,3 +156,38 @@ def test_a_one_file_manifest_is_read_by_more_than_one_worker(make_server, store,
     groups = sorted(int(group) for _, group in reads)
     assert groups == sorted(list(range(8)) * 2), groups  # each row group read twice: clip IDs, then requests
     assert len(readers) >= 2, f"every row group was read by one process: {readers}"
+
+
+def test_portable_runner_with_an_external_worker_pool(make_server, store, tmp_path: Path) -> None:
+    """The portable runner (an embedded job service) with an external SDK worker pool, as Dataflow and other
+    portable runners run workers: the key comes from --api_key_file, and the clips, tables, card and record
+    are the job's own."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = child_env(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        server = make_server(api_key="pool-key")
+        key_file = tmp_path / "key"
+        key_file.write_text("pool-key")
+        manifest = write_manifest(tmp_path / "m.parquet", rows(6))
+        out = tmp_path / "out"
+        flags = [
+            "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
+            f"--environment_config=localhost:{port}", f"--api_key_file={key_file}", "--max_error_ratio=1",
+        ]  # fmt: skip
+        expect_exit(run_cli(server, manifest, str(out), *flags, env={**env, "SONIOX_API_KEY": ""}), 0)
+    finally:
+        pool.kill()
+        pool.wait()
+    record = json.loads((out / "_RUN.json").read_text())
+    assert (record["rows"], record["clips"], record["errors_by_code"]) == (7, 6, {"NOT_FOUND": 1})
+    check_clips_table(pq.read_table(record["clips_table"]).to_pylist(), store)
