@@ -347,7 +347,7 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
         sharded=opts.shards > 0,
     )
     p = beam.Pipeline(runner=runner, options=options)
-    build(p, settings, manifest, info, spread=runner is None)
+    build(p, settings, manifest, info, spread=not workers_share_environment(options))
     result = p.run()
     if opts.detach and not dry_run:
         log.info("submitted; %s appears when the job is done", record_path(opts.output))
