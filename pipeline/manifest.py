@@ -29,6 +29,7 @@ from pipeline.tables import (
 )
 
 INT32_MAX = 2**31 - 1
+ID_COLUMNS = (OBJECT_ID, CLIP_ID, *RANGE_COLUMNS)  # all that validating a row and deriving its clip ID read
 ERROR_ONLY = set(ERROR_FIELDS.names) - SHARED  # dropped when an errors table is read as a manifest
 
 
@@ -145,16 +146,19 @@ class ReadManifest(beam.PTransform):
     """The manifest's rows, its row groups spread over the workers before they are read: a one-file
     manifest of 10M rows is read by as many workers as it has row groups, not by one thread."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, columns: Iterable[str] | None = None):
+        """`columns`: only these (of those the manifest has); None for every column."""
         super().__init__()
         self.manifest = manifest
+        names = manifest.schema.names
+        self.columns = names if columns is None else [c for c in names if c in set(columns)]
 
     def expand(self, pbegin):
         return (
             pbegin
             | "RowGroups" >> beam.Create(self.manifest.pieces)
             | "Spread" >> beam.Reshuffle()
-            | "ReadRows" >> beam.ParDo(ReadManifestRows(self.manifest.schema.names))
+            | "ReadRows" >> beam.ParDo(ReadManifestRows(self.columns))
         )
 
 
@@ -209,27 +213,28 @@ def split_errors(element):
 class ValidateRows(beam.PTransform):
     """pbegin -> requests (main) and errors: row checks, then clip IDs used by more than one row.
 
-    `read` makes a read of the (where, row) pairs; the rows are read twice. The first read finds the
+    `read(columns)` makes a read of the (where, row) pairs, with only `columns` (None: all); the rows are read
+    twice, the first time with only the columns that decide a row's clip ID. The first read finds the
     clip IDs that several rows use (a count and the first places per ID, combined on each worker); the
     second checks each row and refuses those IDs. No step holds every row: a GroupByKey of all requests
     would hold the whole manifest in the in-process runner's memory.
     """
 
-    def __init__(self, read: Callable[[], beam.PTransform]):
+    def __init__(self, read: Callable[[Iterable[str] | None], beam.PTransform]):
         super().__init__()
         self.read = read
 
     def expand(self, pbegin):
         shared = (
             pbegin
-            | "ReadForClipIds" >> self.read()
+            | "ReadForClipIds" >> self.read(ID_COLUMNS)
             | "ClipIds" >> beam.FlatMap(_clip_id_and_place)
             | "CountClipIds" >> beam.CombinePerKey(CountPlaces())
             | "Shared" >> beam.Filter(lambda item: item[1][0] > 1)
         )
         checked = (
             pbegin
-            | "Read" >> self.read()
+            | "Read" >> self.read(None)
             | "Validate" >> beam.ParDo(_validate, beam.pvalue.AsDict(shared)).with_outputs("errors", main="requests")
         )
         return {"requests": checked.requests, "errors": checked.errors}

@@ -96,7 +96,7 @@ class Store(Protocol):
         """Abort unfinished multipart uploads under `prefix` (a killed writer's); how many."""
 
     def scratch_file(self, suffix: str) -> str:
-        """A new empty local file for bytes on their way to `put(file=...)`."""
+        """A fresh local file name (or an empty file) for bytes on their way to `put(file=...)`."""
 
 
 def is_local(path: str) -> bool:
@@ -198,9 +198,7 @@ class LocalStore:
         if not self._tmp_made:
             os.makedirs(self.tmp, exist_ok=True)
             self._tmp_made = True
-        path = os.path.join(self.tmp, f"{uuid.uuid4().hex}{suffix}")
-        open(path, "wb").close()
-        return path
+        return os.path.join(self.tmp, f"{uuid.uuid4().hex}{suffix}")  # not created: one open per clip, not two
 
 
 def _scratch_file(suffix: str) -> str:
@@ -317,7 +315,13 @@ class S3Store(_BucketStore):
         for bucket, keys in by_bucket.items():
             for i in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
                 batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-                self.client.delete_objects(Bucket=bucket, Delete=batch)
+                failed = self.client.delete_objects(Bucket=bucket, Delete=batch).get("Errors", [])
+                if failed:  # a 200 answer can still refuse some keys: say so, not nothing
+                    first = failed[0]
+                    raise StorageError(
+                        f"s3://{bucket}: {len(failed)} object(s) not deleted, e.g. {first['Key']}: "
+                        f"{first.get('Code')} {first.get('Message', '')}"
+                    )
 
     def abort_uploads(self, prefix: str) -> int:
         bucket, key = split_bucket(prefix)

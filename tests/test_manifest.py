@@ -359,6 +359,9 @@ def test_row_groups_are_read_as_pieces_with_their_file_row_numbers(tmp_path):
     with BeamPipeline() as p:
         rows = p | ReadManifest(manifest) | beam.Map(lambda item: (item[0], item[1]["object_id"]))
         assert_that(rows, equal_to([(f"{path} row {i}", f"obj-{i}") for i in range(50)]))
+        # the clip-ID pass reads only the columns it needs, whatever else the manifest carries
+        keys = p | "Narrow" >> ReadManifest(manifest, ["object_id", "clip_id"]) | beam.Map(lambda item: sorted(item[1]))
+        assert_that(keys, equal_to([["object_id"]] * 50), label="narrow read")
 
 
 # -- ValidateRows on Beam -------------------------------------------------------------------------
@@ -378,7 +381,7 @@ def test_validate_rows_transform():
     ]
     items = [(f"m.parquet row {i}", r) for i, r in enumerate(rows)]
     with BeamPipeline() as p:
-        out = p | ValidateRows(lambda: beam.Create(items))
+        out = p | ValidateRows(lambda columns: beam.Create(items))
         requests = out["requests"] | "Requests" >> beam.Map(lambda r: (r.source, r.clip_id, r.object_id, r.segment))
         errors = out["errors"] | "Errors" >> beam.Map(
             lambda e: (e.error_message.split(":")[0], e.clip_id, e.error_code)
@@ -420,7 +423,7 @@ def test_validate_rows_transform():
 def test_duplicate_messages_name_every_row():
     items = [(f"m.parquet row {i}", row(clip_id="same", start_ms=i)) for i in range(3)]
     with BeamPipeline() as p:
-        out = p | ValidateRows(lambda: beam.Create(items))
+        out = p | ValidateRows(lambda columns: beam.Create(items))
         assert_that(out["requests"], equal_to([]), label="no requests")
         messages = out["errors"] | beam.Map(lambda e: (e.error_code, e.columns["start_ms"], e.error_message))
 
