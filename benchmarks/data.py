@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from pipeline.audio import SAMPLE_RATE
-from pipeline.samples import sample_audio
+from pipeline.local.samples import sample_audio
 
 CLIP_MS = 5_000
 LONG_OBJECT = "long-stereo"

@@ -13,7 +13,7 @@ from pipeline.client import resolve_api_key
 
 def serve(argv: list[str]) -> None:
     """Run the local GetAudio server in the foreground until interrupted."""
-    from pipeline.server import Faults, LocalServer, ServerSettings
+    from pipeline.local.server import Faults, LocalServer, ServerSettings
 
     p = Parser(prog="python -m pipeline serve", description=serve.__doc__)
     p.add_argument("--store", required=True, help="directory of {object_id}.wav|.flac files (+ .json tokens)")
@@ -72,7 +72,7 @@ def run(argv: list[str]) -> None:
 
 def demo(argv: list[str]) -> None:
     """Run the pipeline on a sample store through the local server."""
-    from pipeline.demo import main as demo_main
+    from pipeline.local.demo import main as demo_main
 
     demo_main(argv)
 

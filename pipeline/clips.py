@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 
 from pipeline.audio import BYTES_PER_SAMPLE, SAMPLE_RATE, SAMPLES_PER_MS, parse_wav_header, wav_header
-from pipeline.client import StreamInfo
+from pipeline.messages import StreamInfo
 from pipeline.storage import Store, StoredObject
 
 CLIPS_DIR = "clips"

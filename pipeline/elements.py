@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.client import ObjectToken, Segment, TimeRange, TokenRange
+from pipeline.messages import ObjectToken, Segment, TimeRange, TokenRange
 
 # Validation codes (the errors table also carries gRPC status names and BAD_STREAM).
 MISSING_VALUE = "MISSING_VALUE"  # a required value is null

@@ -25,9 +25,10 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
-from pipeline.client import GetAudioClient, GetAudioError, RetryPolicy
+from pipeline.client import GetAudioClient, RetryPolicy
 from pipeline.clips import ClipFile, FinishedClip, WrittenClip, clip_path, existing_clip
 from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
+from pipeline.messages import GetAudioError
 from pipeline.shards import ShardWriter, shard_path
 from pipeline.storage import StoreSettings, open_store
 from pipeline.transcripts import clip_tokens, tokens_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.client import ObjectToken, Segment, TokenRange
+from pipeline.messages import ObjectToken, Segment, TokenRange
 
 
 def _overlapping(tokens: tuple[ObjectToken, ...], start_ms: int, duration_ms: int) -> tuple[ObjectToken, ...]:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.samples import write_sample_store
-from pipeline.server import Faults, LocalServer, ServerSettings
+from pipeline.local.samples import write_sample_store
+from pipeline.local.server import Faults, LocalServer, ServerSettings
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import __version__
 from pipeline.audio import SAMPLE_RATE, parse_wav_header
-from pipeline.server import Faults, LocalServer
+from pipeline.local.server import Faults, LocalServer
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 from tests.storage_servers import StorageServer
 

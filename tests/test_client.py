@@ -14,18 +14,9 @@ import numpy as np
 import pytest
 
 from pipeline.audio import wav_header
-from pipeline.client import (
-    BAD_STREAM,
-    GetAudioClient,
-    GetAudioError,
-    RetryPolicy,
-    StreamInfo,
-    TimeRange,
-    TokenRange,
-    resolve_api_key,
-    resolve_host,
-)
-from pipeline.server import AudioStore, Faults, ServerSettings, SpeechServicer
+from pipeline.client import GetAudioClient, RetryPolicy, resolve_api_key, resolve_host
+from pipeline.local.server import AudioStore, Faults, ServerSettings, SpeechServicer
+from pipeline.messages import BAD_STREAM, GetAudioError, StreamInfo, TimeRange, TokenRange
 from pipeline.wire import speech_service_pb2 as pb
 from pipeline.wire import speech_service_pb2_grpc as pb_grpc
 from tests.conftest import source_frames

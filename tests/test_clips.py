@@ -14,8 +14,8 @@ import soundfile as sf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import clips
-from pipeline.client import StreamInfo
-from pipeline.samples import sample_audio
+from pipeline.local.samples import sample_audio
+from pipeline.messages import StreamInfo
 from pipeline.storage import Store, StoreSettings, open_store
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 

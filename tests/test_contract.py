@@ -29,9 +29,10 @@ import soundfile as sf
 from google.protobuf import descriptor_pb2, json_format, text_format
 
 from pipeline.audio import SAMPLE_RATE, SAMPLES_PER_MS, WAV_HEADER_BYTES, pcm_bytes
-from pipeline.client import GetAudioClient, GetAudioError, ObjectToken, RetryPolicy, StreamInfo, TimeRange, TokenRange
-from pipeline.samples import write_sample_store
-from pipeline.server import LocalServer, ServerSettings
+from pipeline.client import GetAudioClient, RetryPolicy
+from pipeline.local.samples import write_sample_store
+from pipeline.local.server import LocalServer, ServerSettings
+from pipeline.messages import GetAudioError, ObjectToken, StreamInfo, TimeRange, TokenRange
 from pipeline.wire import speech_service_pb2 as pb
 from pipeline.wire import speech_service_pb2_grpc as pb_grpc
 

@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipeline.client import GetAudioClient, GetAudioError, RetryPolicy, TimeRange
-from pipeline.server import Faults, LocalServer, ServerSettings
+from pipeline.client import GetAudioClient, RetryPolicy
+from pipeline.local.server import Faults, LocalServer, ServerSettings
+from pipeline.messages import GetAudioError, TimeRange
 from pipeline.throttle import AdaptiveThrottler
 from tests.conftest import source_frames
 

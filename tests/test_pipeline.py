@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipeline.client import TimeRange, TokenRange
 from pipeline.elements import segment_tag
 from pipeline.ids import derive_clip_id
+from pipeline.messages import TimeRange, TokenRange
 from pipeline.tables import CLIP_FIELDS, ERROR_FIELDS
 from tests.conftest import source_frames
 

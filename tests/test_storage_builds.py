@@ -25,7 +25,7 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.server import Faults, LocalServer
+from pipeline.local.server import Faults, LocalServer
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 from tests.storage_proxy import StorageProxy
 from tests.storage_servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer

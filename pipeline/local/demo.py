@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cli import Parser, add_logging_options
+from pipeline.local.samples import write_sample_store
+from pipeline.local.server import LocalServer
 from pipeline.run import main as run_main
-from pipeline.samples import write_sample_store
-from pipeline.server import LocalServer
 
 DEMO_KEY = "demo-key"  # the local server's key: a demo value, not a secret
 

@@ -1,0 +1,97 @@
+"""The types the GetAudio client and its callers share: ranges, what a stream serves, results, errors.
+
+Kept apart from the client so that validating a manifest or writing a clip does not import gRPC (the
+shape of Beam's `io/aws/clients/s3/messages.py` beside its clients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from pipeline.audio import BYTES_PER_SAMPLE, SAMPLES_PER_MS
+
+BAD_STREAM = "BAD_STREAM"  # the error code of a stream that breaks the GetAudio contract
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    start_ms: int
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    token_start: int
+    token_end: int  # exclusive
+
+
+Segment = TimeRange | TokenRange
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What the server says it serves, from the stream's first message."""
+
+    object_id: str
+    start_ms: int
+    duration_ms: int
+    total_duration_ms: int
+    channels: int
+
+    @property
+    def num_frames(self) -> int:
+        return self.duration_ms * SAMPLES_PER_MS
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.channels * BYTES_PER_SAMPLE
+
+
+class AudioSink(Protocol):
+    """Receives one clip: `begin` once before any audio, then `write` with whole PCM frames."""
+
+    def begin(self, info: StreamInfo) -> None: ...
+
+    def write(self, pcm: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class AudioResult:
+    """What was served and what it took."""
+
+    info: StreamInfo
+    num_frames: int  # samples per channel written to the sink
+    attempts: int
+    seconds: float
+    throttled: int = 0  # times a call was held back by client-side throttling
+    failures: tuple[str, ...] = ()  # the status of each failed attempt, in order
+    waited_s: float = 0.0  # held back by throttling or backing off after failures
+
+
+@dataclass(frozen=True)
+class ObjectToken:
+    idx: int
+    text: str
+    start_ms: int
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    object_id: str
+    duration_ms: int
+    channels: int
+    tokens: tuple[ObjectToken, ...]
+
+
+class GetAudioError(Exception):
+    """A call that failed for good: `code` is the gRPC status name (or BAD_STREAM)."""
+
+    def __init__(self, code: str, message: str, attempts: int, failures: tuple[str, ...] = ()):
+        super().__init__(f"{code}: {message} (after {attempts} attempt{'s' if attempts != 1 else ''})")
+        self.code = code
+        self.message = message
+        self.attempts = attempts
+        self.failures = failures or (code,)  # the status of each failed attempt, in order
+        self.waited_s = 0.0  # held back by throttling or backing off after failures
