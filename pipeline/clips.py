@@ -1,4 +1,4 @@
-"""Clip files: WAV (or FLAC) built as the audio arrives, then published whole at a deterministic path.
+"""Clip files: WAV or FLAC (one writer each) built as the audio arrives, then published whole at a deterministic path.
 
 A crash or a retried bundle never leaves a partial file at a final path: the store publishes a clip in one
 write (one upload to a bucket, write-then-rename on a local disk). Audio is kept in memory up to
@@ -26,7 +26,6 @@ from pipeline.messages import StreamInfo
 from pipeline.storage import Store, StoredObject
 
 CLIPS_DIR = "clips"
-CLIP_FORMATS = ("wav", "flac")
 SPILL_BYTES = 1 << 20  # audio held in memory per clip before it goes to a scratch file
 _READ_BLOCK = 1 << 20
 _MIME = {"wav": "audio/wav", "flac": "audio/flac"}
@@ -57,78 +56,42 @@ class FinishedClip:
     sha256: str
 
 
-class ClipFile:
-    """An AudioSink that builds one clip (WAV or FLAC); `publish` puts it at its path in one write.
+class _ClipFile:
+    """An AudioSink that builds one clip; `publish` puts it at its path in one write. What the formats
+    share: the scratch file, the length check, the publish and the discard."""
 
-    A WAV clip is kept in memory up to SPILL_BYTES, then spilled to a scratch file; its sha256 is taken as
-    bytes leave the buffer. A FLAC clip is encoded straight into a scratch file.
-    """
+    clip_format = ""
 
-    def __init__(self, store: Store, path: str, fingerprint: str, clip_format: str = "wav"):
+    def __init__(self, store: Store, path: str, fingerprint: str):
         self.store = store
         self.path = path
         self.fingerprint = fingerprint
-        self.clip_format = clip_format
         self._scratch: str | None = None
-        self._buffer = bytearray()
-        self._file: BinaryIO | sf.SoundFile | None = None
-        self._hash = hashlib.sha256()
-        self._bytes = 0
+        self._bytes = 0  # PCM (and header) bytes received
         self._expected = 0
         self.info: StreamInfo | None = None
 
     def begin(self, info: StreamInfo) -> None:
         self.info = info
-        comment = json.dumps(_served(self.fingerprint, info), separators=(",", ":"))
         self._expected = info.num_frames * info.frame_bytes
-        if self.clip_format == "flac":
-            self._file = sf.SoundFile(self._scratch_file(), "w", SAMPLE_RATE, info.channels, "PCM_16", format="FLAC")
-            self._file.comment = comment
-        else:
-            header = wav_header(info.num_frames, info.channels, comment)
-            self._expected += len(header)
-            self._append(header)
 
-    def write(self, pcm: bytes) -> None:
-        if self.clip_format == "flac":
-            self._file.write(np.frombuffer(pcm, "<i2").reshape(-1, self.info.channels))
-            self._bytes += len(pcm)
-        else:
-            self._append(pcm)
-
-    def _append(self, data: bytes) -> None:
-        self._bytes += len(data)
-        self._buffer += data
-        if len(self._buffer) >= SPILL_BYTES:
-            self._spill()
+    def _comment(self) -> str:
+        return json.dumps(_served(self.fingerprint, self.info), separators=(",", ":"))
 
     def _scratch_file(self) -> str:
         if self._scratch is None:
             self._scratch = self.store.scratch_file("." + self.clip_format)
         return self._scratch
 
-    def _spill(self) -> None:
-        if self._file is None:
-            self._file = open(self._scratch_file(), "wb")  # noqa: SIM115 - closed in finish/discard
-        self._hash.update(self._buffer)
-        self._file.write(self._buffer)
-        self._buffer.clear()
-
     def finish(self) -> FinishedClip:
         """The complete clip, checked against the length the stream announced."""
         if self._bytes != self._expected:
             self.discard()
             raise OSError(f"clip {self.path} got {self._bytes} bytes, expected {self._expected}")
-        if self.clip_format == "flac":  # the encoder's bytes exist only in its file
-            self._close()
-            digest, size = _hash_file(self._scratch)
-            return FinishedClip(None, self._scratch, size, digest)
-        if self._file is not None:
-            self._spill()
-            self._close()
-            return FinishedClip(None, self._scratch, self._bytes, self._hash.hexdigest())
-        self._hash.update(self._buffer)
-        return FinishedClip(bytes(self._buffer), None, self._bytes, self._hash.hexdigest())
+        return self._finish()
+
+    def _finish(self) -> FinishedClip:
+        raise NotImplementedError
 
     def publish(self) -> WrittenClip:
         """Put the complete clip at its path, with what it is in the object's metadata."""
@@ -140,17 +103,99 @@ class ClipFile:
         return written
 
     def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        pass
 
     def discard(self) -> None:
         """Drop a clip that will not be published."""
-        self._buffer.clear()
         self._close()
         if self._scratch is not None and os.path.exists(self._scratch):
             os.remove(self._scratch)
         self._scratch = None
+
+
+class WavClip(_ClipFile):
+    """A WAV clip: kept in memory up to SPILL_BYTES, then spilled to a scratch file; its sha256 is taken as
+    bytes leave the buffer, so the file is never read back."""
+
+    clip_format = "wav"
+
+    def __init__(self, store: Store, path: str, fingerprint: str):
+        super().__init__(store, path, fingerprint)
+        self._buffer = bytearray()
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+
+    def begin(self, info: StreamInfo) -> None:
+        super().begin(info)
+        header = wav_header(info.num_frames, info.channels, self._comment())
+        self._expected += len(header)
+        self.write(header)
+
+    def write(self, pcm: bytes) -> None:
+        self._bytes += len(pcm)
+        self._buffer += pcm
+        if len(self._buffer) >= SPILL_BYTES:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._file is None:
+            self._file = open(self._scratch_file(), "wb")  # noqa: SIM115 - closed in finish/discard
+        self._hash.update(self._buffer)
+        self._file.write(self._buffer)
+        self._buffer.clear()
+
+    def _finish(self) -> FinishedClip:
+        if self._file is not None:
+            self._spill()
+            self._close()
+            return FinishedClip(None, self._scratch, self._bytes, self._hash.hexdigest())
+        self._hash.update(self._buffer)
+        return FinishedClip(bytes(self._buffer), None, self._bytes, self._hash.hexdigest())
+
+    def _close(self) -> None:
+        self._buffer.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class FlacClip(_ClipFile):
+    """A FLAC clip: encoded straight into a scratch file (the encoder's bytes exist only there), hashed
+    once it is complete."""
+
+    clip_format = "flac"
+
+    def __init__(self, store: Store, path: str, fingerprint: str):
+        super().__init__(store, path, fingerprint)
+        self._file: sf.SoundFile | None = None
+
+    def begin(self, info: StreamInfo) -> None:
+        super().begin(info)
+        self._file = sf.SoundFile(self._scratch_file(), "w", SAMPLE_RATE, info.channels, "PCM_16", format="FLAC")
+        self._file.comment = self._comment()
+
+    def write(self, pcm: bytes) -> None:
+        self._file.write(np.frombuffer(pcm, "<i2").reshape(-1, self.info.channels))
+        self._bytes += len(pcm)
+
+    def _finish(self) -> FinishedClip:
+        self._close()
+        digest, size = _hash_file(self._scratch)
+        return FinishedClip(None, self._scratch, size, digest)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+WRITERS: dict[str, type[_ClipFile]] = {"wav": WavClip, "flac": FlacClip}  # one writer per clip format
+CLIP_FORMATS = tuple(WRITERS)
+
+
+def clip_file(store: Store, path: str, fingerprint: str, clip_format: str = "wav") -> _ClipFile:
+    """The writer of one clip in `clip_format`."""
+    return WRITERS[clip_format](store, path, fingerprint)
 
 
 def _served(fingerprint: str, info: StreamInfo) -> dict[str, int | str]:

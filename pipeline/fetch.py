@@ -26,7 +26,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
 from pipeline.client import GetAudioClient, RetryPolicy
-from pipeline.clips import ClipFile, FinishedClip, WrittenClip, clip_path, existing_clip
+from pipeline.clips import FinishedClip, WrittenClip, clip_file, clip_path, existing_clip
 from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
 from pipeline.messages import GetAudioError
 from pipeline.shards import ShardWriter, shard_path
@@ -179,7 +179,7 @@ class _Fetch(beam.DoFn):
                 existing = None
             if existing is not None:
                 return _Done(_record(request, existing, attempts=0, stats=CallStats()))
-        sink = ClipFile(self.store, path, request.fingerprint, s.clip_format)
+        sink = clip_file(self.store, path, request.fingerprint, s.clip_format)
         try:
             result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
             finished = None

@@ -1,4 +1,4 @@
-"""ClipFile on its own: every way a clip is written (in memory or spilled, WAV or FLAC, disk or bucket) gives a
+"""Clip writers alone: every way a clip is written (in memory or spilled, WAV or FLAC, disk or bucket) gives a
 file whose samples, size and sha256 are the ones the clips table reports, and that `existing_clip` finds."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def target(request, tmp_path) -> tuple[str, Store]:
 
 def write_clip(store: Store, output: str, audio: np.ndarray, clip_format: str) -> clips.WrittenClip:
     info = StreamInfo("obj", 1000, len(audio) // 16, 60_000, audio.shape[1])
-    sink = clips.ClipFile(store, clips.clip_path(output, "c1", clip_format), "obj/t1000+x", clip_format)
+    sink = clips.clip_file(store, clips.clip_path(output, "c1", clip_format), "obj/t1000+x", clip_format)
     sink.begin(info)
     pcm = audio.tobytes()
     for i in range(0, len(pcm), CHUNK):
@@ -64,7 +64,7 @@ def test_published_clip_matches_its_record(target, monkeypatch, clip_format, spi
 def test_a_short_clip_is_refused_and_leaves_nothing(tmp_path):
     output = str(tmp_path)
     store = open_store(output)
-    sink = clips.ClipFile(store, clips.clip_path(output, "c1"), "obj/t0+100", "wav")
+    sink = clips.clip_file(store, clips.clip_path(output, "c1"), "obj/t0+100", "wav")
     sink.begin(StreamInfo("obj", 0, 100, 1000, 1))
     sink.write(b"\0" * 100)
     with pytest.raises(OSError, match="expected"):
