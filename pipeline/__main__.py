@@ -8,11 +8,11 @@ import sys
 import grpc
 
 from pipeline.cli import LaunchError, Parser, add_logging_options, configure_logging
-from pipeline.client import resolve_api_key
 
 
 def serve(argv: list[str]) -> None:
     """Run the local GetAudio server in the foreground until interrupted."""
+    from pipeline.api_key import key_source, read_api_key  # imports Beam: after logging is configured
     from pipeline.local.server import Faults, LocalServer, ServerSettings
 
     p = Parser(prog="python -m pipeline serve", description=serve.__doc__)
@@ -42,10 +42,9 @@ def serve(argv: list[str]) -> None:
     add_logging_options(p)
     a = p.parse_args(argv)
     try:
-        key = resolve_api_key(a.api_key, a.api_key_file).reveal() or None
+        key = a.api_key or read_api_key(a.api_key_file).reveal() or None
     except OSError as e:
-        where = f"--api_key_file {a.api_key_file}" if a.api_key_file else "SONIOX_API_KEY_FILE"
-        raise LaunchError(f"{where}: cannot read the API key ({e.strerror})") from None
+        raise LaunchError(f"{key_source(a.api_key_file)}: cannot read the API key ({e.strerror})") from None
     faults = Faults(
         latency_s=a.latency_ms / 1000,
         fail_fraction=a.fail_fraction,

@@ -27,6 +27,7 @@ from pipeline.messages import (
     GetAudioError,
     ObjectInfo,
     ObjectToken,
+    Secret,
     Segment,
     StreamInfo,
     TimeRange,
@@ -58,35 +59,6 @@ class _BadStream(Exception):
     """The stream broke the contract: never retried, never written as a clip."""
 
 
-class Secret:
-    """A string that never shows itself in a repr, a log line or an exception."""
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __reduce__(self):  # pickling would write the key into Beam's serialized graph
-        raise TypeError("a Secret is not picklable; pass an api_key_file or SONIOX_API_KEY instead")
-
-
-def resolve_api_key(api_key: str | None = None, api_key_file: str | None = None) -> Secret:
-    """The key from an argument, else a file (secret mounts), else SONIOX_API_KEY; may be empty."""
-    if api_key:
-        return Secret(api_key)
-    path = api_key_file or os.environ.get("SONIOX_API_KEY_FILE")
-    if path:
-        with open(path, encoding="utf-8") as f:
-            return Secret(f.read().strip())
-    return Secret(os.environ.get("SONIOX_API_KEY", ""))
-
-
 def resolve_host(api_host: str | None = None) -> tuple[str, bool]:
     """(target, use_tls): argument, else SONIOX_API_HOST, else the public endpoint.
 
@@ -101,29 +73,19 @@ def resolve_host(api_host: str | None = None) -> tuple[str, bool]:
     return host.rstrip("/"), True
 
 
-_channels: dict[tuple[str, bool], grpc.Channel] = {}
-_channels_lock = threading.Lock()
-
-
-def shared_channel(target: str, tls: bool) -> grpc.Channel:
-    """One channel per process and target, reused by every thread and call."""
-    with _channels_lock:
-        channel = _channels.get((target, tls))
-        if channel is None:
-            options = [
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                # Reconnect within seconds when a server comes back (gRPC's default backoff grows to 2 min,
-                # longer than our retry budget).
-                ("grpc.initial_reconnect_backoff_ms", 250),
-                ("grpc.max_reconnect_backoff_ms", 5_000),
-            ]
-            if tls:
-                channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
-            else:
-                channel = grpc.insecure_channel(target, options=options)
-            _channels[(target, tls)] = channel
-        return channel
+def open_channel(target: str, tls: bool) -> grpc.Channel:
+    """The client's channel, shared by every thread and call that uses the client."""
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # Reconnect within seconds when a server comes back (gRPC's default backoff grows to 2 min,
+        # longer than our retry budget).
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+    ]
+    if tls:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+    return grpc.insecure_channel(target, options=options)
 
 
 @dataclass(frozen=True)
@@ -149,8 +111,7 @@ class GetAudioClient:
     def __init__(
         self,
         api_host: str | None = None,
-        api_key: str | None = None,
-        api_key_file: str | None = None,
+        api_key: Secret | str | None = None,
         retry: RetryPolicy = RetryPolicy(),
         rpc_timeout_s: float = 60.0,
         timeout_per_audio_s: float = 0.1,
@@ -159,8 +120,9 @@ class GetAudioClient:
         target, tls = resolve_host(api_host)
         self.target = target
         self.tls = tls
-        self._key = resolve_api_key(api_key, api_key_file)
-        self._stub = pb_grpc.SpeechServiceStub(shared_channel(target, tls))
+        self._key = api_key if isinstance(api_key, Secret) else Secret(api_key or "")
+        self._channel = open_channel(target, tls)
+        self._stub = pb_grpc.SpeechServiceStub(self._channel)
         self.retry = retry
         self.rpc_timeout_s = rpc_timeout_s
         self.timeout_per_audio_s = timeout_per_audio_s
@@ -169,6 +131,9 @@ class GetAudioClient:
 
     def __repr__(self) -> str:
         return f"GetAudioClient(target={self.target!r}, tls={self.tls})"
+
+    def close(self) -> None:
+        self._channel.close()
 
     def _deadline(self, duration_ms: int | None) -> float:
         return self.rpc_timeout_s + self.timeout_per_audio_s * (duration_ms or 0) / 1000

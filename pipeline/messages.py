@@ -95,3 +95,21 @@ class GetAudioError(Exception):
         self.attempts = attempts
         self.failures = failures or (code,)  # the status of each failed attempt, in order
         self.waited_s = 0.0  # held back by throttling or backing off after failures
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or an exception."""
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # pickling would write the key into Beam's serialized graph
+        raise TypeError("a Secret is not picklable; pass an api_key_file or SONIOX_API_KEY instead")

@@ -13,8 +13,9 @@ import grpc
 import numpy as np
 import pytest
 
+from pipeline.api_key import read_api_key
 from pipeline.audio import wav_header
-from pipeline.client import GetAudioClient, RetryPolicy, resolve_api_key, resolve_host
+from pipeline.client import GetAudioClient, RetryPolicy, resolve_host
 from pipeline.local.server import AudioStore, Faults, ServerSettings, SpeechServicer
 from pipeline.messages import BAD_STREAM, GetAudioError, StreamInfo, TimeRange, TokenRange
 from pipeline.wire import speech_service_pb2 as pb
@@ -186,9 +187,11 @@ def test_key_and_host_sources(tmp_path, monkeypatch):
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")
     monkeypatch.setenv("SONIOX_API_KEY", "from-env")
-    assert resolve_api_key("arg").reveal() == "arg"
-    assert resolve_api_key(None, str(key_file)).reveal() == "from-file"
-    assert resolve_api_key().reveal() == "from-env"
+    assert read_api_key(str(key_file)).reveal() == "from-file"
+    assert read_api_key().reveal() == "from-env"
+    monkeypatch.setenv("SONIOX_API_KEY_FILE", str(key_file))
+    assert read_api_key().reveal() == "from-file"
+    monkeypatch.delenv("SONIOX_API_KEY_FILE")
     monkeypatch.delenv("SONIOX_API_HOST", raising=False)
     assert resolve_host() == ("api.soniox.com:443", True)
     assert resolve_host("http://127.0.0.1:5") == ("127.0.0.1:5", False)

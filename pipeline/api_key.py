@@ -1,0 +1,35 @@
+"""The API key's one reader: `--api_key_file` (any Beam filesystem, e.g. a gs:// object that Dataflow
+workers can read), else the file named by SONIOX_API_KEY_FILE (a mounted secret), else SONIOX_API_KEY.
+
+The launcher and the workers read the key the same way, so the launch's key check uses the key the
+workers will use.
+"""
+
+from __future__ import annotations
+
+import os
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.messages import Secret
+
+
+def key_file(api_key_file: str | None = None) -> str | None:
+    return api_key_file or os.environ.get("SONIOX_API_KEY_FILE") or None
+
+
+def key_source(api_key_file: str | None = None) -> str:
+    """Where the key comes from, for messages (never the key itself)."""
+    if api_key_file:
+        return f"--api_key_file {api_key_file}"
+    path = key_file()
+    return f"SONIOX_API_KEY_FILE {path}" if path else "SONIOX_API_KEY"
+
+
+def read_api_key(api_key_file: str | None = None) -> Secret:
+    """The key (may be empty: no key given). A file that cannot be read raises the filesystem's error."""
+    path = key_file(api_key_file)
+    if path:
+        with FileSystems.open(path) as f:
+            return Secret(f.read().decode().strip())
+    return Secret(os.environ.get("SONIOX_API_KEY", ""))
