@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.messages import ObjectToken, Segment, TimeRange, TokenRange
 
 # Validation codes (the errors table also carries gRPC status names and BAD_STREAM).
@@ -24,6 +26,15 @@ def segment_tag(segment: Segment) -> str:
     if isinstance(segment, TimeRange):
         return f"t{segment.start_ms}+{segment.duration_ms}"
     return f"k{segment.token_start}-{segment.token_end}"
+
+
+NOT_COLUMNS = ("columns", "stats")  # the manifest row (spread into its own columns) and the fetch's numbers
+TOKEN_TYPE = pa.struct([("text", pa.string()), ("start_ms", pa.int64()), ("duration_ms", pa.int64())])
+
+
+def arrow(type_: pa.DataType) -> Any:
+    """A field whose table column is not the plain Arrow type of its Python type (str: string, int: int64)."""
+    return field(metadata={"arrow": type_})
 
 
 @dataclass(frozen=True)
@@ -64,15 +75,15 @@ class ClipRecord:
     clip_start_ms: int
     clip_duration_ms: int
     object_duration_ms: int
-    num_channels: int
-    sample_rate: int
+    num_channels: int = arrow(pa.int32())
+    sample_rate: int = arrow(pa.int32())
     num_samples: int
     num_bytes: int
     sha256: str
-    attempts: int
+    attempts: int = arrow(pa.int32())
     columns: dict[str, Any] = field(compare=False)
     transcript_text: str | None = None  # with --with_transcripts
-    transcript_tokens: list[dict[str, Any]] | None = None
+    transcript_tokens: list[dict[str, Any]] | None = field(default=None, metadata={"arrow": pa.list_(TOKEN_TYPE)})
     member: str | None = None  # with --shards: the clip's name inside the tar at `path`
     stats: CallStats = field(default_factory=CallStats, compare=False)  # not a table column
 
@@ -85,7 +96,7 @@ class ClipError:
     object_id: str | None
     error_code: str
     error_message: str
-    attempts: int
+    attempts: int = arrow(pa.int32())
     columns: dict[str, Any] = field(compare=False)
     stats: CallStats = field(default_factory=CallStats, compare=False)  # not a table column
 

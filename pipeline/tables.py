@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.elements import ClipError, ClipRecord
+from pipeline.elements import NOT_COLUMNS, ClipError, ClipRecord
 
 # The manifest.
 OBJECT_ID = "object_id"
@@ -20,41 +20,26 @@ TIME_COLUMNS = ("start_ms", "duration_ms")
 TOKEN_COLUMNS = ("token_start", "token_end")
 RANGE_COLUMNS = TIME_COLUMNS + TOKEN_COLUMNS
 
-CLIP_FIELDS = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("object_id", pa.string()),
-        ("path", pa.string()),
-        ("clip_start_ms", pa.int64()),
-        ("clip_duration_ms", pa.int64()),
-        ("object_duration_ms", pa.int64()),
-        ("num_channels", pa.int32()),
-        ("sample_rate", pa.int32()),
-        ("num_samples", pa.int64()),
-        ("num_bytes", pa.int64()),
-        ("sha256", pa.string()),
-        ("attempts", pa.int32()),
-    ]
-)
-ERROR_FIELDS = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("object_id", pa.string()),
-        ("error_code", pa.string()),
-        ("error_message", pa.string()),
-        ("attempts", pa.int32()),
-    ]
-)
+_PLAIN = {"str": pa.string(), "str | None": pa.string(), "int": pa.int64()}
+
+
+def columns_of(element: type) -> pa.Schema:
+    """The table columns of an element type: its fields but the manifest row and the fetch's numbers, typed
+    from the field's `arrow` metadata or its Python type. A field added to the element is a column."""
+    return pa.schema(
+        (f.name, f.metadata.get("arrow") or _PLAIN[f.type])
+        for f in dataclasses.fields(element)
+        if f.name not in NOT_COLUMNS
+    )
+
+
+_RECORD = columns_of(ClipRecord)
 TRANSCRIPT_FIELDS = pa.schema(
-    [
-        ("transcript_text", pa.string()),
-        (
-            "transcript_tokens",
-            pa.list_(pa.struct([("text", pa.string()), ("start_ms", pa.int64()), ("duration_ms", pa.int64())])),
-        ),
-    ]
-)
-SHARD_FIELDS = pa.schema([("member", pa.string())])
+    [_RECORD.field("transcript_text"), _RECORD.field("transcript_tokens")]
+)  # with transcripts
+SHARD_FIELDS = pa.schema([_RECORD.field("member")])  # with --shards
+CLIP_FIELDS = pa.schema(f for f in _RECORD if f.name not in TRANSCRIPT_FIELDS.names + SHARD_FIELDS.names)
+ERROR_FIELDS = columns_of(ClipError)
 SHARED = {OBJECT_ID, CLIP_ID}
 RESERVED = (
     set(CLIP_FIELDS.names) | set(ERROR_FIELDS.names) | set(TRANSCRIPT_FIELDS.names) | set(SHARD_FIELDS.names)
@@ -72,9 +57,6 @@ def clips_schema(manifest_schema: pa.Schema, with_transcripts: bool = False, sha
 
 def errors_schema(manifest_schema: pa.Schema) -> pa.Schema:
     return pa.schema(list(ERROR_FIELDS) + passthrough(manifest_schema))
-
-
-NOT_COLUMNS = ("columns", "stats")  # the manifest row (spread into columns) and the fetch's numbers
 
 
 def to_row(element: ClipRecord | ClipError) -> dict[str, Any]:
