@@ -370,46 +370,54 @@ def _ok(value: float | None, target: str) -> str:
     return "yes" if good else "NO"
 
 
+def _regime_rows(r: dict[str, Any], lat: float) -> list[list[str]]:
+    """The rows of one latency regime: each baseline, the pipeline, and the pipeline against each baseline."""
+    rows: list[list[str]] = []
+    tag = f"{lat:g} ms latency"
+    for key, name in NAMES.items():
+        m = r.get(key)
+        if not m:
+            continue
+        label = f"{name}, {tag}"
+        if key == "limit":
+            levels = "/".join(str(c) for c in m["levels"])
+            label += f" (best of c={levels}: c={m['best_concurrency']})"
+        if m["rows"] != r["rows"]:
+            label += f" [{m['rows']} of {r['rows']} rows; rates comparable]"
+        rows.append([label, _fmt_rate(m), "", "", "", "" if m["errors"] == 0 else f"{m['errors']} errors"])
+    p = r.get("pipeline")
+    if not p:
+        return rows
+    rows.append([f"pipeline, {tag} ({p['rows']} rows, wall incl. start-up)", _fmt_rate(p), "", "", "", ""])
+    for key in ("limit", "peer2", "peer1"):
+        b = r.get(key)
+        if not b:
+            continue
+        ratio = p["clips_per_s"] / b["clips_per_s"] if b["clips_per_s"] else None
+        target = TARGETS.get(int(lat), {}).get(key)
+        rows.append(
+            [
+                f"pipeline / {NAMES[key]}, {tag}",
+                _fmt_rate(p),
+                _fmt_rate(b),
+                f"{ratio:.2f}" if ratio is not None else "-",
+                target or "",
+                _ok(ratio, target) if target else "",
+            ]
+        )
+    return rows
+
+
+NAMES = {"limit": "limit", "peer1": "peer 1 (SDK sequential)", "peer2": f"peer 2 ({PEER_THREADS}-thread pool)"}
+TARGETS = {0: {"limit": ">= 0.7"}, 100: {"peer2": ">= 1.5", "peer1": ">= 50"}}
+
+
 def table_rows(results: dict[str, Any], args: argparse.Namespace) -> list[list[str]]:
     rows: list[list[str]] = []
-    targets = {0: {"limit": ">= 0.7"}, 100: {"peer2": ">= 1.5", "peer1": ">= 50"}}
-    names = {"limit": "limit", "peer1": "peer 1 (SDK sequential)", "peer2": f"peer 2 ({PEER_THREADS}-thread pool)"}
     for lat in args.latencies_ms:
         r = results.get(f"regime_{lat:g}ms")
-        if not r:
-            continue
-        tag = f"{lat:g} ms latency"
-        for key, name in names.items():
-            m = r.get(key)
-            if not m:
-                continue
-            label = f"{name}, {tag}"
-            if key == "limit":
-                levels = "/".join(str(c) for c in m["levels"])
-                label += f" (best of c={levels}: c={m['best_concurrency']})"
-            if m["rows"] != r["rows"]:
-                label += f" [{m['rows']} of {r['rows']} rows; rates comparable]"
-            rows.append([label, _fmt_rate(m), "", "", "", "" if m["errors"] == 0 else f"{m['errors']} errors"])
-        p = r.get("pipeline")
-        if not p:
-            continue
-        rows.append([f"pipeline, {tag} ({p['rows']} rows, wall incl. start-up)", _fmt_rate(p), "", "", "", ""])
-        for key in ("limit", "peer2", "peer1"):
-            b = r.get(key)
-            if not b:
-                continue
-            ratio = p["clips_per_s"] / b["clips_per_s"] if b["clips_per_s"] else None
-            target = targets.get(int(lat), {}).get(key)
-            rows.append(
-                [
-                    f"pipeline / {names[key]}, {tag}",
-                    _fmt_rate(p),
-                    _fmt_rate(b),
-                    f"{ratio:.2f}" if ratio is not None else "-",
-                    target or "",
-                    _ok(ratio, target) if target else "",
-                ]
-            )
+        if r:
+            rows += _regime_rows(r, lat)
     rss = results.get("rss")
     base = rss.get("one_5s_clip") if rss else None
     if rss:

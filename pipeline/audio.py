@@ -59,26 +59,29 @@ def parse_wav_header(buf: bytes) -> WavHeader | None:
     if riff != b"RIFF" or wave != b"WAVE":
         raise WavHeaderError("data does not start with a RIFF/WAVE header")
     pos, fmt, comment = 12, None, None
-    while True:
-        if len(buf) < pos + 8:
-            return None
+    while len(buf) >= pos + 8:
         chunk_id, size = struct.unpack_from("<4sI", buf, pos)
         if chunk_id == b"data":
-            if fmt is None:
-                raise WavHeaderError("WAV data chunk comes before its fmt chunk")
-            audio_format, channels, rate, _, _, bits = fmt
-            if audio_format not in (1, 0xFFFE) or bits != 16:
-                raise WavHeaderError(f"WAV is not 16-bit PCM (format {audio_format}, {bits} bits)")
-            return WavHeader(channels, rate, bits, pos + 8, size, comment)
+            return _data_header(fmt, pos + 8, size, comment)
+        needed = 16 if chunk_id == b"fmt " else size if chunk_id == b"LIST" else 0  # the body bytes we read
+        if len(buf) < pos + 8 + needed:
+            return None
         if chunk_id == b"fmt ":
-            if len(buf) < pos + 8 + 16:
-                return None
             fmt = struct.unpack_from("<HHIIHH", buf, pos + 8)
-        if chunk_id == b"LIST":
-            if len(buf) < pos + 8 + size:
-                return None
+        elif chunk_id == b"LIST":
             comment = _info_comment(buf[pos + 8 : pos + 8 + size]) or comment
         pos += 8 + size + (size & 1)
+    return None
+
+
+def _data_header(fmt: tuple | None, data_offset: int, data_bytes: int, comment: str | None) -> WavHeader:
+    """The header, once the data chunk is reached: the fmt chunk must have come first and say 16-bit PCM."""
+    if fmt is None:
+        raise WavHeaderError("WAV data chunk comes before its fmt chunk")
+    audio_format, channels, rate, _, _, bits = fmt
+    if audio_format not in (1, 0xFFFE) or bits != 16:
+        raise WavHeaderError(f"WAV is not 16-bit PCM (format {audio_format}, {bits} bits)")
+    return WavHeader(channels, rate, bits, data_offset, data_bytes, comment)
 
 
 def _info_comment(chunk: bytes) -> str | None:

@@ -96,13 +96,7 @@ def _classify_s3(method: str, path: str, query: dict[str, list[str]], headers: d
     if not bucket:
         return "OTHER"  # ListBuckets
     if not key:
-        if method == "GET":
-            return "LIST" if not params - {"x-id"} or params & _S3_LIST_PARAMS else "BUCKET"
-        if method == "HEAD":
-            return "BUCKET"
-        if method == "POST" and "delete" in params:
-            return "DELETE"
-        return "OTHER"
+        return _classify_s3_bucket(method, params)
     # Presigned-URL (X-Amz-*) and response-header overrides (response-*) don't change the operation.
     extra = {p for p in params - _S3_OBJECT_PARAMS if not p.lower().startswith(("x-amz-", "response-"))}
     if method == "PUT" and not extra:
@@ -120,19 +114,28 @@ def _classify_s3(method: str, path: str, query: dict[str, list[str]], headers: d
     return "OTHER"
 
 
+def _classify_s3_bucket(method: str, params: set[str]) -> str:
+    if method == "GET":
+        return "LIST" if not params - {"x-id"} or params & _S3_LIST_PARAMS else "BUCKET"
+    if method == "HEAD":
+        return "BUCKET"
+    return "DELETE" if method == "POST" and "delete" in params else "OTHER"
+
+
+def _classify_gcs_upload(method: str, query: dict[str, list[str]]) -> str:
+    if method == "POST":
+        return "POST_INIT" if query.get("uploadType") == ["resumable"] else "PUT"
+    # A resumable session's data (or status) PUT; DELETE cancels a resumable session.
+    return {"PUT": "PUT", "DELETE": "ABORT"}.get(method, "OTHER")
+
+
 def _classify_gcs(method: str, path: str, query: dict[str, list[str]], body: bytes) -> str:
     if path.startswith("/batch/"):
         return _classify_gcs_batch(body) if method == "POST" else "OTHER"
     if path.startswith("/download/"):
         return "GET" if method == "GET" else "OTHER"
     if path.startswith("/upload/"):
-        if method == "POST":
-            return "POST_INIT" if query.get("uploadType") == ["resumable"] else "PUT"
-        if method == "PUT":
-            return "PUT"  # A resumable session's data (or status) PUT.
-        if method == "DELETE":
-            return "ABORT"  # Cancelling a resumable session.
-        return "OTHER"
+        return _classify_gcs_upload(method, query)
     parts = path.split("/")  # ['', 'storage', 'v1', 'b', BUCKET, 'o', NAME, ...]
     if len(parts) < 5 or parts[3] != "b":
         return "OTHER"
@@ -146,9 +149,7 @@ def _classify_gcs(method: str, path: str, query: dict[str, list[str]], body: byt
         return "COPY" if method == "POST" and parts[7] in ("rewriteTo", "copyTo") else "OTHER"
     if method in ("GET", "HEAD"):
         return "GET" if method == "GET" and query.get("alt") == ["media"] else "HEAD"
-    if method == "DELETE":
-        return "DELETE"
-    return "OTHER"
+    return "DELETE" if method == "DELETE" else "OTHER"
 
 
 def _classify_gcs_batch(body: bytes) -> str:
