@@ -1,15 +1,17 @@
-"""The clips and errors tables as Parquet files: `{output}/metadata/{name}-{id}.parquet`.
+"""The clips and errors tables as Parquet files: `{output}/metadata/{name}-{content hash}.parquet`.
 
 Each bundle of rows is written as it comes, into a local scratch file, and published in one write when the
 bundle ends: no shuffle of the rows, and no worker holds more than a batch of them (a GroupByKey of every
-row would hold the whole table in the in-process runner's memory). The job's last step keeps exactly the
-files of the bundles that committed: a retried bundle's abandoned file and an earlier run's files are
-removed (`remove_stale`), and a table with no rows gets one empty file, so both tables always exist.
+row would hold the whole table in the in-process runner's memory). A file is named for its content, so a
+retried bundle that writes the same rows writes the same file again, not a second copy. The job's last
+step keeps exactly the files of the bundles that committed: a retried bundle's abandoned file and an
+earlier run's files are removed (`remove_stale`), and a table with no rows gets one empty file, so both
+tables always exist.
 """
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -31,8 +33,13 @@ def table_prefix(output: str, name: str) -> str:
     return f"{output.rstrip('/')}/{METADATA_DIR}/{name}-"
 
 
-def new_table_path(output: str, name: str) -> str:
-    return f"{table_prefix(output, name)}{uuid.uuid4().hex[:16]}.parquet"
+def table_path(output: str, name: str, scratch: str) -> str:
+    """The path of a table file, named for the content of its complete scratch file."""
+    digest = hashlib.sha256()
+    with open(scratch, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return f"{table_prefix(output, name)}{digest.hexdigest()[:16]}.parquet"
 
 
 class WriteTable(beam.PTransform):
@@ -76,7 +83,7 @@ class _WriteFiles(beam.DoFn):
         if self.writer is None:
             return
         self.writer.close()
-        path = new_table_path(self.output, self.name)
+        path = table_path(self.output, self.name, self.scratch)
         self.store.put(path, file=self.scratch, content_type="application/vnd.apache.parquet")
         yield WindowedValue(path, MIN_TIMESTAMP, [GlobalWindow()])
 
@@ -85,7 +92,7 @@ def write_empty(store: Store, output: str, name: str, schema: pa.Schema) -> str:
     """A table with no rows still gets a file, with its columns."""
     scratch = store.scratch_file(".parquet")
     pq.write_table(schema.empty_table(), scratch)
-    path = new_table_path(output, name)
+    path = table_path(output, name, scratch)
     store.put(path, file=scratch, content_type="application/vnd.apache.parquet")
     return path
 

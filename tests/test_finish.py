@@ -3,6 +3,7 @@ wait still gets them), the tables' files are exactly this run's, and the numbers
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -58,7 +59,8 @@ def test_the_job_writes_its_own_card_and_record(server, store, tmp_path: Path) -
 
 def test_each_table_is_exactly_this_runs_files(make_server, store, tmp_path: Path) -> None:
     """A rerun replaces the tables' files (an earlier run's, and a file no committed bundle wrote, as a
-    retried bundle leaves, are removed); a table with no rows gets one empty file with its columns."""
+    retried bundle leaves, are removed); files are named for their content; a table with no rows gets one
+    empty file with its columns."""
     server = make_server()
     manifest = write_manifest(tmp_path / "m.parquet", rows(20)[:-1])  # no row fails
     out = tmp_path / "out"
@@ -70,7 +72,10 @@ def test_each_table_is_exactly_this_runs_files(make_server, store, tmp_path: Pat
     record = json.loads((out / "_RUN.json").read_text())
     files = sorted(str(p) for p in (out / "metadata").iterdir())
     assert files == sorted(record["clips_table"] + record["errors_table"])
-    assert not set(files) & set(first["clips_table"] + first["errors_table"]) and not abandoned.exists()
+    assert not set(files) & set(first["clips_table"]) and not abandoned.exists()  # the clips changed: attempts 0
+    assert record["errors_table"] == first["errors_table"]  # the same (empty) content, so the same name
+    for path in files:  # each file is named for its content: a retried bundle rewrites, never adds
+        assert Path(path).name.split("-")[1] == hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] + ".parquet"
     clips = pq.read_table(record["clips_table"]).to_pylist()
     assert sorted(c["clip_id"] for c in clips) == [f"c{i:03d}" for i in range(20)]
     assert all(c["attempts"] == 0 for c in clips)
