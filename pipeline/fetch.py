@@ -12,102 +12,113 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import apache_beam as beam
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
-from pipeline.client import GetAudioClient, RetryPolicy
 from pipeline.clips import FinishedClip, WrittenClip, clip_file, clip_path, existing_clip
 from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
-from pipeline.messages import GetAudioError
+from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
+from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import ShardWriter, shard_path
-from pipeline.storage import StoreSettings, open_store
+from pipeline.storage import open_store
 from pipeline.transcripts import clip_tokens, tokens_for
 
 log = logging.getLogger(__name__)
 NAMESPACE = "clips"
 FAILED_ATTEMPTS = "failed_attempts"  # one counter per status code of a failed (and maybe retried) attempt
+COUNTERS = ("written", "skipped", "retries", "throttled", "bytes", "audio_ms", "get_object_calls")
 
 
-@dataclass(frozen=True)
-class FetchSettings:
-    """What the fetch step needs from the options; picklable, and holding no secret."""
+class Fetcher(Protocol):
+    """What the fetch steps call: GetAudioClient, or a fake in a test."""
 
-    output: str
-    api_host: str | None
-    api_key_file: str | None
-    audio_format: str
-    max_in_flight: int
-    max_attempts: int
-    rpc_timeout_s: float
-    skip_existing: bool
-    with_transcripts: bool = False
-    clip_format: str = "wav"
-    shards: int = 0
-    total_rows: int = 0
-    store: StoreSettings = field(default_factory=StoreSettings)
+    def get_audio(self, object_id: str, segment: Segment, sink: AudioSink, audio_format: str) -> AudioResult: ...
+
+    def get_object(self, object_id: str) -> ObjectInfo: ...
 
 
-def read_api_key(api_key_file: str | None) -> str | None:
-    """The key in `api_key_file`, on any Beam filesystem (a gs:// object on Dataflow workers); None without
-    one, and the client falls back to its own sources (SONIOX_API_KEY)."""
-    if not api_key_file:
-        return None
-    with FileSystems.open(api_key_file) as f:
-        return f.read().decode().strip()
+class _Resources:
+    """What the steps of one worker process that call the service share: one client (so one channel and one
+    throttler), one pool of `max_in_flight` threads, and the process's progress."""
+
+    def __init__(self, client: Fetcher, max_in_flight: int, total_rows: int, limiter=None):
+        self.client = client
+        self.limiter = limiter  # Beam's RateLimiter, or None
+        self.pool = futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="getaudio")
+        self.progress = Progress(total_rows)
+        self.users = 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if hasattr(self.client, "close"):
+            self.client.close()
 
 
-def check_key(s: FetchSettings, object_id: str) -> str | None:
-    """One GetObject attempt with the configured key: the error code, or None when it was answered."""
-    client = GetAudioClient(s.api_host, api_key=read_api_key(s.api_key_file), retry=RetryPolicy(max_attempts=1))
-    try:
-        client.get_object(object_id)
-    except GetAudioError as e:
-        return e.code
-    return None
+# The steps' shared client and pool, by what they are built from: an entry lives while a step that set it
+# up has not been torn down, so nothing of a finished run stays in the process.
+_in_use: dict[tuple, _Resources] = {}
+_in_use_lock = threading.Lock()
 
 
-_shared: dict[FetchSettings, tuple[GetAudioClient, futures.ThreadPoolExecutor]] = {}
-_shared_lock = threading.Lock()
+class _Step(beam.DoFn):
+    """A step that calls the service: it takes the process's shared client (built by `make_client`, a fake
+    in tests) when it is set up, and the last step to be torn down closes it."""
+
+    def __init__(
+        self, settings: FetchSettings, make_client: Callable[[ClientSettings], Fetcher] = ClientSettings.client
+    ):
+        self.settings = settings
+        self.make_client = make_client
+        self.counters = {name: Metrics.counter(NAMESPACE, name) for name in COUNTERS}
+
+    def setup(self) -> None:
+        s = self.settings
+        self.key = (
+            s.client,
+            s.max_in_flight,
+            s.total_rows,
+            s.rate_limit_service,
+            s.rate_limit_domain,
+            self.make_client,
+        )
+        with _in_use_lock:
+            if self.key not in _in_use:
+                client = self.make_client(s.client)
+                _in_use[self.key] = _Resources(client, s.max_in_flight, s.total_rows, s.rate_limiter())
+            self.resources = _in_use[self.key]
+            self.resources.users += 1
+        self.client = self.resources.client
+
+    def teardown(self) -> None:
+        if getattr(self, "resources", None) is None:  # setup did not get as far
+            return
+        with _in_use_lock:
+            self.resources.users -= 1
+            last = self.resources.users == 0
+            if last:
+                del _in_use[self.key]
+        if last:
+            self.resources.close()
+        self.resources = self.client = None
 
 
-def _client_and_pool(s: FetchSettings) -> tuple[GetAudioClient, futures.ThreadPoolExecutor]:
-    """One client (so one channel and one throttler) and one pool per process, for all DoFn instances."""
-    with _shared_lock:
-        if s not in _shared:
-            client = GetAudioClient(
-                s.api_host,
-                api_key=read_api_key(s.api_key_file),
-                retry=RetryPolicy(max_attempts=s.max_attempts),
-                rpc_timeout_s=s.rpc_timeout_s,
-            )
-            _shared[s] = (client, futures.ThreadPoolExecutor(s.max_in_flight, thread_name_prefix="getaudio"))
-        return _shared[s]
-
-
-class AttachTranscripts(beam.DoFn):
+class AttachTranscripts(_Step):
     """(object_id, requests) -> each request with the object's tokens, from one GetObject call per object;
     a ClipError for each request when the object's transcript cannot be had."""
 
-    def __init__(self, settings: FetchSettings):
-        self.settings = settings
-        self.calls = Metrics.counter(NAMESPACE, "get_object_calls")
-
-    def setup(self) -> None:
-        self.client, _ = _client_and_pool(self.settings)
-
     def process(self, item: tuple[str, Iterable[ClipRequest]]) -> Iterator[ClipRequest | ClipError]:
         object_id, requests = item
-        self.calls.inc()
+        self.counters["get_object_calls"].inc()
         try:
             tokens = self.client.get_object(object_id).tokens
         except GetAudioError as e:
@@ -118,17 +129,11 @@ class AttachTranscripts(beam.DoFn):
             yield dataclasses.replace(r, tokens=tokens_for(tokens, r.segment))
 
 
-class _Fetch(beam.DoFn):
+class _Fetch(_Step):
     """What both fetch steps share: the process's client, pool and store, one clip's fetch, the counters."""
 
-    def __init__(self, settings: FetchSettings):
-        self.settings = settings
-        self.written = Metrics.counter(NAMESPACE, "written")
-        self.skipped = Metrics.counter(NAMESPACE, "skipped")
-        self.retries = Metrics.counter(NAMESPACE, "retries")
-        self.throttled = Metrics.counter(NAMESPACE, "throttled")
-        self.bytes = Metrics.counter(NAMESPACE, "bytes")
-        self.audio_ms = Metrics.counter(NAMESPACE, "audio_ms")
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.latency = Metrics.distribution(NAMESPACE, "call_latency_ms")
         self.duration = Metrics.distribution(NAMESPACE, "clip_duration_ms")
         # Seconds that calls were held back or backed off: a runner that autoscales (Dataflow) reads this
@@ -136,32 +141,36 @@ class _Fetch(beam.DoFn):
         self.throttling = ThrottlingSignaler(NAMESPACE)
 
     def setup(self) -> None:
-        self.client, self.pool = _client_and_pool(self.settings)
+        super().setup()
+        self.pool = self.resources.pool
         self.store = open_store(self.settings.output, self.settings.store)
-        self.progress = _Progress(self.settings.total_rows)
         self.waited_s = 0.0  # not yet signalled: the counter takes whole seconds
+
+    def teardown(self) -> None:
+        self.pool = None
+        super().teardown()
 
     def _count(self, out: ClipRecord | ClipError) -> None:
         """Count one result, in the DoFn's own thread: Beam metrics are kept per thread, so the pool's
         threads cannot update them."""
         stats = out.stats
-        self.progress.tick()
+        self.resources.progress.tick()
         self.waited_s += stats.waited_s
         if self.waited_s >= 1:
             self.throttling.signal_throttled(int(self.waited_s))
             self.waited_s -= int(self.waited_s)
-        self.retries.inc(max(0, out.attempts - 1))
-        self.throttled.inc(stats.held)
+        self.counters["retries"].inc(max(0, out.attempts - 1))
+        self.counters["throttled"].inc(stats.held)
         for code in stats.failures:
             Metrics.counter(FAILED_ATTEMPTS, code).inc()
         if isinstance(out, ClipError):
             return
         if out.attempts == 0:
-            self.skipped.inc()
+            self.counters["skipped"].inc()
             return
-        self.written.inc()
-        self.bytes.inc(out.num_bytes)
-        self.audio_ms.inc(out.clip_duration_ms)
+        self.counters["written"].inc()
+        self.counters["bytes"].inc(out.num_bytes)
+        self.counters["audio_ms"].inc(out.clip_duration_ms)
         self.latency.update(int(stats.seconds * 1000))
         self.duration.update(out.clip_duration_ms)
 
@@ -179,6 +188,7 @@ class _Fetch(beam.DoFn):
                 existing = None
             if existing is not None:
                 return _Done(_record(request, existing, attempts=0, stats=CallStats()))
+        limited_s = self._wait_for_limit()
         sink = clip_file(self.store, path, request.fingerprint, s.clip_format)
         try:
             result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
@@ -190,7 +200,7 @@ class _Fetch(beam.DoFn):
                 written = WrittenClip(path, sink.info, sink.info.num_frames, finished.num_bytes, finished.sha256)
         except GetAudioError as e:
             sink.discard()
-            stats = CallStats(time.monotonic() - started, 0, e.waited_s, e.failures)
+            stats = CallStats(time.monotonic() - started, 0, e.waited_s + limited_s, e.failures)
             return _Done(_error(request, e.code, e.message, e.attempts, stats))
         except OSError as e:  # a StorageError among them: the store's own retries are spent
             sink.discard()
@@ -199,8 +209,17 @@ class _Fetch(beam.DoFn):
         except BaseException:  # anything else fails the bundle; its scratch file goes first
             sink.discard()
             raise
-        stats = CallStats(time.monotonic() - started, result.throttled, result.waited_s, result.failures)
+        stats = CallStats(time.monotonic() - started, result.throttled, result.waited_s + limited_s, result.failures)
         return _Done(_record(request, written, result.attempts, stats), finished)
+
+    def _wait_for_limit(self) -> float:
+        """Wait until the job-wide rate limit (if any) allows a call; the seconds waited count as throttled
+        (the limiter's own throttling counter would be lost: it runs in a pool thread)."""
+        if self.resources.limiter is None:
+            return 0.0
+        started = time.monotonic()
+        self.resources.limiter.allow()
+        return time.monotonic() - started
 
 
 class FetchClips(_Fetch):
@@ -314,26 +333,21 @@ def _error(request: ClipRequest, code: str, message: str, attempts: int, stats: 
     return ClipError(request.clip_id, request.object_id, code, where, attempts, request.columns, stats or CallStats())
 
 
-class _Progress:
-    """Logs done / total and clips per second every few seconds (per worker process)."""
-
-    _lock = threading.Lock()
-    _done = 0
-    _started = 0.0
-    _last = 0.0
+class Progress:
+    """Logs one worker process's rows done and clips per second, every few seconds, for one run."""
 
     def __init__(self, total: int, every_s: float = 5.0):
         self.total, self.every_s = total, every_s
+        self._lock = threading.Lock()
+        self._done = 0
+        self._started = self._last = time.monotonic()
 
     def tick(self) -> None:
-        cls = type(self)
-        with cls._lock:
+        with self._lock:
             now = time.monotonic()
-            if cls._started == 0.0:
-                cls._started = cls._last = now
-            cls._done += 1
-            if now - cls._last < self.every_s:
+            self._done += 1
+            if now - self._last < self.every_s:
                 return
-            cls._last = now
-            done, rate = cls._done, cls._done / max(now - cls._started, 1e-9)
-        log.info("progress: %d / %d rows fetched, %.1f clips/s", done, self.total, rate)
+            self._last = now
+            done, rate = self._done, self._done / max(now - self._started, 1e-9)
+        log.info("progress: this worker has fetched %d rows (of %d in the run), %.1f clips/s", done, self.total, rate)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline import __version__
 from pipeline.options import option_names
 from pipeline.storage import Store
+from pipeline.table_files import table_prefix
 
 RECORD_NAME = "_RUN.json"
 _SECRET = re.compile(r"secret|password|passwd|token|credential|key", re.IGNORECASE)
@@ -51,3 +54,73 @@ def remove_record(store: Store, output: str) -> None:
 
 def now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@dataclass
+class Summary:
+    """The run in numbers, as the job recorded them."""
+
+    rows: int
+    written: int = 0
+    skipped: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    audio_ms: int = 0
+    retries: int = 0
+    throttled: int = 0
+    throttled_seconds: float = 0.0
+    failed_attempts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def clips(self) -> int:
+        return self.written + self.skipped
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def error_ratio(self) -> float:
+        return self.error_count / self.rows if self.rows else 0.0
+
+    @classmethod
+    def from_record(cls, record: dict) -> Summary:
+        """The numbers the job's last step wrote into `_RUN.json`."""
+        return cls(
+            rows=record["rows"],
+            written=record["clips_written"],
+            skipped=record["clips_skipped"],
+            errors=record["errors_by_code"],
+            bytes=record["bytes"],
+            audio_ms=round(record["audio_seconds"] * 1000),
+            retries=record["retries"],
+            throttled=record["throttled"],
+            throttled_seconds=record["throttled_seconds"],
+            failed_attempts=record["failed_attempts_by_code"],
+            seconds=record["wall_seconds"],
+        )
+
+    def lines(self, output: str) -> Iterator[str]:
+        yield f"rows in         {self.rows:>10,}"
+        yield f"clips           {self.clips:>10,}   ({self.written:,} written, {self.skipped:,} already there)"
+        yield f"errors          {self.error_count:>10,}"
+        for code, n in sorted(self.errors.items(), key=lambda kv: -kv[1]):
+            yield f"  {code:<22}{n:>8,}"
+        yield f"audio           {self.audio_ms / 3_600_000:>10.3f} h written"
+        yield f"bytes           {self.bytes:>10,}"
+        yield (
+            f"retries         {self.retries:>10,}   ({self.throttled:,} calls held back by throttling; "
+            f"{self.throttled_seconds:,} s held or backing off)"
+        )
+        if self.failed_attempts:
+            by_code = ", ".join(f"{c} {n:,}" for c, n in sorted(self.failed_attempts.items(), key=lambda kv: -kv[1]))
+            yield f"failed attempts {sum(self.failed_attempts.values()):>10,}   ({by_code})"
+        if self.written:
+            rate = f"{self.written / max(self.seconds, 1e-9):.1f} clips/s"
+        else:  # a rerun that found every clip there: how fast the rows were checked is the rate that means something
+            rate = f"nothing fetched; {self.rows / max(self.seconds, 1e-9):,.1f} rows/s checked"
+        yield f"wall time       {self.seconds:>10.1f} s   ({rate})"
+        yield f"clips table     {table_prefix(output, 'clips')}*.parquet"
+        yield f"errors table    {table_prefix(output, 'errors')}*.parquet"
+        yield f"dataset card    {output.rstrip('/')}/README.md"

@@ -20,7 +20,7 @@ import pytest
 from pipeline.__main__ import main
 from pipeline.cli import LaunchError, configure_logging
 from pipeline.options import check_flags, expand_config
-from pipeline.run import Summary
+from pipeline.record import Summary
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -162,6 +162,10 @@ def test_beam_options_and_the_shipped_configs_are_known():
         (["--manifest=M", "--output=OUT", "--audio_format=mp3"], "error: argument --audio_format: invalid choice"),
         (["--manifest=M", "--output=OUT", "--max_in_flight=0"], "error: --max_in_flight takes a number"),
         (["--manifest=M", "--output=OUT", "--max_error_ratio=5"], "error: --max_error_ratio takes a fraction"),
+        (
+            ["--manifest=M", "--output=OUT", "--rate_limit_service=http://rls"],
+            "error: --rate_limit_service takes host:port",
+        ),
         (["--manifest=M", "--output=OUT", "--config"], "error: argument --config: expected one argument"),
     ],
     ids=[
@@ -173,6 +177,7 @@ def test_beam_options_and_the_shipped_configs_are_known():
         "choice",
         "zero",
         "ratio",
+        "rate-limit-address",
         "cfg",
     ],
 )

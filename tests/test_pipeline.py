@@ -656,6 +656,6 @@ def test_the_api_host_is_resolved_at_launch(monkeypatch):
     monkeypatch.setenv("SONIOX_API_HOST", "http://10.0.0.7:5000")
     opts = PipelineOptions(["--manifest=m", "--output=o"]).view_as(ClipOptions)
     settings = fetch_settings(opts, Manifest(("m",), None, 1), StoreSettings())
-    assert settings.api_host == "http://10.0.0.7:5000"
+    assert settings.client.api_host == "http://10.0.0.7:5000"
     opts = PipelineOptions(["--manifest=m", "--output=o", "--api_host=http://127.0.0.1:1"]).view_as(ClipOptions)
-    assert fetch_settings(opts, Manifest(("m",), None, 1), StoreSettings()).api_host == "http://127.0.0.1:1"
+    assert fetch_settings(opts, Manifest(("m",), None, 1), StoreSettings()).client.api_host == "http://127.0.0.1:1"

@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 
 from pipeline import storage
-from pipeline.run import LaunchError, run
+from pipeline.cli import LaunchError
+from pipeline.run import run
 
 
 def test_an_output_gets_its_store(tmp_path):

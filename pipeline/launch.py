@@ -1,0 +1,177 @@
+"""What is checked and prepared before a run starts: the runner, the key, the output's leftovers.
+
+Each check stops the launch with a LaunchError (exit 2) before anything is fetched or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
+    WorkerOptions,
+)
+
+from pipeline import manifest as mf
+from pipeline.api_key import key_source, read_api_key
+from pipeline.cli import LaunchError
+from pipeline.client import DEFAULT_API_HOST
+from pipeline.messages import GetAudioError
+from pipeline.options import ClipOptions
+from pipeline.record import remove_record
+from pipeline.settings import ClientSettings, FetchSettings
+from pipeline.storage import TMP_DIR, Store
+
+log = logging.getLogger(__name__)
+
+
+class KeyRejected(LaunchError):
+    """The service refused the API key: every call would fail, so the run stops before it starts."""
+
+
+# Runners whose workers run on this machine, in this process or its children, and so see its environment.
+LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner")
+
+
+def workers_share_environment(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    if name.rsplit(".", 1)[-1] in LOCAL_RUNNERS:
+        return True
+    return (options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK"
+
+
+def local_runner(options: PipelineOptions):
+    """The runner of a plain run: Beam's in-process FnApiRunner, set up as Beam's DirectRunner sets it up
+    (the workers of --direct_running_mode multi_processing get the options), but without the DirectRunner's
+    first attempt to download and run Prism when the machine is online: the same runner online or not,
+    and the one the tests run."""
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=info)
+
+
+def check_workers_get_the_key(opts: ClipOptions, options: PipelineOptions) -> None:
+    """On Dataflow (or a portable runner's containers) SONIOX_API_KEY set here never reaches the workers,
+    which would fail every row UNAUTHENTICATED after a key check here had passed: refuse at launch."""
+    if not opts.api_key_file and not workers_share_environment(options):
+        raise LaunchError(
+            "this runner's workers do not see this machine's environment, so SONIOX_API_KEY would not reach "
+            "them: put the key in a file they can read (e.g. a locked-down gs:// object) and pass --api_key_file"
+        )
+
+
+def stream_bound(options: PipelineOptions, max_in_flight: int) -> str:
+    """The most GetAudio streams the job can open at once, as a sentence for the launch log."""
+    workers = options.view_as(WorkerOptions)
+    if workers_share_environment(options):
+        processes = options.view_as(DirectOptions).direct_num_workers or 1
+        return f"{processes} process(es) x --max_in_flight {max_in_flight} = {processes * max_in_flight} streams"
+    machines = workers.max_num_workers or workers.num_workers or 1
+    vcpus = int(re.search(r"-(\d+)", workers.machine_type or "n1-standard-1").group(1))  # a process per vCPU
+    most = machines * vcpus * max_in_flight
+    return (
+        f"{machines} worker(s) x {vcpus} process(es) ({workers.machine_type or 'default machine type'}) x "
+        f"--max_in_flight {max_in_flight} = {most} streams at most (bound it with --max_num_workers)"
+    )
+
+
+def key_given(settings: ClientSettings) -> bool:
+    """Whether a key was given; read here, so that a key file that cannot be read stops the launch (exit 2)
+    rather than every worker."""
+    try:
+        return bool(read_api_key(settings.api_key_file).reveal())
+    except Exception as e:  # any filesystem's "cannot read": missing, no permission, no credentials
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+        raise LaunchError(f"{key_source(settings.api_key_file)}: cannot read the API key ({reason})") from None
+
+
+def check_key(settings: ClientSettings, object_id: str) -> str | None:
+    """One GetObject attempt with the key the workers will use: the error code, or None when answered."""
+    client = settings.client(max_attempts=1)
+    try:
+        client.get_object(object_id)
+    except GetAudioError as e:
+        return e.code
+    finally:
+        client.close()
+    return None
+
+
+def preflight(settings: FetchSettings, manifest: mf.Manifest) -> None:
+    """One GetObject call with the key, so a wrong or missing key stops the run with one message, not one
+    error per row."""
+    given = key_given(settings.client)
+    object_id = mf.first_object_id(manifest)
+    if object_id is None:
+        return
+    code = check_key(settings.client, object_id)
+    host = settings.client.api_host or DEFAULT_API_HOST
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") and not given:
+        raise LaunchError(
+            f"no API key was given and {host} requires one ({code}): set SONIOX_API_KEY (or SONIOX_API_KEY_FILE) "
+            "or pass --api_key_file"
+        )
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        raise KeyRejected(f"the API key was refused by {host} ({code})")
+    if code is not None:  # the service may come back within the retry budget: the run goes on
+        log.warning("key check: GetObject %s answered %s; starting the run anyway", object_id, code)
+
+
+def remove_leftovers(store: Store, output: str) -> None:
+    """What a killed run left: scratch files, unfinished multipart uploads, the old run record.
+
+    Older versions also staged clips and Beam's table files under `_tmp/` and `metadata/beam-temp-*`."""
+    root = output.rstrip("/")
+    if store.local:
+        for folder in [os.path.join(root, TMP_DIR), *_beam_temp_folders(root)]:
+            shutil.rmtree(folder, ignore_errors=True)
+    else:
+        left = [o.path for o in store.list(f"{root}/{TMP_DIR}/")]
+        left += [o.path for o in store.list(f"{root}/metadata/beam-temp-")]
+        if left:
+            store.delete(left)
+        aborted = store.abort_uploads(f"{root}/")
+        if aborted:
+            log.info("aborted %d unfinished multipart upload(s) under %s", aborted, root)
+    remove_record(store, output)
+
+
+def _beam_temp_folders(root: str) -> list[str]:
+    metadata = os.path.join(root, "metadata")
+    return (
+        [os.path.join(metadata, d) for d in os.listdir(metadata) if d.startswith("beam-temp-")]
+        if os.path.isdir(metadata)
+        else []
+    )
+
+
+@contextlib.contextmanager
+def own_tempdir() -> Iterator[None]:
+    """Beam leaves folders in $TMPDIR after every run (its job server's, the staged dependencies'): the run
+    gets a folder of its own, for this process and the worker processes it starts, removed at the end."""
+    folder = tempfile.mkdtemp(prefix="clip-pipeline-")
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
+        shutil.rmtree(folder, ignore_errors=True)
