@@ -1,0 +1,38 @@
+"""A job-wide rate limit: with --rate_limit_service every GetAudio call first asks an Envoy rate limit
+service (Beam's EnvoyRateLimiter), so the limit holds however many workers the job has; the time calls wait
+is reported as throttled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.run import run
+from tests.rate_limit_server import RateLimitServer
+from tests.test_builds import write_local_manifest
+
+PER_SECOND = 4
+
+
+def test_every_call_waits_for_the_rate_limit_service(make_server, tmp_path: Path) -> None:
+    server = make_server()
+    rows = [
+        {"clip_id": f"c{i:02d}", "object_id": "demo-mono", "start_ms": 100 * i, "duration_ms": 200} for i in range(10)
+    ]
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
+    with RateLimitServer(PER_SECOND) as limits:
+        summary, _ = run(
+            [
+                f"--manifest={manifest}",
+                f"--output={tmp_path / 'out'}",
+                f"--api_host={server.address}",
+                f"--rate_limit_service={limits.address}",
+                "--rate_limit_domain=speech-data",
+            ]
+        )
+    assert summary.clips == 10 and not summary.errors
+    calls = sum(server.calls.values())
+    assert len(limits.allowed) == calls == 10  # each call was allowed first, and only once
+    assert limits.refused > 0 and limits.most_in_a_window() <= PER_SECOND  # 64 streams were held to 4 a second
+    assert summary.throttled_seconds >= 1  # the wait counts as throttled (and reaches Beam's throttling counter)
+    asked = {(r.domain, e.key, e.value) for r in limits.requests for d in r.descriptors for e in d.entries}
+    assert asked == {("speech-data", "method", "GetAudio")}
