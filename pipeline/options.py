@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 
 import yaml
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
@@ -99,6 +100,17 @@ class ClipOptions(PipelineOptions):
             help="add each clip's transcript text and tokens (from GetObject, one call per object) to the clips table",
         )
         g.add_argument(
+            "--rate_limit_service",
+            default=None,
+            help="host:port of an Envoy rate limit service (gRPC) that every worker asks before each GetAudio "
+            "call: a limit for the whole job, set in that service's config; default: none",
+        )
+        g.add_argument(
+            "--rate_limit_domain",
+            default="soniox-clips",
+            help="the rate limit service's domain for these calls (their descriptor is method=GetAudio)",
+        )
+        g.add_argument(
             "--detach",
             **_FLAG,
             help="submit the job and return without waiting (a Dataflow job writes its own card and _RUN.json)",
@@ -167,6 +179,10 @@ def check_values(opts: ClipOptions) -> None:
         (opts.max_attempts < 1, "--max_attempts takes a number of attempts from 1 up"),
         (opts.rpc_timeout_s <= 0, "--rpc_timeout_s takes a number of seconds above 0"),
         (not 0 <= opts.max_error_ratio <= 1, "--max_error_ratio takes a fraction from 0 to 1"),
+        (
+            bool(opts.rate_limit_service) and not re.fullmatch(r"[^\s/:]+:\d+", opts.rate_limit_service),
+            "--rate_limit_service takes host:port (the rate limit service's gRPC address)",
+        ),
     ]
     for bad, message in problems:
         if bad:
