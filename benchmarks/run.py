@@ -253,11 +253,20 @@ class Bench:
         clips = child.output.get("clips", 0) if child.rc == 0 else 0
         errors = child.output.get("errors", 0) if child.rc == 0 else rows
         rate = clips / child.wall_s
+        cpu_ms = cpu_ms_per_clip(child, clips)
         progress(
-            f"{tag:>6} {label:<12} {clips:>6} clips, {errors} errors in {child.wall_s:6.1f} s = {rate:7.1f} clips/s  "
-            f"(cpu {child.cpu_pct:3.0f}%, server cpu {child.server_cpu_pct:3.0f}%, rss {child.max_rss_mib:.0f} MiB)"
+            f"{tag:>6} {label:<12} {clips:>6} clips, {errors} errors in {child.wall_s:6.1f} s = {rate:7.1f} clips/s, "
+            f"{cpu_ms or 0:.2f} CPU ms/clip  (cpu {child.cpu_pct:3.0f}%, server cpu {child.server_cpu_pct:3.0f}%, "
+            f"rss {child.max_rss_mib:.0f} MiB)"
         )
-        return {"rows": rows, "clips": clips, "errors": errors, "clips_per_s": round(rate, 2), **child.as_dict()}
+        return {
+            "rows": rows,
+            "clips": clips,
+            "errors": errors,
+            "clips_per_s": round(rate, 2),
+            "cpu_ms_per_clip": cpu_ms,
+            **child.as_dict(),
+        }
 
     # -- memory and scaling ---------------------------------------------------------------------------------
     def rss(self, server: Server) -> dict[str, Any]:
@@ -316,6 +325,11 @@ class Bench:
         return self.results
 
 
+def cpu_ms_per_clip(child: Child, clips: int) -> float | None:
+    """The client process's own CPU (user + sys, start-up included) per clip it wrote, in ms."""
+    return round((child.user_s + child.sys_s) * 1000 / clips, 3) if clips else None
+
+
 def check_clips(folder: str, expected: int) -> dict[str, Any]:
     """The clip files there, and the first one's shape (5 s mono at 16 kHz)."""
     import soundfile as sf
@@ -362,6 +376,10 @@ def _fmt_rate(m: dict[str, Any] | None) -> str:
     return f"{m['clips_per_s']:.1f} clips/s" if m else "-"
 
 
+def _fmt_cpu(m: dict[str, Any] | None) -> str:
+    return f"{m['cpu_ms_per_clip']:.2f}" if m and m.get("cpu_ms_per_clip") is not None else "-"
+
+
 def _ok(value: float | None, target: str) -> str:
     if value is None:
         return "-"
@@ -370,10 +388,9 @@ def _ok(value: float | None, target: str) -> str:
     return "yes" if good else "NO"
 
 
-def _regime_rows(r: dict[str, Any], lat: float) -> list[list[str]]:
-    """The rows of one latency regime: each baseline, the pipeline, and the pipeline against each baseline."""
+def _client_rows(r: dict[str, Any], tag: str) -> list[list[str]]:
+    """One row per client of a latency regime: its clips/s and its CPU ms per clip."""
     rows: list[list[str]] = []
-    tag = f"{lat:g} ms latency"
     for key, name in NAMES.items():
         m = r.get(key)
         if not m:
@@ -382,34 +399,109 @@ def _regime_rows(r: dict[str, Any], lat: float) -> list[list[str]]:
         if key == "limit":
             levels = "/".join(str(c) for c in m["levels"])
             label += f" (best of c={levels}: c={m['best_concurrency']})"
+        elif key == "pipeline":
+            label += " (wall incl. start-up)"
         if m["rows"] != r["rows"]:
             label += f" [{m['rows']} of {r['rows']} rows; rates comparable]"
-        rows.append([label, _fmt_rate(m), "", "", "", "" if m["errors"] == 0 else f"{m['errors']} errors"])
-    p = r.get("pipeline")
-    if not p:
-        return rows
-    rows.append([f"pipeline, {tag} ({p['rows']} rows, wall incl. start-up)", _fmt_rate(p), "", "", "", ""])
+        errors = "" if m["errors"] == 0 else f"{m['errors']} errors"
+        rows.append([label, _fmt_rate(m), _fmt_cpu(m), "", "", "", errors])
+    return rows
+
+
+def _ratio_rows(r: dict[str, Any], lat: float, tag: str) -> list[list[str]]:
+    """The pipeline against each baseline: clips/s, then CPU per clip against peer 2's."""
+    p, rows = r["pipeline"], []
     for key in ("limit", "peer2", "peer1"):
         b = r.get(key)
         if not b:
             continue
         ratio = p["clips_per_s"] / b["clips_per_s"] if b["clips_per_s"] else None
-        target = TARGETS.get(int(lat), {}).get(key)
-        rows.append(
-            [
-                f"pipeline / {NAMES[key]}, {tag}",
-                _fmt_rate(p),
-                _fmt_rate(b),
-                f"{ratio:.2f}" if ratio is not None else "-",
-                target or "",
-                _ok(ratio, target) if target else "",
-            ]
-        )
+        target = TARGETS.get(int(lat), {}).get(key, "")
+        ok = _ok(ratio, target) if target else ""
+        ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
+        rows.append([f"pipeline / {NAMES[key]}, {tag}", _fmt_rate(p), "", _fmt_rate(b), ratio_s, target, ok])
+    b = r.get("peer2")
+    if b:
+        mine, theirs = p.get("cpu_ms_per_clip"), b.get("cpu_ms_per_clip")
+        ratio = mine / theirs if mine is not None and theirs else None
+        label = f"CPU per clip, pipeline / {NAMES['peer2']}, {tag}"
+        ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
+        rows.append([label, f"{_fmt_cpu(p)} ms", "", f"{_fmt_cpu(b)} ms", ratio_s, CPU_TARGET, _ok(ratio, CPU_TARGET)])
     return rows
 
 
-NAMES = {"limit": "limit", "peer1": "peer 1 (SDK sequential)", "peer2": f"peer 2 ({PEER_THREADS}-thread pool)"}
+def _regime_rows(r: dict[str, Any], lat: float) -> list[list[str]]:
+    """The rows of one latency regime: each client, then the pipeline against each baseline."""
+    tag = f"{lat:g} ms latency"
+    rows = _client_rows(r, tag)
+    if r.get("pipeline"):
+        rows += _ratio_rows(r, lat, tag)
+    return rows
+
+
+NAMES = {
+    "limit": "limit",
+    "peer1": "peer 1 (SDK sequential)",
+    "peer2": f"peer 2 ({PEER_THREADS}-thread pool)",
+    "pipeline": "pipeline",
+}
 TARGETS = {0: {"limit": ">= 0.7"}, 100: {"peer2": ">= 1.5", "peer1": ">= 50"}}
+CPU_TARGET = "<= 1.0"  # the pipeline's CPU per clip at most peer 2's (issue 11), in every regime
+HEADER = ["measurement", "value", "CPU ms/clip", "baseline", "ratio", "target", "ok"]
+
+
+def _rss_rows(rss: dict[str, Any]) -> list[list[str]]:
+    base, long = rss["one_5s_clip"], rss["one_long_stereo_clip"]
+    delta = long["max_rss_mib"] - base["max_rss_mib"]
+    hours = long["duration_ms"] / 3_600_000
+    ok = _ok(delta, "< 64") if long["complete"] and base["complete"] else "FAIL"
+    return [
+        [
+            f"peak RSS, pipeline, one {hours:g} h stereo clip ({long['file_bytes'] / MIB:.0f} MiB)",
+            f"{long['max_rss_mib']:.1f} MiB",
+            "",
+            f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)",
+            f"{delta:+.1f} MiB",
+            "< +64 MiB",
+            ok,
+        ],
+        [
+            "pipeline wall time, one 5 s clip (~ start-up + teardown)",
+            f"{base['wall_s']:.2f} s",
+            f"{(base['user_s'] + base['sys_s']) * 1000:.0f}",
+            "",
+            "",
+            "",
+            "",
+        ],
+    ]
+
+
+def _scale_rows(sc: dict[str, Any], base: dict[str, Any] | None, scale_rows: list[int]) -> list[list[str]]:
+    small, big = (sc[str(n)] for n in scale_rows)
+    n_small, n_big = scale_rows
+    ratio = big["wall_s"] / small["wall_s"]
+    ok = _ok(ratio, "<= 12") if big["errors"] == 0 and small["errors"] == 0 else "FAIL"
+    return [
+        [
+            f"peak RSS, pipeline, {n_big:,}-row run",
+            f"{big['max_rss_mib']:.1f} MiB",
+            "",
+            f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)" if base else "-",
+            f"{big['max_rss_mib'] - base['max_rss_mib']:+.1f} MiB" if base else "-",
+            "",
+            "",
+        ],
+        [
+            f"wall time, pipeline, {n_big:,} rows",
+            f"{big['wall_s']:.1f} s ({_fmt_rate(big)})",
+            _fmt_cpu(big),
+            f"{small['wall_s']:.1f} s ({n_small:,} rows)",
+            f"{ratio:.2f}",
+            "<= 12",
+            ok,
+        ],
+    ]
 
 
 def table_rows(results: dict[str, Any], args: argparse.Namespace) -> list[list[str]]:
@@ -419,66 +511,22 @@ def table_rows(results: dict[str, Any], args: argparse.Namespace) -> list[list[s
         if r:
             rows += _regime_rows(r, lat)
     rss = results.get("rss")
-    base = rss.get("one_5s_clip") if rss else None
     if rss:
-        long = rss["one_long_stereo_clip"]
-        delta = long["max_rss_mib"] - base["max_rss_mib"]
-        hours = long["duration_ms"] / 3_600_000
-        rows.append(
-            [
-                f"peak RSS, pipeline, one {hours:g} h stereo clip ({long['file_bytes'] / MIB:.0f} MiB)",
-                f"{long['max_rss_mib']:.1f} MiB",
-                f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)",
-                f"{delta:+.1f} MiB",
-                "< +64 MiB",
-                _ok(delta, "< 64") if long["complete"] and base["complete"] else "FAIL",
-            ]
-        )
-        cpu = base["user_s"] + base["sys_s"]
-        rows.append(["pipeline wall time, one 5 s clip (~ start-up + teardown)", f"{base['wall_s']:.2f} s"])
-        rows[-1] += [f"CPU {cpu:.2f} s", "", "", ""]
-    sc = results.get("scale")
-    if sc:
-        small, big = (sc[str(n)] for n in args.scale_rows)
-        n_small, n_big = args.scale_rows
-        rows.append(
-            [
-                f"peak RSS, pipeline, {n_big:,}-row run",
-                f"{big['max_rss_mib']:.1f} MiB",
-                f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)" if base else "-",
-                f"{big['max_rss_mib'] - base['max_rss_mib']:+.1f} MiB" if base else "-",
-                "",
-                "",
-            ]
-        )
-        ratio = big["wall_s"] / small["wall_s"]
-        rows.append(
-            [
-                f"wall time, pipeline, {n_big:,} rows",
-                f"{big['wall_s']:.1f} s ({_fmt_rate(big)})",
-                f"{small['wall_s']:.1f} s ({n_small:,} rows)",
-                f"{ratio:.2f}",
-                "<= 12",
-                _ok(ratio, "<= 12") if big["errors"] == 0 and small["errors"] == 0 else "FAIL",
-            ]
-        )
+        rows += _rss_rows(rss)
+    if results.get("scale"):
+        rows += _scale_rows(results["scale"], rss["one_5s_clip"] if rss else None, args.scale_rows)
     return rows
 
 
 def format_table(rows: list[list[str]]) -> str:
-    header = ["measurement", "value", "baseline", "ratio", "target", "ok"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"]
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def detail_lines(results: dict[str, Any]) -> list[str]:
-    """Where the time goes: each child's wall time (and the part after its imports, as it reports it),
-    its CPU (user, system, share of one core), the server's CPU share and the child's peak RSS."""
-    head = f"{'child process':<30} {'wall s':>7} {'in-proc s':>9} {'clips/s':>8} {'user s':>7} {'sys s':>6}"
-    lines = [f"{head} {'cpu%':>5} {'server cpu%':>11} {'peak RSS MiB':>12}"]
+def _detail_items(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     items = []
     for key, r in results.items():
         if key.startswith("regime_"):
@@ -491,13 +539,21 @@ def detail_lines(results: dict[str, Any]) -> list[str]:
             items += [(f"pipeline {name}", m) for name, m in r.items()]
         elif key == "scale":
             items += [(f"pipeline {n} rows", m) for n, m in r.items()]
-    for name, m in items:
+    return items
+
+
+def detail_lines(results: dict[str, Any]) -> list[str]:
+    """Where the time goes: each child's wall time (and the part after its imports, as it reports it),
+    its CPU (user, system, per clip, share of one core), the server's CPU share and the child's peak RSS."""
+    head = f"{'child process':<30} {'wall s':>7} {'in-proc s':>9} {'clips/s':>8} {'user s':>7} {'sys s':>6}"
+    lines = [f"{head} {'CPU ms/clip':>11} {'cpu%':>5} {'server cpu%':>11} {'peak RSS MiB':>12}"]
+    for name, m in _detail_items(results):
         rate = f"{m['clips_per_s']:8.1f}" if "clips_per_s" in m else f"{'-':>8}"
         inproc = m.get("output", {}).get("seconds")
         inproc = f"{inproc:9.2f}" if isinstance(inproc, (int, float)) else f"{'-':>9}"
         lines.append(
-            f"{name:<30} {m['wall_s']:7.2f} {inproc} {rate} {m['user_s']:7.2f} {m['sys_s']:6.2f} {m['cpu_pct']:5.0f} "
-            f"{m['server_cpu_pct']:11.0f} {m['max_rss_mib']:12.1f}"
+            f"{name:<30} {m['wall_s']:7.2f} {inproc} {rate} {m['user_s']:7.2f} {m['sys_s']:6.2f} "
+            f"{_fmt_cpu(m):>11} {m['cpu_pct']:5.0f} {m['server_cpu_pct']:11.0f} {m['max_rss_mib']:12.1f}"
         )
     return lines
 
@@ -556,9 +612,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_seconds": round(time.monotonic() - started, 1),
         "machine": info,
         "settings": settings,
-        "table": [
-            dict(zip(["measurement", "value", "baseline", "ratio", "target", "ok"], r, strict=True)) for r in rows
-        ],
+        "table": [dict(zip(HEADER, r, strict=True)) for r in rows],
         "results": results,
     }
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
