@@ -12,6 +12,12 @@ measures, each as a child process timed from launch to exit (start-up included, 
 
 in two regimes (the server adding no latency, and adding 100 ms to every call), then the pipeline's
 peak RSS for one long stereo clip against one 5-second clip, and its wall time at two manifest sizes.
+Each client's CPU per clip is its process's user + sys time over the clips it wrote.
+
+All of it runs in passes (`--pinning`), each with its own servers: pinned (with 2 CPUs or more: the server
+and this process on one CPU, each measured client alone on another, by `taskset`) and unpinned (no
+affinity set); the memory and scaling runs only in the first pass. The issue's targets are checked on the
+pinned pass.
 
 Prints a table and the machine to stdout, progress to stderr, and writes benchmarks/results/latest.json
 (child logs go to benchmarks/results/logs/).
@@ -90,9 +96,15 @@ def process_cpu_s(pid: int) -> float:
 
 
 def run_child(
-    name: str, cmd: list[str], server: Server | None, env: dict[str, str] | None = None, cwd: str = ROOT
+    name: str,
+    cmd: list[str],
+    server: Server | None,
+    env: dict[str, str] | None = None,
+    cwd: str = ROOT,
+    prefix: tuple[str, ...] = (),
 ) -> Child:
-    """Run `cmd` from `cwd` (the repository root) through the measure.py trampoline (see there why);
+    """Run `cmd` from `cwd` (the repository root) through the measure.py trampoline (see there why), the
+    trampoline under `prefix` (`taskset -c N`: the trampoline and the child it spawns on core N);
     stdout and stderr go to logs/{name}.out / .err."""
     measured = os.path.join(LOGS, f"{name}.measure.json")
     with contextlib.suppress(FileNotFoundError):
@@ -100,7 +112,7 @@ def run_child(
     server_cpu = server.cpu_s() if server else 0.0
     with open(os.path.join(LOGS, f"{name}.out"), "wb") as out, open(os.path.join(LOGS, f"{name}.err"), "wb") as err:
         started = time.monotonic()
-        trampoline = [PY, os.path.join(ROOT, "benchmarks", "measure.py"), measured, "--", *cmd]
+        trampoline = [*prefix, PY, os.path.join(ROOT, "benchmarks", "measure.py"), measured, "--", *cmd]
         subprocess.run(trampoline, stdout=out, stderr=err, cwd=cwd, env={**os.environ, **(env or {})})
         wall = time.monotonic() - started
     try:
@@ -132,10 +144,10 @@ def run_child(
 class Server:
     """`python -m pipeline serve` as a child process on a free loopback port."""
 
-    def __init__(self, store: str, latency_ms: float):
+    def __init__(self, store: str, latency_ms: float, prefix: tuple[str, ...] = (), name: str = "server"):
         self.latency_ms = latency_ms
-        self._err = open(os.path.join(LOGS, f"server-{latency_ms:g}ms.err"), "wb")  # noqa: SIM115
-        cmd = [PY, "-m", "pipeline", "serve", "--store", store, "--port", "0", f"--latency_ms={latency_ms:g}"]
+        self._err = open(os.path.join(LOGS, f"{name}-{latency_ms:g}ms.err"), "wb")  # noqa: SIM115
+        cmd = [*prefix, PY, "-m", "pipeline", "serve", "--store", store, "--port", "0", f"--latency_ms={latency_ms:g}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, cwd=ROOT, text=True)
         line = self.proc.stdout.readline()
         if " on http://" not in line:
@@ -176,13 +188,76 @@ class Server:
         self._err.close()
 
 
+# -- pinning -------------------------------------------------------------------------------------------------
+PINNINGS = ("pinned", "unpinned")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of the measurements, with its own servers. Pinned: the server on one CPU and each measured
+    client alone on another (`taskset`), so a client's CPU per clip is its own and it never waits for the
+    server's; unpinned: no affinity set, clients and server share every CPU."""
+
+    name: str
+    client_cpu: int | None = None
+    server_cpu: int | None = None
+
+    def client_prefix(self) -> tuple[str, ...]:
+        return () if self.client_cpu is None else ("taskset", "-c", str(self.client_cpu))
+
+    def server_prefix(self) -> tuple[str, ...]:
+        return () if self.server_cpu is None else ("taskset", "-c", str(self.server_cpu))
+
+    def describe(self) -> str:
+        if self.client_cpu is None:
+            return f"{self.name}: no CPU affinity set (clients and server share every CPU)"
+        return f"{self.name}: server on CPU {self.server_cpu}, each client alone on CPU {self.client_cpu} (taskset)"
+
+
+def plan_passes(names: list[str]) -> tuple[list[Pass], list[str]]:
+    """The passes to run, in the order asked, and a note for each one skipped."""
+    cpus = sorted(os.sched_getaffinity(0))
+    passes, notes = [], []
+    for name in names:
+        if name == "unpinned":
+            passes.append(Pass(name))
+        elif len(cpus) < 2:
+            notes.append(f"pinned pass skipped: {len(cpus)} CPU available, pinning needs 2")
+        elif not shutil.which("taskset"):
+            notes.append("pinned pass skipped: no taskset on PATH")
+        else:
+            passes.append(Pass(name, client_cpu=cpus[0], server_cpu=cpus[1]))
+    return passes, notes
+
+
+@contextlib.contextmanager
+def on_cpu(cpu: int | None):
+    """This process (it warms the server up and checks the clips between runs) on the server's CPU, so that
+    the measured client is alone on its own; the affinity it had before afterwards."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 # -- the measurements ----------------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, args: argparse.Namespace, work: str):
+    def __init__(self, args: argparse.Namespace, work: str, passes: list[Pass]):
         self.args = args
         self.work = work
         self.store = os.path.join(work, "store")
+        self.passes = passes
+        self.pass_ = Pass("unpinned")  # the pass running
         self.results: dict[str, Any] = {}
+
+    def child(self, name: str, cmd: list[str], server: Server, env: dict[str, str] | None = None) -> Child:
+        """A measured client in the pass running: pinned as the pass says, its logs named for the pass."""
+        return run_child(f"{self.pass_.name}-{name}", cmd, server, env, prefix=self.pass_.client_prefix())
 
     def manifest(self, name: str, table) -> str:
         return data.write_manifest(os.path.join(self.work, f"{name}.parquet"), table)
@@ -207,7 +282,7 @@ class Bench:
         if "limit" in phases:
             levels = {}
             for c in a.limit_levels:
-                child = run_child(
+                child = self.child(
                     f"limit-{tag}-c{c}",
                     [PY, "-m", "benchmarks.limit", "--host", server.target, "--manifest", manifest, "-c", str(c)],
                     server,
@@ -223,7 +298,7 @@ class Bench:
             cmd = [PY, "-m", "benchmarks.peer", "--manifest", manifest, "--output", dest, "--threads", str(threads)]
             cmd += ["--rows", str(rows)]
             env = {"SONIOX_API_HOST": server.address, "SONIOX_API_KEY": "bench"}
-            child = run_child(f"{phase}-{tag}", cmd, server, env)
+            child = self.child(f"{phase}-{tag}", cmd, server, env)
             out[phase] = self._rate(child, rows, phase, tag)
             out[phase]["check"] = check_clips(dest, rows)
             shutil.rmtree(dest, ignore_errors=True)
@@ -238,7 +313,7 @@ class Bench:
     def pipeline(self, name: str, manifest: str, dest: str, server: Server) -> Child:
         cmd = [PY, "-m", "pipeline", "run", "--manifest", manifest, "--output", dest, "--api_host", server.address]
         cmd += self.args.pipeline_args
-        child = run_child(name, cmd, server)
+        child = self.child(name, cmd, server)
         with contextlib.suppress(OSError, json.JSONDecodeError), open(os.path.join(dest, "_RUN.json")) as f:
             record = json.load(f)
             child.output = {
@@ -253,11 +328,20 @@ class Bench:
         clips = child.output.get("clips", 0) if child.rc == 0 else 0
         errors = child.output.get("errors", 0) if child.rc == 0 else rows
         rate = clips / child.wall_s
+        cpu_ms = cpu_ms_per_clip(child, clips)
         progress(
-            f"{tag:>6} {label:<12} {clips:>6} clips, {errors} errors in {child.wall_s:6.1f} s = {rate:7.1f} clips/s  "
-            f"(cpu {child.cpu_pct:3.0f}%, server cpu {child.server_cpu_pct:3.0f}%, rss {child.max_rss_mib:.0f} MiB)"
+            f"{self.pass_.name:<8} {tag:>6} {label:<12} {clips:>6} clips, {errors} errors in {child.wall_s:6.1f} s "
+            f"= {rate:7.1f} clips/s, {cpu_ms or 0:.2f} CPU ms/clip  (cpu {child.cpu_pct:3.0f}%, "
+            f"server cpu {child.server_cpu_pct:3.0f}%, rss {child.max_rss_mib:.0f} MiB)"
         )
-        return {"rows": rows, "clips": clips, "errors": errors, "clips_per_s": round(rate, 2), **child.as_dict()}
+        return {
+            "rows": rows,
+            "clips": clips,
+            "errors": errors,
+            "clips_per_s": round(rate, 2),
+            "cpu_ms_per_clip": cpu_ms,
+            **child.as_dict(),
+        }
 
     # -- memory and scaling ---------------------------------------------------------------------------------
     def rss(self, server: Server) -> dict[str, Any]:
@@ -274,7 +358,7 @@ class Bench:
             complete = size >= duration_ms * 16 * 2 * (2 if object_id == data.LONG_OBJECT else 1)
             out[name] = {"duration_ms": duration_ms, "file_bytes": size, "complete": complete, **child.as_dict()}
             progress(
-                f"rss: {name}: peak RSS {child.max_rss_mib:.1f} MiB, {size / MIB:.1f} MiB written "
+                f"{self.pass_.name} rss: {name}: peak RSS {child.max_rss_mib:.1f} MiB, {size / MIB:.1f} MiB written "
                 f"in {child.wall_s:.1f} s (rc {child.rc})"
             )
             shutil.rmtree(dest, ignore_errors=True)
@@ -296,24 +380,41 @@ class Bench:
             f"store: {a.objects} mono objects of {a.object_s} s" + (f", one {a.long_s} s stereo" * ("rss" in a.phases))
         )
         data.write_store(self.store, a.objects, a.object_s, a.long_s if "rss" in a.phases else 0)
+        for i, pass_ in enumerate(self.passes):
+            self.pass_ = pass_
+            progress(f"pass {pass_.describe()}")
+            with on_cpu(pass_.server_cpu):
+                cpus = {"client_cpu": pass_.client_cpu, "server_cpu": pass_.server_cpu}
+                self.results[pass_.name] = {**cpus, **self.run_pass(first=i == 0)}
+        return self.results
+
+    def run_pass(self, first: bool) -> dict[str, Any]:
+        """The throughput regimes, each against its own server; the memory and scaling runs in the first pass
+        only (they have no peer to compare with, and their targets are the same in either pass)."""
+        a, out = self.args, {}
         throughput = [p for p in a.phases if p in THROUGHPUT_PHASES]
+        extra = {"rss", "scale"} & set(a.phases) if first else set()
         for lat in a.latencies_ms:
-            needs = throughput or (lat == 0 and {"rss", "scale"} & set(a.phases))
-            if not needs:
+            if not (throughput or (lat == 0 and extra)):
                 continue
-            server = Server(self.store, lat)
+            server = Server(self.store, lat, self.pass_.server_prefix(), f"{self.pass_.name}-server")
             try:
                 server.warm_up(data.mono_ids(a.objects))
-                progress(f"server {server.address}, {lat:g} ms added latency")
+                progress(f"{self.pass_.name}: server {server.address}, {lat:g} ms added latency")
                 if throughput:
-                    self.results[f"regime_{lat:g}ms"] = self.regime(server, throughput)
-                if lat == 0 and "rss" in a.phases:
-                    self.results["rss"] = self.rss(server)
-                if lat == 0 and "scale" in a.phases:
-                    self.results["scale"] = self.scale(server)
+                    out[f"regime_{lat:g}ms"] = self.regime(server, throughput)
+                if lat == 0 and "rss" in extra:
+                    out["rss"] = self.rss(server)
+                if lat == 0 and "scale" in extra:
+                    out["scale"] = self.scale(server)
             finally:
                 server.stop()
-        return self.results
+        return out
+
+
+def cpu_ms_per_clip(child: Child, clips: int) -> float | None:
+    """The client process's own CPU (user + sys, start-up included) per clip it wrote, in ms."""
+    return round((child.user_s + child.sys_s) * 1000 / clips, 3) if clips else None
 
 
 def check_clips(folder: str, expected: int) -> dict[str, Any]:
@@ -362,6 +463,10 @@ def _fmt_rate(m: dict[str, Any] | None) -> str:
     return f"{m['clips_per_s']:.1f} clips/s" if m else "-"
 
 
+def _fmt_cpu(m: dict[str, Any] | None) -> str:
+    return f"{m['cpu_ms_per_clip']:.2f}" if m and m.get("cpu_ms_per_clip") is not None else "-"
+
+
 def _ok(value: float | None, target: str) -> str:
     if value is None:
         return "-"
@@ -370,10 +475,9 @@ def _ok(value: float | None, target: str) -> str:
     return "yes" if good else "NO"
 
 
-def _regime_rows(r: dict[str, Any], lat: float) -> list[list[str]]:
-    """The rows of one latency regime: each baseline, the pipeline, and the pipeline against each baseline."""
+def _client_rows(r: dict[str, Any], tag: str) -> list[list[str]]:
+    """One row per client of a latency regime: its clips/s and its CPU ms per clip."""
     rows: list[list[str]] = []
-    tag = f"{lat:g} ms latency"
     for key, name in NAMES.items():
         m = r.get(key)
         if not m:
@@ -382,103 +486,151 @@ def _regime_rows(r: dict[str, Any], lat: float) -> list[list[str]]:
         if key == "limit":
             levels = "/".join(str(c) for c in m["levels"])
             label += f" (best of c={levels}: c={m['best_concurrency']})"
+        elif key == "pipeline":
+            label += " (wall incl. start-up)"
         if m["rows"] != r["rows"]:
             label += f" [{m['rows']} of {r['rows']} rows; rates comparable]"
-        rows.append([label, _fmt_rate(m), "", "", "", "" if m["errors"] == 0 else f"{m['errors']} errors"])
-    p = r.get("pipeline")
-    if not p:
-        return rows
-    rows.append([f"pipeline, {tag} ({p['rows']} rows, wall incl. start-up)", _fmt_rate(p), "", "", "", ""])
+        errors = "" if m["errors"] == 0 else f"{m['errors']} errors"
+        rows.append([label, _fmt_rate(m), _fmt_cpu(m), "", "", "", errors])
+    return rows
+
+
+def _ratio_rows(r: dict[str, Any], lat: float, tag: str, targets: bool) -> list[list[str]]:
+    """The pipeline against each baseline: clips/s, then CPU per clip against peer 2's; with the issue's
+    targets if `targets`."""
+    p, rows = r["pipeline"], []
     for key in ("limit", "peer2", "peer1"):
         b = r.get(key)
         if not b:
             continue
         ratio = p["clips_per_s"] / b["clips_per_s"] if b["clips_per_s"] else None
-        target = TARGETS.get(int(lat), {}).get(key)
-        rows.append(
-            [
-                f"pipeline / {NAMES[key]}, {tag}",
-                _fmt_rate(p),
-                _fmt_rate(b),
-                f"{ratio:.2f}" if ratio is not None else "-",
-                target or "",
-                _ok(ratio, target) if target else "",
-            ]
-        )
+        target = TARGETS.get(int(lat), {}).get(key, "") if targets else ""
+        ok = _ok(ratio, target) if target else ""
+        ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
+        rows.append([f"pipeline / {NAMES[key]}, {tag}", _fmt_rate(p), "", _fmt_rate(b), ratio_s, target, ok])
+    b = r.get("peer2")
+    if b:
+        mine, theirs = p.get("cpu_ms_per_clip"), b.get("cpu_ms_per_clip")
+        ratio = mine / theirs if mine is not None and theirs else None
+        label = f"CPU per clip, pipeline / {NAMES['peer2']}, {tag}"
+        ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
+        target, ok = (CPU_TARGET, _ok(ratio, CPU_TARGET)) if targets else ("", "")
+        rows.append([label, f"{_fmt_cpu(p)} ms", "", f"{_fmt_cpu(b)} ms", ratio_s, target, ok])
     return rows
 
 
-NAMES = {"limit": "limit", "peer1": "peer 1 (SDK sequential)", "peer2": f"peer 2 ({PEER_THREADS}-thread pool)"}
+def _regime_rows(r: dict[str, Any], lat: float, targets: bool) -> list[list[str]]:
+    """The rows of one latency regime: each client, then the pipeline against each baseline."""
+    tag = f"{lat:g} ms latency"
+    rows = _client_rows(r, tag)
+    if r.get("pipeline"):
+        rows += _ratio_rows(r, lat, tag, targets)
+    return rows
+
+
+NAMES = {
+    "limit": "limit",
+    "peer1": "peer 1 (SDK sequential)",
+    "peer2": f"peer 2 ({PEER_THREADS}-thread pool)",
+    "pipeline": "pipeline",
+}
 TARGETS = {0: {"limit": ">= 0.7"}, 100: {"peer2": ">= 1.5", "peer1": ">= 50"}}
+CPU_TARGET = "<= 1.0"  # the pipeline's CPU per clip at most peer 2's (issue 11), in every regime
+HEADER = ["pass", "measurement", "value", "CPU ms/clip", "baseline", "ratio", "target", "ok"]
+
+
+def _rss_rows(rss: dict[str, Any]) -> list[list[str]]:
+    base, long = rss["one_5s_clip"], rss["one_long_stereo_clip"]
+    delta = long["max_rss_mib"] - base["max_rss_mib"]
+    hours = long["duration_ms"] / 3_600_000
+    ok = _ok(delta, "< 64") if long["complete"] and base["complete"] else "FAIL"
+    return [
+        [
+            f"peak RSS, pipeline, one {hours:g} h stereo clip ({long['file_bytes'] / MIB:.0f} MiB)",
+            f"{long['max_rss_mib']:.1f} MiB",
+            "",
+            f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)",
+            f"{delta:+.1f} MiB",
+            "< +64 MiB",
+            ok,
+        ],
+        [
+            "pipeline wall time, one 5 s clip (~ start-up + teardown)",
+            f"{base['wall_s']:.2f} s",
+            f"{(base['user_s'] + base['sys_s']) * 1000:.0f}",
+            "",
+            "",
+            "",
+            "",
+        ],
+    ]
+
+
+def _scale_rows(sc: dict[str, Any], base: dict[str, Any] | None, scale_rows: list[int]) -> list[list[str]]:
+    small, big = (sc[str(n)] for n in scale_rows)
+    n_small, n_big = scale_rows
+    ratio = big["wall_s"] / small["wall_s"]
+    ok = _ok(ratio, "<= 12") if big["errors"] == 0 and small["errors"] == 0 else "FAIL"
+    return [
+        [
+            f"peak RSS, pipeline, {n_big:,}-row run",
+            f"{big['max_rss_mib']:.1f} MiB",
+            "",
+            f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)" if base else "-",
+            f"{big['max_rss_mib'] - base['max_rss_mib']:+.1f} MiB" if base else "-",
+            "",
+            "",
+        ],
+        [
+            f"wall time, pipeline, {n_big:,} rows",
+            f"{big['wall_s']:.1f} s ({_fmt_rate(big)})",
+            _fmt_cpu(big),
+            f"{small['wall_s']:.1f} s ({n_small:,} rows)",
+            f"{ratio:.2f}",
+            "<= 12",
+            ok,
+        ],
+    ]
 
 
 def table_rows(results: dict[str, Any], args: argparse.Namespace) -> list[list[str]]:
+    """Each pass's rows, the pass first; the issue's throughput and CPU targets on the pinned pass (on the
+    unpinned one when it ran alone)."""
+    checked = "pinned" if "pinned" in results else next(iter(results), None)
+    rows: list[list[str]] = []
+    for name, r in results.items():
+        rows += [[name, *row] for row in _pass_rows(r, args, targets=name == checked)]
+    return rows
+
+
+def _pass_rows(results: dict[str, Any], args: argparse.Namespace, targets: bool) -> list[list[str]]:
     rows: list[list[str]] = []
     for lat in args.latencies_ms:
         r = results.get(f"regime_{lat:g}ms")
         if r:
-            rows += _regime_rows(r, lat)
+            rows += _regime_rows(r, lat, targets)
     rss = results.get("rss")
-    base = rss.get("one_5s_clip") if rss else None
     if rss:
-        long = rss["one_long_stereo_clip"]
-        delta = long["max_rss_mib"] - base["max_rss_mib"]
-        hours = long["duration_ms"] / 3_600_000
-        rows.append(
-            [
-                f"peak RSS, pipeline, one {hours:g} h stereo clip ({long['file_bytes'] / MIB:.0f} MiB)",
-                f"{long['max_rss_mib']:.1f} MiB",
-                f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)",
-                f"{delta:+.1f} MiB",
-                "< +64 MiB",
-                _ok(delta, "< 64") if long["complete"] and base["complete"] else "FAIL",
-            ]
-        )
-        cpu = base["user_s"] + base["sys_s"]
-        rows.append(["pipeline wall time, one 5 s clip (~ start-up + teardown)", f"{base['wall_s']:.2f} s"])
-        rows[-1] += [f"CPU {cpu:.2f} s", "", "", ""]
-    sc = results.get("scale")
-    if sc:
-        small, big = (sc[str(n)] for n in args.scale_rows)
-        n_small, n_big = args.scale_rows
-        rows.append(
-            [
-                f"peak RSS, pipeline, {n_big:,}-row run",
-                f"{big['max_rss_mib']:.1f} MiB",
-                f"{base['max_rss_mib']:.1f} MiB (one 5 s clip)" if base else "-",
-                f"{big['max_rss_mib'] - base['max_rss_mib']:+.1f} MiB" if base else "-",
-                "",
-                "",
-            ]
-        )
-        ratio = big["wall_s"] / small["wall_s"]
-        rows.append(
-            [
-                f"wall time, pipeline, {n_big:,} rows",
-                f"{big['wall_s']:.1f} s ({_fmt_rate(big)})",
-                f"{small['wall_s']:.1f} s ({n_small:,} rows)",
-                f"{ratio:.2f}",
-                "<= 12",
-                _ok(ratio, "<= 12") if big["errors"] == 0 and small["errors"] == 0 else "FAIL",
-            ]
-        )
+        rows += _rss_rows(rss)
+    if results.get("scale"):
+        rows += _scale_rows(results["scale"], rss["one_5s_clip"] if rss else None, args.scale_rows)
     return rows
 
 
 def format_table(rows: list[list[str]]) -> str:
-    header = ["measurement", "value", "baseline", "ratio", "target", "ok"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"]
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def detail_lines(results: dict[str, Any]) -> list[str]:
-    """Where the time goes: each child's wall time (and the part after its imports, as it reports it),
-    its CPU (user, system, share of one core), the server's CPU share and the child's peak RSS."""
-    head = f"{'child process':<30} {'wall s':>7} {'in-proc s':>9} {'clips/s':>8} {'user s':>7} {'sys s':>6}"
-    lines = [f"{head} {'cpu%':>5} {'server cpu%':>11} {'peak RSS MiB':>12}"]
+def _detail_items(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, measurement) of every child process of every pass, the pass first in the name."""
+    return [(f"{name} {child}", m) for name, r in results.items() for child, m in _pass_items(r)]
+
+
+def _pass_items(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     items = []
     for key, r in results.items():
         if key.startswith("regime_"):
@@ -491,13 +643,23 @@ def detail_lines(results: dict[str, Any]) -> list[str]:
             items += [(f"pipeline {name}", m) for name, m in r.items()]
         elif key == "scale":
             items += [(f"pipeline {n} rows", m) for n, m in r.items()]
+    return items
+
+
+def detail_lines(results: dict[str, Any]) -> list[str]:
+    """Where the time goes: each child's wall time (and the part after its imports, as it reports it),
+    its CPU (user, system, per clip, share of one core), the server's CPU share and the child's peak RSS."""
+    items = _detail_items(results)
+    width = max([len("child process"), *(len(name) for name, _ in items)])
+    head = f"{'child process':<{width}} {'wall s':>7} {'in-proc s':>9} {'clips/s':>8} {'user s':>7} {'sys s':>6}"
+    lines = [f"{head} {'CPU ms/clip':>11} {'cpu%':>5} {'server cpu%':>11} {'peak RSS MiB':>12}"]
     for name, m in items:
         rate = f"{m['clips_per_s']:8.1f}" if "clips_per_s" in m else f"{'-':>8}"
         inproc = m.get("output", {}).get("seconds")
         inproc = f"{inproc:9.2f}" if isinstance(inproc, (int, float)) else f"{'-':>9}"
         lines.append(
-            f"{name:<30} {m['wall_s']:7.2f} {inproc} {rate} {m['user_s']:7.2f} {m['sys_s']:6.2f} {m['cpu_pct']:5.0f} "
-            f"{m['server_cpu_pct']:11.0f} {m['max_rss_mib']:12.1f}"
+            f"{name:<{width}} {m['wall_s']:7.2f} {inproc} {rate} {m['user_s']:7.2f} {m['sys_s']:6.2f} "
+            f"{_fmt_cpu(m):>11} {m['cpu_pct']:5.0f} {m['server_cpu_pct']:11.0f} {m['max_rss_mib']:12.1f}"
         )
     return lines
 
@@ -509,6 +671,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke run: 500 rows, smaller subsets (~1-2 minutes)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--latencies_ms", default="0,100", help="server latency regimes, comma-separated")
+    p.add_argument(
+        "--pinning",
+        default=",".join(PINNINGS),
+        help="passes, in order, each with its own servers: pinned (server on one CPU, each client alone on "
+        "another, by taskset; skipped with 1 CPU) and/or unpinned (default: both; memory and scaling runs in the "
+        "first only)",
+    )
     p.add_argument("--limit_levels", default="8,32,64", help="concurrency levels of the limit client")
     p.add_argument("--peer1_rows", type=int, default=None, help="rows of peer 1 under added latency (default 200)")
     p.add_argument("--scale_rows", default=None, help="two manifest sizes for the scaling run (default 1000,10000)")
@@ -528,6 +697,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(a.phases) - set(PHASES)
     if unknown:
         p.error(f"unknown phase(s) {sorted(unknown)}; choose from {','.join(PHASES)}")
+    a.pinning = [s.strip() for s in a.pinning.split(",") if s.strip()]
+    if not a.pinning or set(a.pinning) - set(PINNINGS) or len(set(a.pinning)) != len(a.pinning):
+        p.error(f"--pinning takes one or both of {','.join(PINNINGS)}")
     a.pipeline_args = shlex.split(a.pipeline_args)
     a.latencies_ms = [float(x) for x in a.latencies_ms.split(",")]
     a.limit_levels = [int(x) for x in a.limit_levels.split(",")]
@@ -538,12 +710,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = machine()
     progress(f"machine: {info['nproc']} CPUs ({info['cpu_model']}), python {info['python']}, beam {info['beam']}")
+    passes, notes = plan_passes(args.pinning)
+    for note in notes:
+        progress(note)
+    if not passes:
+        sys.exit("no pass to run: " + "; ".join(notes))
     shutil.rmtree(LOGS, ignore_errors=True)
     os.makedirs(LOGS)
     work = tempfile.mkdtemp(prefix="soniox-bench-")
     started = time.monotonic()
     try:
-        results = Bench(args, work).run()
+        results = Bench(args, work, passes).run()
     finally:
         if args.keep:
             progress(f"kept {work}")
@@ -556,9 +733,9 @@ def main(argv: list[str] | None = None) -> None:
         "total_seconds": round(time.monotonic() - started, 1),
         "machine": info,
         "settings": settings,
-        "table": [
-            dict(zip(["measurement", "value", "baseline", "ratio", "target", "ok"], r, strict=True)) for r in rows
-        ],
+        "passes": [p.describe() for p in passes],
+        "notes": notes,
+        "table": [dict(zip(HEADER, r, strict=True)) for r in rows],
         "results": results,
     }
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
@@ -570,8 +747,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{args.rows} rows of 5 s mono clips over {args.objects} objects of {args.object_s} s; "
-        f"server: `python -m pipeline serve` in its own process; rates = clips / child wall time (start-up included)"
+        f"server: `python -m pipeline serve` in its own process; rates = clips / child wall time (start-up included); "
+        f"CPU ms/clip = (user + sys of the client's process) x 1000 / clips"
     )
+    for line in [*(p.describe() for p in passes), *notes]:
+        print(f"- {line}")
     print()
     print(format_table(rows))
     print()
