@@ -26,12 +26,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
 from pipeline.client import GetAudioClient, RetryPolicy
-from pipeline.clips import ClipFile, FinishedClip, WrittenClip, clip_path, existing_clip
+from pipeline.clips import ClipFile, FinishedClip, WrittenClip, clip_path, existing_clip, relative_path
 from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
 from pipeline.messages import GetAudioError
 from pipeline.shards import ShardWriter, shard_path
 from pipeline.storage import StoreSettings, open_store
-from pipeline.transcripts import clip_tokens, tokens_for
+from pipeline.transcripts import MOSTLY_INSIDE, clip_tokens, tokens_for
 
 log = logging.getLogger(__name__)
 NAMESPACE = "clips"
@@ -54,6 +54,7 @@ class FetchSettings:
     clip_format: str = "wav"
     shards: int = 0
     total_rows: int = 0
+    edge_words: str = MOSTLY_INSIDE
     store: StoreSettings = field(default_factory=StoreSettings)
 
 
@@ -178,7 +179,7 @@ class _Fetch(beam.DoFn):
                 log.warning("skip_existing: cannot check %s (%s); fetching it", path, e)
                 existing = None
             if existing is not None:
-                return _Done(_record(request, existing, attempts=0, stats=CallStats()))
+                return _Done(_record(request, existing, attempts=0, stats=CallStats(), settings=s))
         sink = ClipFile(self.store, path, request.fingerprint, s.clip_format)
         try:
             result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
@@ -200,7 +201,7 @@ class _Fetch(beam.DoFn):
             sink.discard()
             raise
         stats = CallStats(time.monotonic() - started, result.throttled, result.waited_s, result.failures)
-        return _Done(_record(request, written, result.attempts, stats), finished)
+        return _Done(_record(request, written, result.attempts, stats, s), finished)
 
 
 class FetchClips(_Fetch):
@@ -284,15 +285,18 @@ class _Done:
     finished: FinishedClip | None = None
 
 
-def _record(request: ClipRequest, clip: WrittenClip, attempts: int, stats: CallStats) -> ClipRecord:
+def _record(
+    request: ClipRequest, clip: WrittenClip, attempts: int, stats: CallStats, settings: FetchSettings
+) -> ClipRecord:
     info = clip.info
     text, tokens = None, None
     if request.tokens is not None:
-        text, tokens = clip_tokens(request.tokens, request.segment, info.start_ms, info.duration_ms)
+        served = (info.start_ms, info.duration_ms)
+        text, tokens = clip_tokens(request.tokens, request.segment, *served, settings.edge_words)
     return ClipRecord(
         clip_id=request.clip_id,
         object_id=request.object_id,
-        path=clip.path,
+        path=relative_path(settings.output, clip.path),
         clip_start_ms=info.start_ms,
         clip_duration_ms=info.duration_ms,
         object_duration_ms=info.total_duration_ms,

@@ -24,7 +24,7 @@ CLIP_FIELDS = pa.schema(
     [
         ("clip_id", pa.string()),
         ("object_id", pa.string()),
-        ("path", pa.string()),
+        ("path", pa.string()),  # relative to the dataset's root: a copied or uploaded dataset still resolves
         ("clip_start_ms", pa.int64()),
         ("clip_duration_ms", pa.int64()),
         ("object_duration_ms", pa.int64()),
@@ -50,7 +50,17 @@ TRANSCRIPT_FIELDS = pa.schema(
         ("transcript_text", pa.string()),
         (
             "transcript_tokens",
-            pa.list_(pa.struct([("text", pa.string()), ("start_ms", pa.int64()), ("duration_ms", pa.int64())])),
+            pa.list_(
+                pa.struct(
+                    [
+                        ("text", pa.string()),
+                        ("start_ms", pa.int64()),
+                        ("duration_ms", pa.int64()),
+                        ("speaker", pa.int32()),  # null: the service gave none
+                        ("confidence", pa.float64()),  # null: the service gave none
+                    ]
+                )
+            ),
         ),
     ]
 )
