@@ -45,6 +45,10 @@ setup(
             "apache-beam[gcp,aws]>=2.70,<3",
             "moto[server]>=5",
             "gcp-storage-emulator>=2024.1",
+            # The loaders a dataset is tested with (tests/test_loaders.py); neither needs torch. Lhotse does
+            # (its wheel requires it), so its manifests are tested against its schema instead.
+            "datasets>=4",
+            "webdataset>=0.2",
         ],
     },
     entry_points={"console_scripts": ["soniox-clips=pipeline.__main__:main"]},

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline run|serve|demo`."""
+"""Command line: `python -m pipeline run|serve|demo|export`."""
 
 from __future__ import annotations
 
@@ -76,7 +76,14 @@ def demo(argv: list[str]) -> None:
     demo_main(argv)
 
 
-COMMANDS = {"run": run, "serve": serve, "demo": demo}
+def export(argv: list[str]) -> None:
+    """Write Lhotse and NeMo manifests of a built dataset, from its clips table."""
+    from pipeline.export import main as export_main
+
+    export_main(argv)
+
+
+COMMANDS = {"run": run, "serve": serve, "demo": demo, "export": export}
 
 
 def command_parser() -> Parser:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.export import LHOTSE, LHOTSE_DIR, NEMO, NEMO_MANIFEST
 from pipeline.storage import Store, is_local
 from pipeline.table_files import table_prefix
+from pipeline.transcripts import ALL, MOSTLY_INSIDE
 
 CARD_NAME = "README.md"
 HISTOGRAM_NAME = "duration_histogram.png"
@@ -55,8 +57,7 @@ def write_card(
     summary: dict,
     stats: ClipStats,
     errors: dict[str, int],
-    clip_format: str = "wav",
-    sharded: bool = False,
+    layout: Layout | None = None,
 ) -> str:
     """Write the card and its histogram under `output`; return the card's path.
 
@@ -68,7 +69,7 @@ def write_card(
     root = output.rstrip("/")
     store.put(f"{root}/{HISTOGRAM_NAME}", histogram_png(stats), content_type="image/png")
     clips_glob, errors_glob = table_prefix(output, "clips") + "*.parquet", table_prefix(output, "errors") + "*.parquet"
-    text = card_text(output, summary, stats, errors, clips_glob, errors_glob, Layout(clip_format, sharded))
+    text = card_text(output, summary, stats, errors, clips_glob, errors_glob, layout or Layout())
     path = f"{root}/{CARD_NAME}"
     store.put(path, text.encode(), content_type="text/markdown")
     return path
@@ -79,10 +80,27 @@ def write_card(
 
 @dataclass(frozen=True)
 class Layout:
-    """How the clips are stored: the format, and files or tar shards."""
+    """What the dataset holds: the clips' format, files or tar shards, transcripts, exported manifests."""
 
     clip_format: str = "wav"
     sharded: bool = False
+    with_transcripts: bool = False
+    edge_words: str = MOSTLY_INSIDE
+    exports: tuple[str, ...] = ()
+
+
+# What a clip file is, for the card (every clip is 16 kHz, 16-bit, with the channels the service served).
+FORMATS = {"wav": "WAV, 16 kHz, 16-bit PCM", "flac": "FLAC, 16 kHz, 16-bit, lossless"}
+
+# Hugging Face's dataset card metadata: `datasets.load_dataset(root)` reads the clips table (every column),
+# never the errors table beside it, nor the clips as an audio folder without their columns.
+FRONT_MATTER = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: metadata/clips-*.parquet
+---"""
 
 
 def card_text(
@@ -96,12 +114,14 @@ def card_text(
 ) -> str:
     """The whole card, as Markdown."""
     sections = [
+        FRONT_MATTER,
         _header(output, layout),
         _contents(summary, stats, errors),
         _durations(stats),
         _errors(errors),
         _layout(output, clips_table, errors_table, layout),
-        _loading(output, clips_table, layout),
+        _columns(layout),
+        _loading(output, layout),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -111,8 +131,9 @@ def _header(output: str, layout: Layout) -> str:
     stored = " in WebDataset tar shards" if layout.sharded else ""
     return (
         f"# Audio clips: {name}\n\n"
-        f"{layout.clip_format.upper()} clips{stored} cut from Soniox Storage API audio, with Parquet tables "
-        "describing every clip and every manifest row that gave none."
+        f"Audio clips ({FORMATS[layout.clip_format]}){stored} cut from Soniox Storage API audio, with Parquet "
+        "tables describing every clip and every manifest row that gave none. Every path in the dataset is "
+        "relative to its root (this card's folder), so a copy or an upload loads unchanged."
     )
 
 
@@ -184,7 +205,7 @@ def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) ->
     clips = (
         ("shards/shard-NNNNN.tar", f"tar shards: {{key}}.{fmt} and {{key}}.json per clip (key: clip_id, . as ~)")
         if layout.sharded
-        else (f"clips/{{clip_id}}.{fmt}", "one clip per file, 16 kHz 16-bit PCM")
+        else (f"clips/{{clip_id}}.{fmt}", f"one clip per file: {FORMATS[fmt]}")
     )
     entries = [
         (CARD_NAME, "this card"),
@@ -194,32 +215,65 @@ def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) ->
         (_relative(output, clips_table), "one row per clip: path, times, channels, samples, sha256, manifest columns"),
         (_relative(output, errors_table), "one row per manifest row that gave no clip: error_code, error_message"),
     ]
+    if NEMO in layout.exports:
+        entries.append((NEMO_MANIFEST, "NeMo manifest: audio_filepath (relative to this folder), duration, text"))
+    if LHOTSE in layout.exports:
+        entries.append((f"{LHOTSE_DIR}/*.jsonl.gz", "Lhotse recordings, supervisions and cuts"))
     width = max(len(name) for name, _ in entries) + 2
-    lines = [f"{output.rstrip('/')}/", *(f"  {name:<{width}}{what}" for name, what in entries)]
+    lines = ["./", *(f"  {name:<{width}}{what}" for name, what in entries)]  # relative: the card moves with it
     return "## Files\n\n```text\n" + "\n".join(lines) + "\n```"
 
 
-def _loading(output: str, clips_table: str, layout: Layout) -> str:
-    """A snippet that loads every clip from every table file; object-store paths go through Beam's
-    FileSystems, which soundfile cannot open itself, and a shard's member is read out of its tar."""
+def _columns(layout: Layout) -> str:
+    """The clips table's columns that need saying: paths, and the transcript columns and their rule."""
+    where = "the tar shard holding the clip (its name in the tar: `member`)" if layout.sharded else "the clip file"
+    lines = [
+        "## Clips table",
+        "",
+        f'- `path`: {where}, relative to the dataset\'s root: a full path or URI is `f"{{root}}/{{path}}"`.',
+        "- `clip_start_ms`, `clip_duration_ms`: the range served (a token range is widened by the service); "
+        "`num_channels`, `sample_rate`, `num_samples` (per channel), `num_bytes`, `sha256` of the file.",
+        "- Then every column of the manifest, unchanged.",
+    ]
+    if layout.with_transcripts:
+        rule = (
+            "every word that overlaps the clip (a word cut by an edge may start before 0 or end past the clip)"
+            if layout.edge_words == ALL
+            else "the words with more than half of their duration inside the clip (a word cut by an edge is left out)"
+        )
+        lines += [
+            "- `transcript_text`: the clip's words joined; null when the object has no transcript, `''` when the "
+            f"clip holds no word. A time range keeps {rule}; a token range exactly its tokens.",
+            "- `transcript_tokens`: those tokens (`text`, `start_ms` from the clip's start, `duration_ms`, "
+            "`speaker` and `confidence` when the service gave them), never starting or ending with a space.",
+        ]
+    return "\n".join(lines)
+
+
+def _loading(output: str, layout: Layout) -> str:
+    """Snippets that load every clip from every table file, with the dataset's root as the one path to set;
+    object-store paths go through Beam's FileSystems, which soundfile cannot open itself, and a shard's member
+    is read out of its tar."""
     local = is_local(output)
+    root = "." if local else output.rstrip("/")
+    where = "this dataset's folder (run from it), or its path" if local else "the dataset's URI, or a local copy"
     head = ["import glob"] if local else ["import io"]
     head += ["import tarfile"] if layout.sharded else []
     head += ["", *([] if local else ["import pyarrow as pa"]), "import pyarrow.parquet as pq", "import soundfile"]
     if not local:
         head.append("from apache_beam.io.filesystems import FileSystems")
-    lines = [*head, ""]
+    lines = [*head, "", f"root = {root!r}  # {where}"]
     if local:
-        lines.append(f"clips = pq.read_table(sorted(glob.glob({clips_table!r})))")
+        lines.append('clips = pq.read_table(sorted(glob.glob(f"{root}/metadata/clips-*.parquet")))')
     else:
         lines += [
-            f"files = sorted(m.path for m in FileSystems.match([{clips_table!r}])[0].metadata_list)",
+            'files = sorted(m.path for m in FileSystems.match([f"{root}/metadata/clips-*.parquet"])[0].metadata_list)',
             "clips = pa.concat_tables(pq.read_table(FileSystems.open(path)) for path in files)",
         ]
     lines.append("for row in clips.to_pylist():")
-    source = 'row["path"]'
+    source = "f\"{root}/{row['path']}\""
     if not local:
-        lines += ['    with FileSystems.open(row["path"]) as f:', "        data = io.BytesIO(f.read())"]
+        lines += ["    with FileSystems.open(f\"{root}/{row['path']}\") as f:", "        data = io.BytesIO(f.read())"]
         source = "data"
     if layout.sharded:
         if local:
@@ -235,7 +289,59 @@ def _loading(output: str, clips_table: str, layout: Layout) -> str:
         '    print(row["clip_id"], len(audio), sample_rate)',
     ]
     code = "\n".join(lines).lstrip("\n") + "\n"
-    return "## Loading\n\n```python\n" + code + "```"
+    parts = ["## Loading", "", "```python\n" + code + "```", "", _hugging_face(layout), *_manifests(layout)]
+    return "\n".join(parts)
+
+
+def _hugging_face(layout: Layout) -> str:
+    """`load_dataset(root)` gives the clips table (this card's `configs`); the audio is the file at `path`
+    (no audio is decoded here: decoding needs torchcodec), or a tar shard's sample."""
+    lines = [
+        "With Hugging Face `datasets` (`load_dataset(root)` reads the clips table named in this card's `configs`):",
+        "",
+        "```python",
+        "import os",
+        "",
+        "import datasets",
+        "",
+        'root = os.path.abspath(".")  # this dataset\'s folder (load_dataset(".") cannot name it), or its path',
+        'clips = datasets.load_dataset(root, split="train")  # every column of the clips table',
+    ]
+    if layout.sharded:  # HF's webdataset builder encodes Audio with torchcodec even for bytes: no torch here
+        fmt = layout.clip_format
+        lines += [
+            "# The samples (audio and JSON row), with torchcodec installed: Hugging Face's webdataset builder,",
+            f'# datasets.load_dataset("webdataset", data_files=f"{{root}}/shards/*.tar")  # the {fmt} column is Audio',
+            'print(len(clips), *(clips[0]["path"], clips[0]["member"]) if len(clips) else ())',
+        ]
+    else:
+        lines += [
+            'clips = clips.add_column("audio", [f"{root}/{path}" for path in clips["path"]])',
+            'clips = clips.cast_column("audio", datasets.Audio(decode=False))  # decode=True needs torchcodec',
+            'print(len(clips), clips[0]["audio"]["path"] if len(clips) else None)',
+        ]
+    return "\n".join([*lines, "```"])
+
+
+def _manifests(layout: Layout) -> list[str]:
+    lines = []
+    if NEMO in layout.exports:
+        lines += [
+            "",
+            f"NeMo: `manifest_filepath: {{root}}/{NEMO_MANIFEST}` (its paths are relative to its folder; "
+            + (
+                "the tarred form: also `tarred_audio_filepaths: {root}/shards/shard-{00000..NNNNN}.tar`; "
+                if layout.sharded
+                else ""
+            )
+            + "set `channel_selector` when clips have several channels).",
+        ]
+    if LHOTSE in layout.exports:
+        lines += [
+            "",
+            f'Lhotse: `CutSet.from_file(f"{{root}}/{LHOTSE_DIR}/cuts.jsonl.gz").with_recording_path_prefix(root)`.',
+        ]
+    return lines
 
 
 # The histogram.

@@ -241,8 +241,19 @@ class GetAudioClient:
                 break
             except grpc.RpcError as e:
                 self._after_failure(e.code(), e.details() or "", attempt, object_id)
-        tokens = tuple(ObjectToken(t.idx, t.text, t.start_ms, t.duration_ms) for t in obj.transcript.tokens)
-        return ObjectInfo(obj.object_id, obj.duration_ms, obj.num_audio_channels, tokens)
+        return ObjectInfo(obj.object_id, obj.duration_ms, obj.num_audio_channels, _tokens(obj))
+
+
+def _tokens(obj: pb.StoredObject) -> tuple[ObjectToken, ...] | None:
+    """The transcript's tokens, or None for an object with no transcript (so a clip of it gets a null
+    transcript, not the empty one of a range with no words). proto3 sends 0 for a speaker or confidence
+    the service did not give: those become None."""
+    if not obj.HasField("transcript"):
+        return None
+    return tuple(
+        ObjectToken(t.idx, t.text, t.start_ms, t.duration_ms, t.speaker_id or None, t.confidence or None)
+        for t in obj.transcript.tokens
+    )
 
 
 class _Stream:

@@ -35,6 +35,15 @@ def clip_path(output: str, clip_id: str, clip_format: str = "wav") -> str:
     return f"{output.rstrip('/')}/{CLIPS_DIR}/{clip_id}.{clip_format}"
 
 
+def relative_path(output: str, path: str) -> str:
+    """A path under `output` as the dataset's tables name it: relative to its root (`clips/a.wav`), so that
+    a copied or uploaded dataset still resolves (a full URI is f"{root}/{path}")."""
+    root = output.rstrip("/") + "/"
+    if not path.startswith(root):
+        raise ValueError(f"{path} is not under the output {output}")
+    return path[len(root) :]
+
+
 @dataclass(frozen=True)
 class WrittenClip:
     """A clip file at its final path, as the clips table describes it."""

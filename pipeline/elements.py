@@ -29,7 +29,15 @@ def segment_tag(segment: Segment) -> str:
 
 
 NOT_COLUMNS = ("columns", "stats")  # the manifest row (spread into its own columns) and the fetch's numbers
-TOKEN_TYPE = pa.struct([("text", pa.string()), ("start_ms", pa.int64()), ("duration_ms", pa.int64())])
+TOKEN_TYPE = pa.struct(
+    [
+        ("text", pa.string()),
+        ("start_ms", pa.int64()),
+        ("duration_ms", pa.int64()),
+        ("speaker", pa.int32()),  # null: the service gave none
+        ("confidence", pa.float64()),  # null: the service gave none
+    ]
+)
 
 
 def arrow(type_: pa.DataType) -> Any:
@@ -71,7 +79,7 @@ class ClipRecord:
 
     clip_id: str
     object_id: str
-    path: str
+    path: str  # relative to the dataset's root: a copied or uploaded dataset still resolves
     clip_start_ms: int
     clip_duration_ms: int
     object_duration_ms: int

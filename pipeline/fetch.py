@@ -25,7 +25,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
-from pipeline.clips import FinishedClip, WrittenClip, clip_file, clip_path, existing_clip
+from pipeline.clips import FinishedClip, WrittenClip, clip_file, clip_path, existing_clip, relative_path
 from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
 from pipeline.settings import ClientSettings, FetchSettings
@@ -86,7 +86,6 @@ class _Step(beam.DoFn):
         self.key = (
             s.client,
             s.max_in_flight,
-            s.total_rows,
             s.rate_limit_service,
             s.rate_limit_domain,
             self.make_client,
@@ -187,7 +186,7 @@ class _Fetch(_Step):
                 log.warning("skip_existing: cannot check %s (%s); fetching it", path, e)
                 existing = None
             if existing is not None:
-                return _Done(_record(request, existing, attempts=0, stats=CallStats()))
+                return _Done(_record(request, existing, attempts=0, stats=CallStats(), settings=s))
         limited_s = self._wait_for_limit()
         sink = clip_file(self.store, path, request.fingerprint, s.clip_format)
         try:
@@ -210,7 +209,7 @@ class _Fetch(_Step):
             sink.discard()
             raise
         stats = CallStats(time.monotonic() - started, result.throttled, result.waited_s + limited_s, result.failures)
-        return _Done(_record(request, written, result.attempts, stats), finished)
+        return _Done(_record(request, written, result.attempts, stats, s), finished)
 
     def _wait_for_limit(self) -> float:
         """Wait until the job-wide rate limit (if any) allows a call; the seconds waited count as throttled
@@ -303,15 +302,18 @@ class _Done:
     finished: FinishedClip | None = None
 
 
-def _record(request: ClipRequest, clip: WrittenClip, attempts: int, stats: CallStats) -> ClipRecord:
+def _record(
+    request: ClipRequest, clip: WrittenClip, attempts: int, stats: CallStats, settings: FetchSettings
+) -> ClipRecord:
     info = clip.info
     text, tokens = None, None
     if request.tokens is not None:
-        text, tokens = clip_tokens(request.tokens, request.segment, info.start_ms, info.duration_ms)
+        served = (info.start_ms, info.duration_ms)
+        text, tokens = clip_tokens(request.tokens, request.segment, *served, settings.edge_words)
     return ClipRecord(
         clip_id=request.clip_id,
         object_id=request.object_id,
-        path=clip.path,
+        path=relative_path(settings.output, clip.path),
         clip_start_ms=info.start_ms,
         clip_duration_ms=info.duration_ms,
         object_duration_ms=info.total_duration_ms,

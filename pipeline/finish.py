@@ -3,7 +3,8 @@
 They run inside the job, after both tables are written, so a detached launch (a Flex Template, a scheduler
 that does not wait, a launcher that dies) still gets the card, `_RUN.json` and a clean output. The numbers
 are combined in parallel (a combiner per worker, merged), so nothing but one small accumulator meets on
-the worker that writes the files; the card needs no table read back.
+the worker that writes the files; the card needs no table read back (only `--export` reads the clips table,
+a row group at a time, to write its manifests).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-from pipeline.card import ClipStats, write_card
+from pipeline.card import ClipStats, Layout, write_card
 from pipeline.elements import ClipError, ClipRecord
+from pipeline.export import export_dataset
 from pipeline.record import now, write_record
 from pipeline.storage import TMP_DIR, StoreSettings, open_store
 from pipeline.table_files import remove_stale, write_empty
+from pipeline.transcripts import MOSTLY_INSIDE
 
 
 @dataclass
@@ -123,6 +126,9 @@ class RunInfo:
     options: dict[str, Any]
     clip_format: str = "wav"
     sharded: bool = False
+    exports: tuple[str, ...] = ()  # --export: the manifests to write from the clips table
+    with_transcripts: bool = False
+    edge_words: str = MOSTLY_INSIDE
 
 
 class WriteRunFiles(beam.DoFn):
@@ -151,7 +157,10 @@ class WriteRunFiles(beam.DoFn):
             stats.written + stats.skipped, objects, stats.clip_bytes, dict(stats.channels), dict(stats.durations_ms)
         )
         errors = dict(sorted(stats.errors_by_code.items(), key=lambda kv: (-kv[1], kv[0])))
-        write_card(store, info.output, numbers, clip_stats, errors, info.clip_format, info.sharded)
+        layout = Layout(info.clip_format, info.sharded, info.with_transcripts, info.edge_words, info.exports)
+        write_card(store, info.output, numbers, clip_stats, errors, layout)
+        if info.exports:
+            export_dataset(store, info.output, info.exports, clip_files)
         record = {
             "started_at": info.started_at,
             "finished_at": now(),

@@ -75,6 +75,8 @@ class ObjectToken:
     text: str
     start_ms: int
     duration_ms: int
+    speaker: int | None = None  # the service's speaker_id; None when it gave none (0)
+    confidence: float | None = None  # None when the service gave none (0)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class ObjectInfo:
     object_id: str
     duration_ms: int
     channels: int
-    tokens: tuple[ObjectToken, ...]
+    tokens: tuple[ObjectToken, ...] | None  # None: the object has no transcript
 
 
 class GetAudioError(Exception):

@@ -16,6 +16,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 from pipeline.audio import FORMATS
 from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CLIP_FORMATS
+from pipeline.export import LHOTSE, parse_exports
+from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
 
 REQUIRED = ("manifest", "output")
 
@@ -98,6 +100,19 @@ class ClipOptions(PipelineOptions):
             "--with_transcripts",
             **_FLAG,
             help="add each clip's transcript text and tokens (from GetObject, one call per object) to the clips table",
+        )
+        g.add_argument(
+            "--edge_words",
+            choices=EDGE_WORDS,
+            default=MOSTLY_INSIDE,
+            help="with --with_transcripts, the words of a time range's transcript: mostly_inside (more than half of "
+            "the word's duration inside the clip) or all (every word that overlaps it)",
+        )
+        g.add_argument(
+            "--export",
+            default=None,
+            help="also write training manifests at the end of the run: a comma-separated list of lhotse, nemo "
+            "(python -m pipeline export does it for a built dataset)",
         )
         g.add_argument(
             "--rate_limit_service",
@@ -187,6 +202,8 @@ def check_values(opts: ClipOptions) -> None:
     for bad, message in problems:
         if bad:
             raise LaunchError(message)
+    if LHOTSE in parse_exports(opts.export) and opts.shards > 0:
+        raise LaunchError("--export lhotse needs clip files: Lhotse does not read tar shards (--shards)")
 
 
 def read_config(path: str) -> dict:

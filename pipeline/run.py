@@ -20,6 +20,7 @@ from pipeline import tables
 from pipeline.cli import LaunchError, Parser, add_logging_options
 from pipeline.client import DEFAULT_API_HOST
 from pipeline.elements import ClipError
+from pipeline.export import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
 from pipeline.finish import FinishRun, RunInfo
 from pipeline.launch import (
@@ -157,6 +158,9 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
         options=safe_options(options),
         clip_format=opts.clip_format,
         sharded=opts.shards > 0,
+        exports=parse_exports(opts.export),
+        with_transcripts=opts.with_transcripts,
+        edge_words=opts.edge_words,
     )
     p = beam.Pipeline(runner=runner, options=options)
     build(p, settings, manifest, info, spread=not workers_share_environment(options))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.api_key import read_api_key
 from pipeline.client import GetAudioClient, RetryPolicy
 from pipeline.storage import StoreSettings
+from pipeline.transcripts import MOSTLY_INSIDE
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class FetchSettings:
     shards: int = 0
     rate_limit_service: str | None = None  # host:port of an Envoy rate limit service
     rate_limit_domain: str = "soniox-clips"
+    edge_words: str = MOSTLY_INSIDE
     total_rows: int = 0
     store: StoreSettings = field(default_factory=StoreSettings)
 

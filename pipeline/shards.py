@@ -3,7 +3,7 @@
 With `--shards N` the requests are grouped by a hash of their clip_id into N shards before the fetch; each
 shard's clips are written into a tar in a local scratch file as they arrive, and the tar is published in
 one write at `{output}/shards/shard-NNNNN.tar`, so a reader never sees half a shard and no clip is staged
-in the output. The clips table then points at the shard (`path`) and the `member`.
+in the output. The clips table then points at the shard (`path`, relative to the output) and the `member`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class ShardWriter:
     def __init__(self, store: Store, path: str):
         self.store = store
         self.path = path
+        self.name = f"{SHARDS_DIR}/{path.rsplit('/', 1)[-1]}"  # as the tables name it: relative to the root
         self.failure: OSError | None = None  # once set, clips are dropped and the shard is not published
         self._scratch = store.scratch_file(".tar")
         self._file = open(self._scratch, "wb")  # noqa: SIM115 - closed in publish/discard
@@ -55,7 +56,7 @@ class ShardWriter:
         that the calls still running are all collected."""
         key = sample_key(record.clip_id)
         member = key + record.path[record.path.rfind(".") :]
-        placed = dataclasses.replace(record, path=self.path, member=member)
+        placed = dataclasses.replace(record, path=self.name, member=member)
         try:
             if self.failure is None:
                 self._add_clip(member, clip)

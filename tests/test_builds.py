@@ -175,10 +175,12 @@ def check_clip(data: bytes, store: dict[str, str], object_id: str, start_ms: int
     assert np.array_equal(audio, expected), f"{object_id} {start_ms}+{duration_ms}: samples differ"
 
 
-def check_clips_table(rows: list[dict[str, Any]], store: dict[str, str]) -> None:
-    """Every row's file is complete, matches its row (size, hash, frames) and the source audio."""
+def check_clips_table(rows: list[dict[str, Any]], store: dict[str, str], root: str) -> None:
+    """Every row's file (its `path` relative to the dataset's root) is complete, matches its row (size, hash,
+    frames) and the source audio."""
     for row in rows:
-        data = read_bytes(row["path"])
+        assert "://" not in row["path"] and not row["path"].startswith("/"), row["path"]
+        data = read_bytes(f"{str(root).rstrip('/')}/{row['path']}")
         assert len(data) == row["num_bytes"], row["clip_id"]
         assert hashlib.sha256(data).hexdigest() == row["sha256"], row["clip_id"]
         assert row["sample_rate"] == SAMPLE_RATE
@@ -244,9 +246,9 @@ def test_object_storage_build(storage: StorageServer, make_server, store: dict[s
     by_id = {r["clip_id"]: r for r in clips}
     assert set(by_id) == {"m0", "demo-stereo.t1500+700", "f1", "k1"}
     for clip_id, row in by_id.items():
-        assert row["path"] == f"{ds}/clips/{clip_id}.wav"
+        assert row["path"] == f"clips/{clip_id}.wav"
     assert by_id["m0"]["speaker"] == "ann" and by_id["f1"]["speaker"] is None
-    check_clips_table(clips, store)
+    check_clips_table(clips, store, ds)
 
     errors = errors_table(ds).to_pylist()
     assert [(e["clip_id"], e["error_code"], e["speaker"]) for e in errors] == [("gone", "NOT_FOUND", "dee")]
@@ -358,7 +360,7 @@ def test_skip_existing_makes_no_call_for_current_clips(make_server, store: dict[
     fetched = {c for c, r in third.items() if r["attempts"] > 0}
     assert fetched == {"m0", "s1", "g1", "demo-flac-3ch.t0+300"}
     assert (third["s1"]["clip_start_ms"], third["s1"]["clip_duration_ms"]) == (2000, 800)
-    check_clips_table(list(third.values()), store)
+    check_clips_table(list(third.values()), store, out)
     assert sorted(os.listdir(os.path.join(out, "clips"))) == sorted(f"{c}.wav" for c in third)
 
 
@@ -439,12 +441,12 @@ def test_killed_run_then_rerun_completes_dataset(make_server, store: dict[str, s
     skipped = {r["clip_id"] for r in table if r["attempts"] == 0}
     assert skipped == {name[:-4] for name in survivors}
     for r in table:
-        assert r["path"] == str(clips_dir / f"{r['clip_id']}.wav")
+        assert r["path"] == f"clips/{r['clip_id']}.wav"
         assert (r["clip_start_ms"], r["clip_duration_ms"]) == (
             wanted[r["clip_id"]]["start_ms"],
             wanted[r["clip_id"]]["duration_ms"],
         )
-    check_clips_table(table, store)
+    check_clips_table(table, store, out)
     assert errors_table(str(out)).num_rows == 0
     assert set(as_globs(local_files(out))) == {f"clips/{c}.wav" for c in wanted} | {
         *TABLES,
@@ -477,7 +479,7 @@ def test_rerun_removes_what_a_killed_run_left(make_server, store: dict[str, str]
         tmp_path / "m.parquet", [{"clip_id": "c0", "object_id": "demo-mono", "start_ms": 0, "duration_ms": 300}]
     )
     expect_exit(run_cli(server, manifest, str(out), "--skip_existing"), 0)
-    check_clips_table(clips_table(str(out)).to_pylist(), store)
+    check_clips_table(clips_table(str(out)).to_pylist(), store, out)
     assert set(as_globs(local_files(out))) == {
         "clips/c0.wav",
         *TABLES,
@@ -534,7 +536,7 @@ def test_errors_table_as_manifest_retries_only_failures(make_server, store: dict
             assert row[name] == original[clip_id][name], (clip_id, name)
     assert by_id["demo-stereo.k4-7"]["speaker"] == "éva" and by_id["demo-stereo.k4-7"]["take"] == -4
     assert by_id["m0"]["score"] is None and by_id["s1"]["speaker"] is None
-    check_clips_table(clips, store)
+    check_clips_table(clips, store, out2)
     assert errors_table(out2).num_rows == 0
     record = run_record(out2)
     check_record_adds_up(record, rows=len(rows))
@@ -569,7 +571,7 @@ def test_run_record_holds_no_secret(make_server, store: dict[str, str], tmp_path
     check_record_adds_up(record, rows=4)
     assert (record["clips"], record["errors"], record["errors_by_code"]) == (3, 1, {"NOT_FOUND": 1})
     clips = clips_table(str(out)).to_pylist()
-    check_clips_table(clips, store)
+    check_clips_table(clips, store, out)
     assert record["bytes"] == sum(r["num_bytes"] for r in clips)
     assert record["audio_seconds"] == pytest.approx(sum(r["clip_duration_ms"] for r in clips) / 1000)
     assert record["options"]["output"] == str(out) and record["options"]["manifest"] == manifest
@@ -606,7 +608,7 @@ def test_max_error_ratio(flags: list[str], code: int, make_server, store: dict[s
     assert ("max_error_ratio" in proc.stderr) == (code == 1), proc.stderr
     clips = clips_table(out).to_pylist()
     assert sorted(r["clip_id"] for r in clips) == [f"c{i}" for i in range(9)]
-    check_clips_table(clips, store)
+    check_clips_table(clips, store, out)
     errors = errors_table(out).to_pylist()
     assert [(e["clip_id"], e["error_code"]) for e in errors] == [("gone", "NOT_FOUND")]
     record = run_record(out)

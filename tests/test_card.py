@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
 import re
 import uuid
 from pathlib import Path
@@ -95,7 +96,9 @@ def write_dataset(output: str, clips: list[tuple], errors: list[tuple]) -> tuple
         path, data = join(output, "clips", f"{clip_id}.wav"), wav(ms * 16, channels)
         write_bytes(path, data)
         rows.append(
-            dict(clip_id=clip_id, object_id=object_id, path=path, clip_start_ms=0, clip_duration_ms=ms)
+            dict(
+                clip_id=clip_id, object_id=object_id, path=f"clips/{clip_id}.wav", clip_start_ms=0, clip_duration_ms=ms
+            )
             | dict(object_duration_ms=10_000, num_channels=channels, sample_rate=16_000, num_samples=ms * 16)
             | dict(num_bytes=len(data), sha256="0" * 64, attempts=1, speaker="s1")
         )
@@ -115,15 +118,21 @@ def write_dataset(output: str, clips: list[tuple], errors: list[tuple]) -> tuple
 
 
 def snippet(card: str) -> str:
-    (code,) = re.findall(r"```python\n(.*?)```", card, re.DOTALL)
-    return code
+    """The card's first snippet: pyarrow and soundfile (the second is Hugging Face's, see test_loaders.py)."""
+    return re.findall(r"```python\n(.*?)```", card, re.DOTALL)[0]
 
 
-def run_snippet(card: str) -> list[tuple[str, int, int]]:
-    """Run the card's loading snippet; what it printed, one (clip_id, frames, rate) per clip."""
+def run_snippet(card: str, cwd: str | None = None) -> list[tuple[str, int, int]]:
+    """Run the card's loading snippet (from the dataset's folder `cwd`, for a local dataset: the snippet's
+    root is "."); what it printed, one (clip_id, frames, rate) per clip."""
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(snippet(card), {})
+    here = os.getcwd()
+    os.chdir(cwd or here)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(snippet(card), {})
+    finally:
+        os.chdir(here)
     return [(c, int(n), int(r)) for c, n, r in (line.split() for line in out.getvalue().splitlines())]
 
 
@@ -160,8 +169,10 @@ def test_card_numbers_match_the_tables(local: tuple[str, str, str]) -> None:
         "![clip durations](duration_histogram.png)",
         "| NOT_FOUND | 2 |\n| INVALID_RANGE | 1 |",
         "metadata/clips-*.parquet",
-        'soundfile.read(row["path"], dtype="int16")',
-        f"pq.read_table(sorted(glob.glob({join(output, 'metadata', 'clips-*.parquet')!r})))",
+        """soundfile.read(f"{root}/{row['path']}", dtype="int16")""",
+        'pq.read_table(sorted(glob.glob(f"{root}/metadata/clips-*.parquet")))',
+        "root = '.'",
+        "path: metadata/clips-*.parquet",
     ]:
         assert line in card, line
     assert not list(Path(output).rglob("*.tmp"))
@@ -170,7 +181,7 @@ def test_card_numbers_match_the_tables(local: tuple[str, str, str]) -> None:
 def test_snippet_loads_every_clip(local: tuple[str, str, str]) -> None:
     output, clips_table, errors_table = local
     card = Path(make_card(output, summary(6, 3, 0), clips_table, errors_table)).read_text()
-    assert run_snippet(card) == [(c, ms * 16, 16_000) for c, _, ms, _ in CLIPS]
+    assert run_snippet(card, output) == [(c, ms * 16, 16_000) for c, _, ms, _ in CLIPS]
 
 
 def test_histogram_is_drawn(local: tuple[str, str, str]) -> None:
@@ -197,7 +208,7 @@ def test_zero_clips(tmp_path: Path) -> None:
     assert "- Audio: 0.000 h" in card and "- Channels: none" in card
     assert "![clip durations]" not in card and "## Errors by code\n\nnone" in card
     assert_histogram((Path(output) / "duration_histogram.png").read_bytes())  # the "no clips" image
-    assert run_snippet(card) == []
+    assert run_snippet(card, output) == []
     assert not list(Path(output).rglob("*.tmp"))
 
 

@@ -248,9 +248,10 @@ def test_a_runner_whose_workers_cannot_get_the_key_stops_the_run(capsys, env, tm
 
 def test_no_command_or_an_unknown_one(capsys, env):
     code, err = exits(capsys)
+    commands = "{run,serve,demo,export}"
     assert (
         code == 2
-        and one_error(err) == "error: no command given: python -m pipeline {run,serve,demo} ... (--help lists them)"
+        and one_error(err) == f"error: no command given: python -m pipeline {commands} ... (--help lists them)"
     )
     code, err = exits(capsys, "rnu", "--manifest=m")
     assert code == 2 and one_error(err).startswith("error: argument COMMAND: invalid choice: 'rnu'")

@@ -742,8 +742,8 @@ def test_our_client_get_object_against_sdk_server(sdk_server: SdkServer, sample_
     assert sdk_server.last_request() == {"api_key": API_KEY, "object_id": "demo-mono"}
     tokens = _tokens(sample_store, "demo-mono")
     assert (obj.object_id, obj.duration_ms, obj.channels) == ("demo-mono", 12_000, 1)
-    assert obj.tokens == tuple(
-        ObjectToken(idx, t["text"], t["start_ms"], t["duration_ms"]) for idx, t in enumerate(tokens)
+    assert obj.tokens == tuple(  # the server built with the SDK's types gives every token speaker 1, confidence 0.5
+        ObjectToken(idx, t["text"], t["start_ms"], t["duration_ms"], 1, 0.5) for idx, t in enumerate(tokens)
     )
 
 

@@ -61,7 +61,7 @@ def assert_clips_match_source(output, rows, store):
     for row in rows:
         if row["clip_id"] not in clips:
             continue
-        audio, rate = sf.read(clips[row["clip_id"]]["path"], dtype="int16", always_2d=True)
+        audio, rate = sf.read(os.path.join(output, clips[row["clip_id"]]["path"]), dtype="int16", always_2d=True)
         expected = source_frames(store[row["object_id"]], row["start_ms"], row["duration_ms"])
         assert rate == 16_000 and np.array_equal(audio, expected), row["clip_id"]
     return clips

@@ -81,7 +81,8 @@ def test_each_answer_becomes_a_clip_or_an_error_row(tmp_path):
     for clip_id, start in (("a", 0), ("b", 1000), ("c", 0)):
         record = out[clip_id]
         assert isinstance(record, ClipRecord)
-        samples, rate = sf.read(record.path, dtype="int16")
+        assert record.path == f"clips/{clip_id}.wav"  # relative to the dataset's root
+        samples, rate = sf.read(tmp_path / record.path, dtype="int16")
         assert rate == 16_000 and np.array_equal(samples, ramp(TimeRange(start, 500)))
         assert record.num_samples == 8_000 and record.clip_start_ms == start
     assert out["c"].attempts == 3 and out["c"].stats.failures == ("UNAVAILABLE", "UNAVAILABLE")

@@ -47,7 +47,7 @@ def test_the_job_writes_its_own_card_and_record(server, store, tmp_path: Path) -
     assert record["errors_by_code"] == {"NOT_FOUND": 1} and record["options"] == {"note": "test"}
     clips = pq.read_table(record["clips_table"]).to_pylist()
     assert len(clips) == 12
-    check_clips_table(clips, store)
+    check_clips_table(clips, store, out)
     assert record["bytes"] == sum(c["num_bytes"] for c in clips)
     assert record["audio_seconds"] == sum(c["clip_duration_ms"] for c in clips) / 1000
     card = Path(out, "README.md").read_text()
@@ -98,7 +98,7 @@ def test_multi_processing_runner(make_server, store, tmp_path: Path) -> None:
     record = json.loads((out / "_RUN.json").read_text())
     assert (record["rows"], record["clips"], record["errors"]) == (41, 40, 1)
     clips = pq.read_table(record["clips_table"]).to_pylist()
-    check_clips_table(clips, store)
+    check_clips_table(clips, store, out)
     assert "2 process(es) x --max_in_flight 64 = 128 streams" in proc.stderr
 
 
@@ -195,4 +195,4 @@ def test_portable_runner_with_an_external_worker_pool(make_server, store, tmp_pa
         pool.wait()
     record = json.loads((out / "_RUN.json").read_text())
     assert (record["rows"], record["clips"], record["errors_by_code"]) == (7, 6, {"NOT_FOUND": 1})
-    check_clips_table(pq.read_table(record["clips_table"]).to_pylist(), store)
+    check_clips_table(pq.read_table(record["clips_table"]).to_pylist(), store, out)

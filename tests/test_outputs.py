@@ -76,14 +76,33 @@ def expected_served(store, row) -> tuple[int, int]:
 
 
 def expected_tokens(store, row, start, duration) -> list[dict]:
+    """The sidecar's tokens a clip keeps: a token range's own; for a time range the words more than half
+    inside the clip (and the spaces inside it); no space at either end."""
     tokens = sidecar_tokens(store, row["object_id"])
     if row.get("token_start") is not None:
         chosen = tokens[row["token_start"] : row["token_end"]]
     else:
+        end = start + duration
         chosen = [
-            t for t in tokens if t["start_ms"] < start + duration and t["start_ms"] + max(t["duration_ms"], 1) > start
-        ]
-    return [{"text": t["text"], "start_ms": t["start_ms"] - start, "duration_ms": t["duration_ms"]} for t in chosen]
+            t
+            for t in tokens
+            if (start <= t["start_ms"] < end if t["duration_ms"] == 0 else
+                2 * (min(t["start_ms"] + t["duration_ms"], end) - max(t["start_ms"], start)) > t["duration_ms"])
+        ]  # fmt: skip
+    while chosen and chosen[0]["text"] == " ":
+        chosen = chosen[1:]
+    while chosen and chosen[-1]["text"] == " ":
+        chosen = chosen[:-1]
+    return [
+        {
+            "text": t["text"],
+            "start_ms": t["start_ms"] - start,
+            "duration_ms": t["duration_ms"],
+            "speaker": t.get("speaker"),
+            "confidence": t.get("confidence"),
+        }
+        for t in chosen
+    ]
 
 
 def by_clip(table) -> dict:
@@ -103,7 +122,7 @@ def test_transcripts_are_cut_to_each_clip_from_one_get_object_per_object(make_se
         assert record["transcript_tokens"] == tokens, row
         assert record["transcript_text"] == "".join(t["text"] for t in tokens).strip()
         assert record["transcript_text"], "every clip here covers some words"
-        audio, _ = sf.read(record["path"], dtype="int16", always_2d=True)
+        audio, _ = sf.read(out / record["path"], dtype="int16", always_2d=True)
         assert np.array_equal(audio, source_frames(store[row["object_id"]], start, duration))
     # One GetObject per object; the first row's object has one more: the key check before the run.
     assert dict(server.servicer.object_calls) == {"demo-mono": 2, "demo-stereo": 1, "demo-flac-3ch": 1}
@@ -128,13 +147,13 @@ def test_flac_clips_are_lossless_and_hashed_as_written(make_server, store, tmp_p
     flac = by_clip(run(server, manifest, tmp_path / "flac", "--clip_format=flac"))
     assert wav.keys() == flac.keys()
     for clip_id, record in flac.items():
-        assert record["path"].endswith(f"/clips/{clip_id}.flac")
-        with open(record["path"], "rb") as f:
+        assert record["path"] == f"clips/{clip_id}.flac"
+        with open(tmp_path / "flac" / record["path"], "rb") as f:
             data = f.read()
         assert data[:4] == b"fLaC"
         assert (record["num_bytes"], record["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
-        audio, rate = sf.read(record["path"], dtype="int16", always_2d=True)
-        expected, _ = sf.read(wav[clip_id]["path"], dtype="int16", always_2d=True)
+        audio, rate = sf.read(tmp_path / "flac" / record["path"], dtype="int16", always_2d=True)
+        expected, _ = sf.read(tmp_path / "wav" / wav[clip_id]["path"], dtype="int16", always_2d=True)
         assert rate == 16_000 and np.array_equal(audio, expected)
         assert record["num_samples"] == len(audio) and record["num_channels"] == audio.shape[1]
     assert sum(r["num_bytes"] for r in flac.values()) < sum(r["num_bytes"] for r in wav.values())
@@ -167,7 +186,7 @@ def test_tar_shards_hold_every_clip_once_with_its_metadata(make_server, store, t
     for clip_id, record in table.items():
         key = clip_id.replace(".", "~")
         shard, name, audio_bytes = seen[key][clip_format]
-        assert (record["path"], record["member"]) == (shard, name)
+        assert (str(out / record["path"]), record["member"]) == (shard, name)
         assert (record["num_bytes"], record["sha256"]) == (len(audio_bytes), hashlib.sha256(audio_bytes).hexdigest())
         meta = json.loads(seen[key]["json"][2])
         assert meta["clip_id"] == clip_id and meta["member"] == name and meta["sha256"] == record["sha256"]
@@ -177,6 +196,6 @@ def test_tar_shards_hold_every_clip_once_with_its_metadata(make_server, store, t
     card = (out / "README.md").read_text()
     snippet = card.split("```python\n")[1].split("```")[0]
     assert "tarfile" in snippet and "shards/shard-NNNNN.tar" in card
-    printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+    printed = subprocess.run([sys.executable, "-c", snippet], cwd=out, capture_output=True, text=True, timeout=60)
     assert printed.returncode == 0, printed.stderr
     assert len(printed.stdout.splitlines()) == len(ROWS)

@@ -200,7 +200,7 @@ def check_clip(out: Path, clip: dict[str, Any], row: dict[str, Any], store: dict
     clip_id = row.get("clip_id") or derive_clip_id(object_id, segment_tag(segment))
     assert clip["clip_id"] == clip_id and clip["object_id"] == object_id
     path = out / "clips" / f"{clip_id}.wav"
-    assert clip["path"] == str(path) and path.is_file()
+    assert clip["path"] == f"clips/{clip_id}.wav" and path.is_file()
     data = path.read_bytes()
     assert clip["num_bytes"] == len(data)
     assert clip["sha256"] == hashlib.sha256(data).hexdigest()
@@ -526,9 +526,9 @@ def test_demo(tmp_path):
     rows = pq.read_metadata(tmp_path / "demo" / "manifest.parquet").num_rows
     assert clips.num_rows + errors.num_rows == rows and clips.num_rows >= 1 and errors.num_rows >= 1
     for clip in clips.to_pylist():
-        data = Path(clip["path"]).read_bytes()
+        data = (dataset / clip["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == clip["sha256"]
-        assert sf.info(clip["path"]).frames == clip["num_samples"] > 0
+        assert sf.info(dataset / clip["path"]).frames == clip["num_samples"] > 0
     numbers = summary_numbers(proc.stdout)
     assert (numbers["rows"], numbers["clips"], numbers["errors"]) == (rows, clips.num_rows, errors.num_rows)
 

@@ -99,7 +99,7 @@ def test_one_write_per_clip_and_a_rerun_reads_no_audio(target: Target, make_serv
     assert clip_reads == [], "a clip was read back"
     table = clips_table(target.output).to_pylist()
     assert len(table) == 12 and errors_table(target.output).num_rows == 0
-    check_clips_table(table, store)
+    check_clips_table(table, store, target.output)
     assert "_tmp" not in {name.split("/")[0] for name in target.objects()}
 
     target.proxy.reset()
@@ -132,7 +132,7 @@ def test_a_shard_is_one_upload(target: Target, make_server, store, tmp_path: Pat
     table = clips_table(target.output).to_pylist()
     assert len(table) == 10
     for row in table:
-        with tarfile.open(fileobj=io.BytesIO(read_bytes(row["path"]))) as tar:
+        with tarfile.open(fileobj=io.BytesIO(read_bytes(f"{target.output}/{row['path']}"))) as tar:
             assert tar.extractfile(row["member"]).read()[:4] == b"fLaC"
 
 
@@ -150,7 +150,7 @@ def test_flaky_uploads_are_retried(fault: str, target: Target, make_server, stor
     errors = errors_table(target.output).to_pylist()
     assert len(table) + len(errors) == 20
     assert {e["error_code"] for e in errors} <= {"WRITE_FAILED"}
-    check_clips_table(table, store)
+    check_clips_table(table, store, target.output)
 
 
 def test_uploads_that_keep_failing_are_error_rows(s3_server: StorageServer, make_server, tmp_path: Path) -> None:  # noqa: F811
@@ -210,7 +210,7 @@ def test_killed_run_on_s3_then_rerun(s3_server: StorageServer, make_server, stor
     assert total_calls(server) - calls == 80 - len(survivors)
     table = clips_table(target.output).to_pylist()
     assert len(table) == 80
-    check_clips_table(table, store)
+    check_clips_table(table, store, target.output)
     assert s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", []) == []
     assert not [n for n in target.objects() if n.startswith("_tmp/")]
     assert run_record(target.output)["clips_skipped"] == len(survivors)

@@ -3,7 +3,9 @@
 It is what the demo and the tests run against, and what a user runs to try the pipeline on their own
 recordings. Store layout: one audio file per object named `{object_id}.wav` or `{object_id}.flac`
 (any sample rate, resampled to 16 kHz when loaded; any channel count), and an optional
-`{object_id}.json` sidecar with the transcript tokens: `{"tokens": [{"text", "start_ms", "duration_ms"}, ...]}`.
+`{object_id}.json` sidecar with the transcript tokens: `{"tokens": [{"text", "start_ms", "duration_ms"}, ...]}`,
+each token optionally with `speaker` (an int from 1) and `confidence` (0..1). An object with no sidecar has no
+transcript: GetObject answers without one.
 
 The unpublished parts of the real service are settings here (see `ServerSettings`), and faults can be
 injected for tests (see `Faults`).
@@ -43,6 +45,8 @@ class Token:
     text: str
     start_ms: int
     duration_ms: int
+    speaker: int | None = None
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,19 @@ def _describe(object_id: str, path: str, mtime_ns: int) -> StoredAudio:
     tokens = None
     if os.path.exists(sidecar):
         with open(sidecar, encoding="utf-8") as f:
-            tokens = tuple(
-                Token(str(t["text"]), int(t["start_ms"]), int(t["duration_ms"])) for t in json.load(f)["tokens"]
-            )
+            tokens = tuple(_token(t) for t in json.load(f)["tokens"])
     return StoredAudio(object_id, path, info.samplerate, frames, info.channels, tokens)
+
+
+def _token(t: dict) -> Token:
+    speaker, confidence = t.get("speaker"), t.get("confidence")
+    return Token(
+        str(t["text"]),
+        int(t["start_ms"]),
+        int(t["duration_ms"]),
+        None if speaker is None else int(speaker),
+        None if confidence is None else float(confidence),
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -269,20 +282,6 @@ class SpeechServicer(pb_grpc.SpeechServiceServicer):
             obj = self._object(request.object_id)
         except _Abort as e:
             context.abort(e.code, str(e))
-        transcript = pb.Transcript()
-        pos = 0
-        for idx, t in enumerate(obj.tokens or ()):
-            transcript.tokens.add(
-                idx=idx,
-                text=t.text,
-                text_start=pos,
-                text_end=pos + len(t.text),
-                start_ms=t.start_ms,
-                duration_ms=t.duration_ms,
-                confidence=1.0,
-            )
-            pos += len(t.text)
-        transcript.text = "".join(t.text for t in obj.tokens or ())
         return pb.GetObjectResponse(
             object=pb.StoredObject(
                 object_id=obj.object_id,
@@ -290,7 +289,7 @@ class SpeechServicer(pb_grpc.SpeechServiceServicer):
                 duration_ms=obj.duration_ms,
                 num_audio_channels=obj.channels,
                 audio_stored=True,
-                transcript=transcript,
+                transcript=_transcript(obj.tokens) if obj.tokens is not None else None,
             )
         )
 
@@ -312,6 +311,25 @@ class SpeechServicer(pb_grpc.SpeechServiceServicer):
     def _count(self, outcome: str) -> None:
         with self._lock:
             self.outcomes[outcome] += 1
+
+
+def _transcript(tokens: tuple[Token, ...]) -> pb.Transcript:
+    """The sidecar's tokens as the service sends them (a speaker or confidence not given is sent as 0)."""
+    transcript = pb.Transcript(text="".join(t.text for t in tokens))
+    pos = 0
+    for idx, t in enumerate(tokens):
+        transcript.tokens.add(
+            idx=idx,
+            text=t.text,
+            text_start=pos,
+            text_end=pos + len(t.text),
+            start_ms=t.start_ms,
+            duration_ms=t.duration_ms,
+            confidence=t.confidence or 0.0,
+            speaker_id=t.speaker or 0,
+        )
+        pos += len(t.text)
+    return transcript
 
 
 def _wait(context: grpc.ServicerContext, seconds: float) -> None:

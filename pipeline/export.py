@@ -1,0 +1,202 @@
+"""Training-toolkit manifests of a dataset, from its clips table: NeMo JSONL and Lhotse recordings,
+supervisions and cuts.
+
+Written by a run with `--export lhotse,nemo` (its last step, after the tables) or by `python -m pipeline
+export DATASET`, which works on any dataset this pipeline built, copied or not: it reads only the clips table.
+Every path in them is the table's `path`, relative to the dataset's root:
+
+- `nemo_manifest.jsonl` sits at the root because NeMo resolves a relative `audio_filepath` against its
+  manifest's folder. One line per clip: `audio_filepath`, `duration` (s), and `text` when the clip has a
+  transcript. A multi-channel clip is one line with all its channels (the service gives one transcript per
+  clip): set the dataset's `channel_selector` (e.g. `average`) to train a mono model on it. For tar shards
+  the lines are NeMo's tarred form: `audio_filepath` is the member, `shard_id` the shard's number.
+- `lhotse/{recordings,supervisions,cuts}.jsonl.gz`: one recording per clip (every channel: a multi-channel
+  clip is a multi-channel recording and a MultiCut), a supervision over the whole clip for each clip with a
+  transcript (text, the `speaker` column or else the tokens' one speaker, every channel), a cut per clip.
+  Sources are relative to the root: load with `CutSet.from_file(...).with_recording_path_prefix(root)`.
+  Lhotse reads files, not tar members, so a sharded dataset has no Lhotse manifests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.cli import LaunchError, Parser, add_logging_options
+from pipeline.storage import TMP_DIR, Store, open_store
+from pipeline.table_files import table_prefix
+
+LHOTSE, NEMO = "lhotse", "nemo"
+EXPORTS = (LHOTSE, NEMO)
+NEMO_MANIFEST = "nemo_manifest.jsonl"
+LHOTSE_DIR = "lhotse"
+LHOTSE_FILES = ("recordings", "supervisions", "cuts")
+
+
+def parse_exports(value: str | None) -> tuple[str, ...]:
+    """`lhotse,nemo` -> ("lhotse", "nemo"); a name that is not an export is a LaunchError."""
+    names = tuple(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
+    unknown = [n for n in names if n not in EXPORTS]
+    if unknown:
+        raise LaunchError(f"--export takes a comma-separated list of {', '.join(EXPORTS)}; got {', '.join(unknown)}")
+    return names
+
+
+def clips_table_files(store: Store, output: str) -> list[str]:
+    """The clips table's files (a finished run leaves only its own)."""
+    return sorted(o.path for o in store.list(table_prefix(output, "clips")) if o.path.endswith(".parquet"))
+
+
+def _rows(store: Store, files: list[str]) -> Iterator[dict[str, Any]]:
+    """The clips table's rows, one row group at a time (never the whole table in memory)."""
+    for path in files:
+        table = pq.ParquetFile(io.BytesIO(store.read(path)))
+        for i in range(table.num_row_groups):
+            yield from table.read_row_group(i).to_pylist()
+
+
+def _sharded(store: Store, files: list[str]) -> bool:
+    return bool(files) and "member" in pq.read_schema(io.BytesIO(store.read(files[0]))).names
+
+
+def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: list[str] | None = None) -> list[str]:
+    """Write the manifests named in `formats` under `output` from its clips table; the paths written."""
+    files = clips_table_files(store, output) if files is None else files
+    sharded = _sharded(store, files)
+    if LHOTSE in formats and sharded:
+        raise LaunchError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
+    root = output.rstrip("/")
+    written = []
+    if NEMO in formats:
+        lines = (nemo_line(row, sharded) for row in _rows(store, files))
+        written.append(_put_lines(store, f"{root}/{NEMO_MANIFEST}", lines, compress=False))
+    if LHOTSE in formats:
+        for name in LHOTSE_FILES:
+            lines = (line for row in _rows(store, files) for line in lhotse_lines(row, name))
+            written.append(_put_lines(store, f"{root}/{LHOTSE_DIR}/{name}.jsonl.gz", lines, compress=True))
+    return written
+
+
+def _put_lines(store: Store, path: str, lines: Iterator[dict[str, Any]], compress: bool) -> str:
+    """JSON lines into a local scratch file (gzip-compressed if `compress`), published in one write."""
+    scratch = store.scratch_file(".jsonl.gz" if compress else ".jsonl")
+    opener = gzip.open if compress else open
+    with opener(scratch, "wt", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    store.put(path, file=scratch, content_type="application/gzip" if compress else "application/jsonl")
+    return path
+
+
+def nemo_line(row: dict[str, Any], sharded: bool = False) -> dict[str, Any]:
+    """A clip as a NeMo manifest line (see the module's docstring)."""
+    line: dict[str, Any] = {"audio_filepath": row["member"] if sharded else row["path"]}
+    line["duration"] = _seconds(row)
+    if row.get("transcript_text") is not None:
+        line["text"] = row["transcript_text"]
+    if sharded:
+        line["shard_id"] = int(row["path"].rsplit("-", 1)[-1].split(".")[0])
+    return line
+
+
+def _seconds(row: dict[str, Any]) -> float:
+    """The clip's duration from its samples (what Lhotse checks a recording's duration against)."""
+    return row["num_samples"] / row["sample_rate"]
+
+
+def _channels(row: dict[str, Any]) -> list[int]:
+    return list(range(row["num_channels"]))
+
+
+def _speaker(row: dict[str, Any]) -> str | None:
+    """The manifest's `speaker` column when it has one, else the one speaker all the clip's tokens name."""
+    if isinstance(row.get("speaker"), str):
+        return row["speaker"]
+    speakers = {t["speaker"] for t in row.get("transcript_tokens") or () if t["text"].strip()}  # of the words
+    return str(speakers.pop()) if len(speakers) == 1 and None not in speakers else None
+
+
+def lhotse_recording(row: dict[str, Any]) -> dict[str, Any]:
+    channels = _channels(row)
+    return {
+        "id": row["clip_id"],
+        "sources": [{"type": "file", "channels": channels, "source": row["path"]}],
+        "sampling_rate": row["sample_rate"],
+        "num_samples": row["num_samples"],
+        "duration": _seconds(row),
+        "channel_ids": channels,
+    }
+
+
+def lhotse_supervision(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The clip's transcript over the whole clip and all its channels; None for a clip with none."""
+    if row.get("transcript_text") is None:
+        return None
+    channels = _channels(row)
+    supervision = {
+        "id": row["clip_id"],
+        "recording_id": row["clip_id"],
+        "start": 0.0,
+        "duration": _seconds(row),
+        "channel": channels[0] if len(channels) == 1 else channels,
+        "text": row["transcript_text"],
+    }
+    speaker = _speaker(row)
+    if speaker is not None:
+        supervision["speaker"] = speaker
+    return supervision
+
+
+def lhotse_cut(row: dict[str, Any]) -> dict[str, Any]:
+    """A MonoCut for a mono clip, a MultiCut (every channel) for a multi-channel one."""
+    channels = _channels(row)
+    supervision = lhotse_supervision(row)
+    return {
+        "id": row["clip_id"],
+        "start": 0.0,
+        "duration": _seconds(row),
+        "channel": channels[0] if len(channels) == 1 else channels,
+        "supervisions": [supervision] if supervision else [],
+        "recording": lhotse_recording(row),
+        "type": "MonoCut" if len(channels) == 1 else "MultiCut",
+    }
+
+
+def lhotse_lines(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    if name == "recordings":
+        return [lhotse_recording(row)]
+    if name == "supervisions":
+        supervision = lhotse_supervision(row)
+        return [supervision] if supervision else []
+    return [lhotse_cut(row)]
+
+
+def main(argv: list[str]) -> None:
+    """`python -m pipeline export DATASET [--formats lhotse,nemo]`: write the manifests of a built dataset."""
+    parser = Parser(prog="python -m pipeline export", description=main.__doc__)
+    parser.add_argument("dataset", help="the dataset's root (a run's --output): a folder, gs:// or s3://")
+    parser.add_argument("--formats", default=",".join(EXPORTS), help="comma-separated: lhotse, nemo (default: both)")
+    add_logging_options(parser)
+    args = parser.parse_args(argv)
+    formats = parse_exports(args.formats)
+    output = args.dataset if "://" in args.dataset else os.path.abspath(args.dataset)
+    try:
+        store = open_store(output)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    files = clips_table_files(store, output)
+    if not files:
+        raise LaunchError(f"{output}: no clips table (metadata/clips-*.parquet): not a dataset this pipeline built")
+    try:
+        for path in export_dataset(store, output, formats, files):
+            print(path, flush=True)
+    finally:
+        if store.local:  # the scratch files went into place, or are of no use
+            shutil.rmtree(os.path.join(output, TMP_DIR), ignore_errors=True)
