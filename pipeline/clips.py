@@ -106,7 +106,7 @@ class _ClipFile:
         """Put the complete clip at its path, with what it is in the object's metadata."""
         done = self.finish()
         written = WrittenClip(self.path, self.info, self.info.num_frames, done.num_bytes, done.sha256)
-        metadata = to_metadata(self.fingerprint, written)
+        metadata = None if self.store.local else to_metadata(self.fingerprint, written)  # a file has it in its header
         self.store.put(self.path, done.data, file=done.file, content_type=_MIME[self.clip_format], metadata=metadata)
         self._scratch = None  # the store took the file
         return written

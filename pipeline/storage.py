@@ -16,6 +16,7 @@ of times; whatever still fails is raised as `StorageError`, which the fetch step
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import threading
 import uuid
@@ -154,6 +155,9 @@ class LocalStore:
     def __init__(self, root: str):
         self.tmp = os.path.join(root, TMP_DIR)
         self._tmp_made = False
+        # Scratch names: a prefix unique to this store object, then a counter (its next() is atomic under the
+        # GIL), so no random bytes are read per clip.
+        self._prefix, self._count = uuid.uuid4().hex[:12], itertools.count()
 
     def put(self, path, data=None, *, file=None, content_type="", metadata=None) -> None:
         try:
@@ -198,7 +202,8 @@ class LocalStore:
         if not self._tmp_made:
             os.makedirs(self.tmp, exist_ok=True)
             self._tmp_made = True
-        return os.path.join(self.tmp, f"{uuid.uuid4().hex}{suffix}")  # not created: one open per clip, not two
+        # Not created here: one open per clip, not two.
+        return os.path.join(self.tmp, f"{self._prefix}-{next(self._count)}{suffix}")
 
 
 def _scratch_file(suffix: str) -> str:
