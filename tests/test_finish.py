@@ -18,7 +18,8 @@ from pipeline.options import ClipOptions
 from pipeline.record import now
 from pipeline.run import build, fetch_settings
 from pipeline.storage import StoreSettings
-from tests.test_builds import check_clips_table, child_env, expect_exit, local_files, run_cli
+from tests.helpers import child_env, expect_exit, free_port, run_argv, run_cli
+from tests.test_builds import check_clips_table, local_files, run_build
 from tests.test_builds import write_local_manifest as write_manifest
 
 
@@ -62,11 +63,11 @@ def test_each_table_is_exactly_this_runs_files(make_server, store, tmp_path: Pat
     server = make_server()
     manifest = write_manifest(tmp_path / "m.parquet", rows(20)[:-1])  # no row fails
     out = tmp_path / "out"
-    expect_exit(run_cli(server, manifest, str(out)), 0)
+    expect_exit(run_build(server, manifest, str(out)), 0)
     first = json.loads((out / "_RUN.json").read_text())
     abandoned = out / "metadata" / "clips-0123456789abcdef.parquet"
     abandoned.write_bytes(b"PAR1 a retried bundle's file")
-    expect_exit(run_cli(server, manifest, str(out), "--skip_existing"), 0)
+    expect_exit(run_build(server, manifest, str(out), "--skip_existing"), 0)
     record = json.loads((out / "_RUN.json").read_text())
     files = sorted(str(p) for p in (out / "metadata").iterdir())
     assert files == sorted(record["clips_table"] + record["errors_table"])
@@ -88,7 +89,7 @@ def test_multi_processing_runner(make_server, store, tmp_path: Path) -> None:
     pq.write_table(table, path, row_group_size=5)  # 9 row groups
     out = tmp_path / "out"
     flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", "--max_error_ratio=1"]
-    proc = run_cli(server, str(path), str(out), *flags, env=child_env())
+    proc = run_cli("run", *run_argv(server, path, out, *flags))  # a child that starts worker processes
     expect_exit(proc, 0)
     record = json.loads((out / "_RUN.json").read_text())
     assert (record["rows"], record["clips"], record["errors"]) == (41, 40, 1)
@@ -146,10 +147,9 @@ def test_a_one_file_manifest_is_read_by_more_than_one_worker(make_server, store,
     pq.write_table(pq.read_table(path), path, row_group_size=5)  # 8 row groups
     out = tmp_path / "out"
     flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-    env = child_env(
-        PYTHONPATH=os.pathsep.join([str(spy_dir), str(Path(__file__).parents[1])]), ROW_GROUP_SPY=str(spy_log)
-    )
-    expect_exit(run_cli(server := make_server(), str(path), str(out), *flags, env=env), 0)
+    env = child_env(ROW_GROUP_SPY=str(spy_log))
+    env["PYTHONPATH"] = os.pathsep.join([str(spy_dir), env["PYTHONPATH"]])
+    expect_exit(run_cli("run", *run_argv(server := make_server(), path, out, *flags), env=env), 0)
     assert server.calls, "nothing was fetched"
     reads = [line.split() for line in spy_log.read_text().splitlines()]
     readers = {pid for pid, _ in reads}
@@ -162,13 +162,10 @@ def test_portable_runner_with_an_external_worker_pool(make_server, store, tmp_pa
     """The portable runner (an embedded job service) with an external SDK worker pool, as Dataflow and other
     portable runners run workers: the key comes from --api_key_file, and the clips, tables, card and record
     are the job's own."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = child_env(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     pool = subprocess.Popen(
         [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
@@ -184,7 +181,7 @@ def test_portable_runner_with_an_external_worker_pool(make_server, store, tmp_pa
             "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
             f"--environment_config=localhost:{port}", f"--api_key_file={key_file}", "--max_error_ratio=1",
         ]  # fmt: skip
-        expect_exit(run_cli(server, manifest, str(out), *flags, env={**env, "SONIOX_API_KEY": ""}), 0)
+        expect_exit(run_cli("run", *run_argv(server, manifest, out, *flags), env={**env, "SONIOX_API_KEY": ""}), 0)
     finally:
         pool.kill()
         pool.wait()
