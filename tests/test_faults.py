@@ -241,7 +241,7 @@ def test_a_server_gone_mid_run_and_back_damages_nothing(store_dir, store, tmp_pa
         done = started.wait()
     errors = rows_of(out, "errors") if (out / "metadata").exists() else []
     assert done.returncode == 0, (explain(done), errors[:5])
-    assert len(assert_clips_match_source(out, rows, store)) == len(rows)
+    assert len(assert_clips_match_source(out, rows, store)) == len(rows), (errors[:5], failed_attempts)
     assert not list(clips_dir.glob("*[!v]")), "only finished .wav clips at final paths"
     record = json.loads((out / "_RUN.json").read_text())
     assert sum(record["failed_attempts_by_code"].values()) >= 1, record  # the server was gone for a while
