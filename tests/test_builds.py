@@ -1,4 +1,5 @@
-"""Whole builds through the command line: `python -m pipeline run` in a child process against a LocalServer.
+"""Whole builds through the command line: `python -m pipeline run` (in this process, and in a child where it is
+killed) against a LocalServer.
 
 Each test asserts what a user of a build relies on: the clips are there once, complete and sample-identical
 to the source; the tables describe them; `_RUN.json` is written last and tells the truth; reruns with
@@ -18,7 +19,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from datetime import datetime
@@ -36,11 +36,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline import __version__
 from pipeline.audio import SAMPLE_RATE, parse_wav_header
 from pipeline.local.server import Faults, LocalServer
+from tests.helpers import Result, expect_exit, read_bytes, read_table_file, run_argv, run_pipeline, start_cli
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 from tests.storage_servers import StorageServer
 
-REPO = Path(__file__).resolve().parents[1]
-CHILD_TIMEOUT_S = 300
 RECORD_KEYS = {
     "started_at",
     "finished_at",
@@ -63,31 +62,12 @@ OBJECTS = {"demo-mono": (12_000, 1), "demo-stereo": (9_000, 2), "demo-flac-3ch":
 CARD = ("README.md", "duration_histogram.png")  # the dataset card, written before the record
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any SONIOX_* setting, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SONIOX_")}
-    env.update(extra)
-    return env
-
-
-def run_cli(
+def run_build(
     server: LocalServer, manifest: str, output: str, *flags: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable, "-m", "pipeline", "run",
-        f"--manifest={manifest}", f"--output={output}", f"--api_host={server.address}", *flags,
-    ]  # fmt: skip
-    return subprocess.run(
-        cmd, env=env or child_env(), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=REPO
-    )
-
-
-def explain(proc: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
-
-
-def expect_exit(proc: subprocess.CompletedProcess[str], code: int) -> None:
-    assert proc.returncode == code, explain(proc)
+) -> Result:
+    """`python -m pipeline run` over `manifest` into `output` against `server`, in this process (`env` set for
+    the run only, SONIOX_* cleared)."""
+    return run_pipeline("run", *run_argv(server, manifest, output, *flags), env=env)
 
 
 def manifest_table(rows: list[dict[str, Any]], extra: dict[str, pa.DataType] | None = None) -> pa.Table:
@@ -110,27 +90,17 @@ def write_local_manifest(path: Path, rows: list[dict[str, Any]], extra: dict[str
     return str(path)
 
 
-def read_table(path: str) -> pa.Table:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return pq.read_table(io.BytesIO(f.read()))
-
-
-def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read()
-
-
 def table_files(output: str, name: str) -> list[str]:
     (found,) = FileSystems.match([FileSystems.join(output, "metadata", f"{name}-*.parquet")])
     return sorted(m.path for m in found.metadata_list)
 
 
 def clips_table(output: str) -> pa.Table:
-    return pa.concat_tables(read_table(path) for path in table_files(output, "clips"))
+    return pa.concat_tables(read_table_file(path) for path in table_files(output, "clips"))
 
 
 def errors_table(output: str) -> pa.Table:
-    return pa.concat_tables(read_table(path) for path in table_files(output, "errors"))
+    return pa.concat_tables(read_table_file(path) for path in table_files(output, "errors"))
 
 
 TABLES = ("metadata/clips-*.parquet", "metadata/errors-*.parquet")  # a table's files, as `as_globs` shows them
@@ -232,13 +202,13 @@ def test_object_storage_build(storage: StorageServer, make_server, store: dict[s
         with FileSystems.create(f"{base}/in/part-{i}.parquet") as f:
             f.write(buf.getvalue())
 
-    proc = run_cli(
+    proc = run_build(
         server,
         f"{base}/in/*.parquet",
         ds,
         "--max_error_ratio=0.5",
         *storage.flags,
-        env=child_env(**storage.env),
+        env=storage.env,
     )
     expect_exit(proc, 0)
 
@@ -268,14 +238,14 @@ def test_object_storage_build(storage: StorageServer, make_server, store: dict[s
 
     # A rerun with --skip_existing reads the clips back from the bucket and makes no GetAudio call.
     calls = total_calls(server)
-    proc = run_cli(
+    proc = run_build(
         server,
         f"{base}/in/*.parquet",
         ds,
         "--max_error_ratio=0.5",
         "--skip_existing",
         *storage.flags,
-        env=child_env(**storage.env),
+        env=storage.env,
     )
     expect_exit(proc, 0)
     assert total_calls(server) == calls + 1, "only the NOT_FOUND row may be called again"
@@ -310,14 +280,14 @@ def test_skip_existing_makes_no_call_for_current_clips(make_server, store: dict[
     ids = {"m0", "demo-mono.t5000+700", "s1", "f1", "k1", "demo-stereo.k0-3"}
     manifest = write_local_manifest(tmp_path / "m.parquet", rows)
 
-    expect_exit(run_cli(server, manifest, out, "--skip_existing"), 0)
+    expect_exit(run_build(server, manifest, out, "--skip_existing"), 0)
     assert total_calls(server) == 6
     first = {r["clip_id"]: r for r in clips_table(out).to_pylist()}
     assert set(first) == ids
     stats = {f: os.stat(os.path.join(out, "clips", f)) for f in os.listdir(os.path.join(out, "clips"))}
 
     # Rerun, nothing changed: no call, every clip still listed, as already there, files untouched.
-    expect_exit(run_cli(server, manifest, out, "--skip_existing"), 0)
+    expect_exit(run_build(server, manifest, out, "--skip_existing"), 0)
     assert total_calls(server) == 6, f"the rerun made calls: {server.calls}"
     second = {r["clip_id"]: r for r in clips_table(out).to_pylist()}
     assert set(second) == ids
@@ -351,7 +321,7 @@ def test_skip_existing_makes_no_call_for_current_clips(make_server, store: dict[
     with open(truncated, "r+b") as f:
         f.truncate(os.path.getsize(truncated) // 2)
     before = dict(server.calls)
-    expect_exit(run_cli(server, manifest, out, "--skip_existing"), 0)
+    expect_exit(run_build(server, manifest, out, "--skip_existing"), 0)
     made = {k: v - before.get(k, 0) for k, v in server.calls.items() if v != before.get(k, 0)}
     # demo-mono: g1 and the truncated m0; demo-stereo: the changed s1; demo-flac-3ch: the new derived row.
     assert made == {"demo-mono": 2, "demo-stereo": 1, "demo-flac-3ch": 1}
@@ -389,13 +359,11 @@ def test_killed_run_then_rerun_completes_dataset(make_server, store: dict[str, s
     manifest = write_local_manifest(tmp_path / "m.parquet", rows)
     out.mkdir()
     (out / "_RUN.json").write_text('{"stale": "record of an earlier run"}')
-    cmd = [
-        sys.executable, "-m", "pipeline", "run", f"--manifest={manifest}", f"--output={out}",
-        f"--api_host={server.address}", "--max_in_flight=4",
-    ]  # fmt: skip
     clips_dir = out / "clips"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    with open(tmp_path / "killed.log", "w") as log:  # a child: SIGKILL needs a process of its own
+        proc = start_cli(
+            "run", *run_argv(server, manifest, out, "--max_in_flight=4"), stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.monotonic() + 120
             while not (clips_dir.is_dir() and len(os.listdir(clips_dir)) >= 3):
@@ -431,7 +399,7 @@ def test_killed_run_then_rerun_completes_dataset(make_server, store: dict[str, s
     # The rerun, with --skip_existing and no faults: calls only for what is missing, and the dataset is whole.
     server.settings.faults = Faults()
     before = total_calls(server)
-    proc2 = run_cli(server, manifest, str(out), "--max_in_flight=4", "--skip_existing")
+    proc2 = run_build(server, manifest, str(out), "--max_in_flight=4", "--skip_existing")
     expect_exit(proc2, 0)
     assert total_calls(server) - before == 300 - len(survivors)
 
@@ -478,7 +446,7 @@ def test_rerun_removes_what_a_killed_run_left(make_server, store: dict[str, str]
     manifest = write_local_manifest(
         tmp_path / "m.parquet", [{"clip_id": "c0", "object_id": "demo-mono", "start_ms": 0, "duration_ms": 300}]
     )
-    expect_exit(run_cli(server, manifest, str(out), "--skip_existing"), 0)
+    expect_exit(run_build(server, manifest, str(out), "--skip_existing"), 0)
     check_clips_table(clips_table(str(out)).to_pylist(), store, out)
     assert set(as_globs(local_files(out))) == {
         "clips/c0.wav",
@@ -508,7 +476,7 @@ def test_errors_table_as_manifest_retries_only_failures(make_server, store: dict
     ]
     manifest = write_local_manifest(tmp_path / "m.parquet", rows, extra)
 
-    proc1 = run_cli(server, manifest, out1, "--max_attempts=2")
+    proc1 = run_build(server, manifest, out1, "--max_attempts=2")
     expect_exit(proc1, 1)
     assert "max_error_ratio" in proc1.stderr
     assert clips_table(out1).num_rows == 0
@@ -520,7 +488,7 @@ def test_errors_table_as_manifest_retries_only_failures(make_server, store: dict
     assert total_calls(server) == 2 * len(rows)
 
     server.settings.faults.fail_fraction = 0
-    proc2 = run_cli(server, f"{out1}/metadata/errors-*.parquet", out2)
+    proc2 = run_build(server, f"{out1}/metadata/errors-*.parquet", out2)
     expect_exit(proc2, 0)
     table = clips_table(out2)
     assert not {"error_code", "error_message"} & set(table.schema.names)
@@ -557,13 +525,13 @@ def test_run_record_holds_no_secret(make_server, store: dict[str, str], tmp_path
         {"clip_id": "gone", "object_id": "no-such-object", "start_ms": 0, "duration_ms": 100},
     ]
     manifest = write_local_manifest(tmp_path / "m.parquet", rows)
-    proc = run_cli(
+    proc = run_build(
         server,
         manifest,
         str(out),
         f"--s3_secret_access_key={s3_secret}",
         "--max_error_ratio=0.5",
-        env=child_env(SONIOX_API_KEY=api_key),
+        env={"SONIOX_API_KEY": api_key},
     )
     expect_exit(proc, 0)
 
@@ -603,7 +571,7 @@ def test_max_error_ratio(flags: list[str], code: int, make_server, store: dict[s
         {"clip_id": f"c{i}", "object_id": "demo-mono", "start_ms": 500 * i, "duration_ms": 300} for i in range(9)
     ] + [{"clip_id": "gone", "object_id": "no-such-object", "start_ms": 0, "duration_ms": 300}]
     manifest = write_local_manifest(tmp_path / "m.parquet", rows)
-    proc = run_cli(server, manifest, out, *flags)
+    proc = run_build(server, manifest, out, *flags)
     expect_exit(proc, code)
     assert ("max_error_ratio" in proc.stderr) == (code == 1), proc.stderr
     clips = clips_table(out).to_pylist()
@@ -624,7 +592,7 @@ def test_wrong_key_stops_before_any_clip(make_server, tmp_path: Path) -> None:
     out = tmp_path / "out"
     rows = [{"clip_id": f"c{i}", "object_id": "demo-mono", "start_ms": 100 * i, "duration_ms": 300} for i in range(5)]
     manifest = write_local_manifest(tmp_path / "m.parquet", rows)
-    proc = run_cli(server, manifest, str(out), env=child_env(SONIOX_API_KEY="wrong"))
+    proc = run_build(server, manifest, str(out), env={"SONIOX_API_KEY": "wrong"})
     expect_exit(proc, 2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "UNAUTHENTICATED" in errors[0], proc.stderr

@@ -25,6 +25,7 @@ from pipeline.elements import ClipError, ClipRecord
 from pipeline.finish import RunStats
 from pipeline.storage import open_store
 from pipeline.tables import clips_schema, errors_schema
+from tests.helpers import read_bytes, read_table_file
 from tests.storage_fixtures import gcs_server  # noqa: F401
 from tests.storage_servers import StorageServer
 
@@ -48,11 +49,6 @@ def write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path) as f:
-        return f.read()
-
-
 def wav(frames: int, channels: int) -> bytes:
     audio = (np.arange(frames * channels, dtype=np.int64) % 2000 - 1000).astype(np.int16).reshape(frames, channels)
     buffer = io.BytesIO()
@@ -71,21 +67,16 @@ def make_card(output: str, numbers: dict, clips_tables: list[str], errors_tables
     stats, objects = RunStats(), set()
     fields = {f.name for f in dataclasses.fields(ClipRecord)} - {"columns", "stats"}
     for path in clips_tables:
-        for row in read_table(path).to_pylist():
+        for row in read_table_file(path).to_pylist():
             stats.add(ClipRecord(**{k: v for k, v in row.items() if k in fields}, columns={}))
             objects.add(row["object_id"])
     for path in errors_tables:
-        for row in read_table(path).to_pylist():
+        for row in read_table_file(path).to_pylist():
             stats.add(ClipError(row["clip_id"], row["object_id"], row["error_code"], "", row["attempts"], {}))
     clip_stats = ClipStats(stats.written + stats.skipped, len(objects), stats.clip_bytes,
                            dict(stats.channels), dict(stats.durations_ms))  # fmt: skip
     errors = dict(sorted(stats.errors_by_code.items(), key=lambda kv: (-kv[1], kv[0])))
     return write_card(open_store(output), output, numbers, clip_stats, errors)
-
-
-def read_table(path: str) -> pa.Table:
-    with FileSystems.open(path) as f:
-        return pq.read_table(io.BytesIO(f.read()))
 
 
 def write_dataset(output: str, clips: list[tuple], errors: list[tuple]) -> tuple[list[str], list[str]]:
@@ -154,7 +145,7 @@ def test_card_numbers_match_the_tables(local: tuple[str, str, str]) -> None:
     path = make_card(output, summary(rows=6, written=2, skipped=1), clips_table, errors_table)
     assert path == join(output, "README.md")
     card = Path(path).read_text()
-    table = pa.concat_tables(read_table(path) for path in clips_table)  # both files
+    table = pa.concat_tables(read_table_file(path) for path in clips_table)  # both files
     seconds = table.column("clip_duration_ms").to_numpy().sum() / 1000
     sizes = sum(table.column("num_bytes").to_pylist())
     for line in [

@@ -14,17 +14,17 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.__main__ import main
 from pipeline.cli import LaunchError, configure_logging
 from pipeline.options import check_flags, expand_config
 from pipeline.record import Summary
+from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, explain, write_manifest
 
-pytestmark = pytest.mark.timeout(300)
-
-REPO = Path(__file__).resolve().parents[1]
+SCHEMA = pa.schema(
+    [("clip_id", pa.string()), ("object_id", pa.string()), ("start_ms", pa.int64()), ("duration_ms", pa.int64())]
+)
 KEY = "sk-test-cli-key"
 
 
@@ -50,19 +50,14 @@ def env(monkeypatch):
     return monkeypatch
 
 
-def write_manifest(path: Path, rows: int = 2, missing: int = 0) -> str:
+def demo_manifest(path: Path, rows: int = 2, missing: int = 0) -> str:
     """`rows` clips of demo-mono, then `missing` rows naming an object the store does not have."""
     ids = ["demo-mono"] * rows + ["no-such-object"] * missing
-    table = pa.table(
-        {
-            "clip_id": pa.array([f"c{i}" for i in range(len(ids))], pa.string()),
-            "object_id": pa.array(ids, pa.string()),
-            "start_ms": pa.array([300 * i for i in range(len(ids))], pa.int64()),
-            "duration_ms": pa.array([250] * len(ids), pa.int64()),
-        }
-    )
-    pq.write_table(table, path)
-    return str(path)
+    rows = [
+        {"clip_id": f"c{i}", "object_id": object_id, "start_ms": 300 * i, "duration_ms": 250}
+        for i, object_id in enumerate(ids)
+    ]
+    return write_manifest(path, rows, SCHEMA)
 
 
 def exits(capsys, *argv: str) -> tuple[int, str]:
@@ -87,20 +82,12 @@ def launch_fails(capsys, *argv: str) -> str:
     return one_error(err)
 
 
-def child(*argv: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SONIOX_")}
+def child(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python *argv` in a child, in `child_env(**env)`."""
     return subprocess.run(
-        [sys.executable, *argv],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=cwd,
-        env={**base, "PYTHONPATH": str(REPO), **(env or {})},
-    )
-
-
-def explain(proc: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+        [sys.executable, *argv], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=REPO,
+        env=child_env(**(env or {})),
+    )  # fmt: skip
 
 
 # -- exit 2: unknown words -----------------------------------------------------------------------------
@@ -119,7 +106,7 @@ def explain(proc: subprocess.CompletedProcess[str]) -> str:
 )
 def test_an_unknown_flag_stops_the_run(flags, message, capsys, env, tmp_path):
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.parquet")
+    manifest = demo_manifest(tmp_path / "m.parquet")
     assert launch_fails(capsys, f"--manifest={manifest}", f"--output={out}", *flags) == message
     assert not out.exists()
 
@@ -182,14 +169,14 @@ def test_beam_options_and_the_shipped_configs_are_known():
     ],
 )
 def test_a_missing_or_bad_value_stops_the_run(flags, message, capsys, env, tmp_path):
-    manifest, out = write_manifest(tmp_path / "m.parquet"), tmp_path / "out"
+    manifest, out = demo_manifest(tmp_path / "m.parquet"), tmp_path / "out"
     flags = [f.replace("=M", f"={manifest}").replace("=OUT", f"={out}") for f in flags]
     assert launch_fails(capsys, *flags).startswith(message)
     assert not out.exists()
 
 
 def test_an_unreadable_config_or_key_file_stops_the_run(capsys, env, tmp_path):
-    manifest, out = write_manifest(tmp_path / "m.parquet"), tmp_path / "out"
+    manifest, out = demo_manifest(tmp_path / "m.parquet"), tmp_path / "out"
     common = [f"--manifest={manifest}", f"--output={out}", "--api_host=http://127.0.0.1:1"]
     missing = tmp_path / "nope"
     assert (
@@ -224,7 +211,7 @@ def test_a_manifest_problem_stops_the_run(capsys, env, tmp_path):
 def test_a_refused_or_absent_key_stops_the_run(make_server, capsys, env, tmp_path):
     """No key at all is said as such, with where a key comes from; a wrong one is "refused"."""
     server = make_server(api_key=KEY)
-    manifest, out = write_manifest(tmp_path / "m.parquet"), tmp_path / "out"
+    manifest, out = demo_manifest(tmp_path / "m.parquet"), tmp_path / "out"
     flags = [f"--manifest={manifest}", f"--output={out}", f"--api_host={server.address}"]
     error = launch_fails(capsys, *flags)
     assert error.startswith(f"error: no API key was given and {server.address} requires one (UNAUTHENTICATED)")
@@ -273,7 +260,7 @@ def test_builds_exit_0_or_1_quietly_and_leave_no_temporary_folder(make_server, t
     """Too many errors: exit 1 after the tables. A skip-only rerun: exit 0, a rate that means something. Both
     print no library warning and leave $TMPDIR as they found it."""
     server = make_server()
-    manifest, out = write_manifest(tmp_path / "m.parquet", rows=3, missing=1), tmp_path / "out"
+    manifest, out = demo_manifest(tmp_path / "m.parquet", rows=3, missing=1), tmp_path / "out"
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     flags = ["-m", "pipeline", "run", f"--manifest={manifest}", f"--output={out}", f"--api_host={server.address}"]
@@ -304,7 +291,7 @@ def test_summary_rate_of_a_run_that_fetched_nothing():
 
 def test_a_run_that_fails_after_it_started_exits_3(tmp_path):
     """Not 1: that would read as "ran, too many errors, tables written"."""
-    manifest = write_manifest(tmp_path / "m.parquet", rows=0)
+    manifest = demo_manifest(tmp_path / "m.parquet", rows=0)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     proc = child("-m", "pipeline", "run", f"--manifest={manifest}", f"--output={blocker / 'out'}")

@@ -35,10 +35,10 @@ from pipeline.local.server import LocalServer, ServerSettings
 from pipeline.messages import GetAudioError, ObjectToken, StreamInfo, TimeRange, TokenRange
 from pipeline.wire import speech_service_pb2 as pb
 from pipeline.wire import speech_service_pb2_grpc as pb_grpc
+from tests.helpers import REPO, child_env
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parents[1]
 PROTO = "schemas/speech_service.proto"
 SUBPROCESS_TIMEOUT_S = 20
 API_KEY = "contract-test-key"
@@ -54,18 +54,10 @@ OUR_MESSAGES = {
 OUR_METHODS = {"GetAudio", "GetObject"}
 
 
-def _env(**extra: str) -> dict[str, str]:
-    """This process's environment without any SONIOX_* setting, with the repo importable, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SONIOX_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
 def _run(args: list[str], **extra_env: str) -> subprocess.CompletedProcess[str]:
     """Run a child process from the repo root; fail the test with its output when it fails."""
     proc = subprocess.run(
-        args, cwd=REPO, env=_env(**extra_env), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S
+        args, cwd=REPO, env=child_env(**extra_env), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S
     )
     if proc.returncode != 0:
         pytest.fail(f"{args[:3]} exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
@@ -181,7 +173,6 @@ def test_grpc_stub_module_exposes_service() -> None:
             pb.GetObjectResponse.FromString,
         ),
     }, "pipeline/wire/speech_service_pb2_grpc.py does not match the schema: run `make proto`"
-    assert callable(pb_grpc.add_SpeechServiceServicer_to_server)
     assert {"GetAudio", "GetObject"} <= set(vars(pb_grpc.SpeechServiceServicer))
 
 
@@ -634,7 +625,7 @@ def sdk_server(
     proc = subprocess.Popen(
         [sys.executable, "-c", SDK_SERVER, str(config)],
         cwd=REPO,
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,

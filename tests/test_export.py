@@ -9,13 +9,13 @@ import shutil
 import subprocess
 import sys
 
+from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, run_pipeline
 from tests.test_loaders import build
-from tests.test_outputs import ROOT
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pipeline", "export", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
 
 
 def manifests(root: str) -> dict[str, list[bytes]]:
@@ -54,6 +54,5 @@ def test_a_run_refuses_lhotse_with_shards_and_unknown_exports(tmp_path) -> None:
         (["--shards=2", "--export=lhotse"], "Lhotse does not read tar shards"),
         (["--export=kaldi"], "--export takes"),
     ]:
-        cmd = [sys.executable, "-m", "pipeline", "run", f"--manifest={tmp_path}/m.parquet", f"--output={tmp_path}/o"]
-        done = subprocess.run([*cmd, *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        done = run_pipeline("run", f"--manifest={tmp_path}/m.parquet", f"--output={tmp_path}/o", *flags)
         assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import grpc
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
@@ -24,40 +19,51 @@ from pipeline.local.server import Faults, LocalServer, ServerSettings
 from pipeline.messages import GetAudioError, TimeRange
 from pipeline.throttle import AdaptiveThrottler
 from tests.conftest import source_frames
+from tests.helpers import (
+    Result,
+    Started,
+    explain,
+    free_port,
+    read_table,
+    run_argv,
+    run_cli,
+    run_pipeline,
+    write_manifest,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJECTS = {"demo-mono": 12_000, "demo-stereo": 9_000, "demo-flac-3ch": 5_000}
+SCHEMA = pa.schema(
+    [("clip_id", pa.string()), ("object_id", pa.string()), ("start_ms", pa.int32()), ("duration_ms", pa.int32())]
+)
 
 
-def write_manifest(path, n: int, duration_ms: int = 300) -> list[dict]:
-    """n time-range rows spread over the sample objects, each with its own clip_id."""
+def fault_manifest(path, n: int, duration_ms: int = 300) -> list[dict]:
+    """n time-range rows spread over the sample objects, each with its own clip_id, written to `path`."""
     rows = []
     for i in range(n):
         object_id = list(OBJECTS)[i % len(OBJECTS)]
         start = (i * 37) % (OBJECTS[object_id] - duration_ms)
         rows.append({"clip_id": f"c{i:05d}", "object_id": object_id, "start_ms": start, "duration_ms": duration_ms})
-    schema = pa.schema(
-        [("clip_id", pa.string()), ("object_id", pa.string()), ("start_ms", pa.int32()), ("duration_ms", pa.int32())]
-    )
-    pq.write_table(pa.Table.from_pylist(rows, schema), path)
+    write_manifest(path, rows, SCHEMA)
     return rows
 
 
-def run_cli(manifest, output, api_host, *flags, timeout=600, wait=True):
-    cmd = [sys.executable, "-m", "pipeline", "run", f"--manifest={manifest}", f"--output={output}"]
-    cmd += [f"--api_host={api_host}", *flags]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run(manifest, output, api_host, *flags) -> Result:
+    """`python -m pipeline run`, in this process."""
+    return run_pipeline("run", *run_argv(api_host, manifest, output, *flags))
 
 
-def read_table(output, name):
-    files = sorted(glob.glob(os.path.join(output, "metadata", f"{name}-*.parquet")))
-    return pq.read_table(files).to_pylist()
+def start(manifest, output, api_host, *flags) -> Started:
+    """`python -m pipeline run`, in a thread of this process, for a test that changes the server meanwhile."""
+    return Started("run", *run_argv(api_host, manifest, output, *flags))
+
+
+def rows_of(output, name) -> list[dict]:
+    return read_table(output, name).to_pylist()
 
 
 def assert_clips_match_source(output, rows, store):
-    clips = {r["clip_id"]: r for r in read_table(output, "clips")}
+    clips = {r["clip_id"]: r for r in rows_of(output, "clips")}
     for row in rows:
         if row["clip_id"] not in clips:
             continue
@@ -67,10 +73,28 @@ def assert_clips_match_source(output, rows, store):
     return clips
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def failed_attempts(monkeypatch) -> list[str]:
+    """The status code of every failed GetAudio or GetObject attempt made in this process, as it happens
+    (the client's failure hook, watched, not changed)."""
+    seen: list[str] = []
+    after_failure = GetAudioClient._after_failure
+
+    def watch(self, code, *args, **kwargs):
+        seen.append(code.name)
+        return after_failure(self, code, *args, **kwargs)
+
+    monkeypatch.setattr(GetAudioClient, "_after_failure", watch)
+    return seen
+
+
+def wait_until(condition, what: str, timeout_s: float = 60, started: Started | None = None) -> None:
+    """Poll `condition` until it holds; fail after `timeout_s`, or as soon as the `started` run has ended."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert started is None or started.running(), f"the run ended before {what}: {explain(started.wait())}"
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.02)
 
 
 # -- the client's backoff ---------------------------------------------------------------------------------
@@ -141,12 +165,12 @@ def test_every_clip_completes_under_the_fault_mix(make_server, store, tmp_path):
         Faults(fail_fraction=0.2, break_fraction=0.1, throttle_fraction=0.1, slow_fraction=0.05, slow_s=5, seed=7),
         chunk_bytes=4000,  # several chunks per clip, so broken streams are resumed part-way
     )
-    rows = write_manifest(tmp_path / "m.parquet", 120, duration_ms=700)
+    rows = fault_manifest(tmp_path / "m.parquet", 120, duration_ms=700)
     out = tmp_path / "out"
-    done = run_cli(tmp_path / "m.parquet", out, server.address, "--rpc_timeout_s=1", "--max_attempts=12")
-    assert done.returncode == 0, done.stderr
+    done = run(tmp_path / "m.parquet", out, server.address, "--rpc_timeout_s=1", "--max_attempts=12")
+    assert done.returncode == 0, explain(done)
     clips = assert_clips_match_source(out, rows, store)
-    assert len(clips) == len(rows) and read_table(out, "errors") == []
+    assert len(clips) == len(rows) and rows_of(out, "errors") == []
     record = json.loads((out / "_RUN.json").read_text())
     failed = record["failed_attempts_by_code"]
     assert record["retries"] > 0 and record["retries"] == sum(c["attempts"] - 1 for c in clips.values())
@@ -158,13 +182,13 @@ def test_every_clip_completes_under_the_fault_mix(make_server, store, tmp_path):
 def test_time_held_back_reaches_beams_throttling_counter(make_server, tmp_path):
     """Under RESOURCE_EXHAUSTED the seconds that calls spend held back or backing off go to Beam's
     `cumulativeThrottlingSeconds` counter (what Dataflow's autoscaler reads); without pushback it stays 0."""
-    write_manifest(tmp_path / "m.parquet", 40)
+    fault_manifest(tmp_path / "m.parquet", 40)
     seconds = {}
     for fraction in (0.0, 0.6):
         server = make_server(Faults(throttle_fraction=fraction, seed=3))
         out = tmp_path / f"out-{fraction}"
-        done = run_cli(tmp_path / "m.parquet", out, server.address, "--max_attempts=20", "--max_error_ratio=1")
-        assert done.returncode == 0, done.stderr
+        done = run(tmp_path / "m.parquet", out, server.address, "--max_attempts=20", "--max_error_ratio=1")
+        assert done.returncode == 0, explain(done)
         record = json.loads((out / "_RUN.json").read_text())
         assert record["clips"] == 40, record
         seconds[fraction] = record["throttled_seconds"]
@@ -174,55 +198,62 @@ def test_time_held_back_reaches_beams_throttling_counter(make_server, tmp_path):
 @pytest.mark.parametrize("code", ["NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED"])
 def test_permanent_errors_are_tried_exactly_once(make_server, tmp_path, code):
     server = make_server(Faults(fail_fraction=1.0, fail_code=grpc.StatusCode[code]))
-    rows = write_manifest(tmp_path / "m.parquet", 6)
+    rows = fault_manifest(tmp_path / "m.parquet", 6)
     out = tmp_path / "out"
-    done = run_cli(tmp_path / "m.parquet", out, server.address, "--max_error_ratio=1")
-    assert done.returncode == 0, done.stderr
-    errors = read_table(out, "errors")
+    done = run(tmp_path / "m.parquet", out, server.address, "--max_error_ratio=1")
+    assert done.returncode == 0, explain(done)
+    errors = rows_of(out, "errors")
     assert sorted(e["clip_id"] for e in errors) == [r["clip_id"] for r in rows]
     assert {(e["error_code"], e["attempts"]) for e in errors} == {(code, 1)}
     assert sum(server.calls.values()) == len(rows)
 
 
-def test_a_server_absent_at_start_that_comes_back_in_time(store_dir, store, tmp_path):
+def test_a_server_absent_at_start_that_comes_back_in_time(store_dir, store, tmp_path, failed_attempts):
     port = free_port()
-    rows = write_manifest(tmp_path / "m.parquet", 20)
+    rows = fault_manifest(tmp_path / "m.parquet", 20)
     out = tmp_path / "out"
-    proc = run_cli(tmp_path / "m.parquet", out, f"http://127.0.0.1:{port}", "--max_attempts=10", wait=False)
-    time.sleep(5)  # the run has started and its first calls found nobody
+    started = start(tmp_path / "m.parquet", out, f"http://127.0.0.1:{port}", "--max_attempts=10")
+    # The key check's one attempt, then the run's first GetAudio attempts, find nobody.
+    wait_until(lambda: len(failed_attempts) >= 2, "the run's first calls failed", started=started)
     with LocalServer(store_dir, ServerSettings(), port=port):
-        _stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
+        done = started.wait()
+    assert done.returncode == 0, explain(done)
     assert len(assert_clips_match_source(out, rows, store)) == len(rows)
+    record = json.loads((out / "_RUN.json").read_text())
+    assert record["failed_attempts_by_code"].get("UNAVAILABLE", 0) >= 1, record  # the server was absent
+    assert record["clips"] == len(rows) and record["retries"] >= 1
 
 
-def test_a_server_gone_mid_run_and_back_damages_nothing(store_dir, store, tmp_path):
+def test_a_server_gone_mid_run_and_back_damages_nothing(store_dir, store, tmp_path, failed_attempts):
     port = free_port()
     settings = ServerSettings(faults=Faults(latency_s=0.15))
-    rows = write_manifest(tmp_path / "m.parquet", 80)
+    rows = fault_manifest(tmp_path / "m.parquet", 80)
     out = tmp_path / "out"
     server = LocalServer(store_dir, settings, port=port).start()
-    proc = run_cli(tmp_path / "m.parquet", out, server.address, "--max_in_flight=4", "--max_attempts=10", wait=False)
+    started = start(tmp_path / "m.parquet", out, server.address, "--max_in_flight=4", "--max_attempts=10")
     clips_dir = out / "clips"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(clips_dir.glob("*.wav")) if clips_dir.exists() else []) < 10:
-        time.sleep(0.1)
+    wait_until(
+        lambda: clips_dir.exists() and len(list(clips_dir.glob("*.wav"))) >= 10, "10 clips", 120, started=started
+    )
+    failed = len(failed_attempts)
     server.stop()  # gone mid-run: calls in flight break, new ones find nobody
-    time.sleep(2)
+    wait_until(lambda: len(failed_attempts) > failed, "a call failed with the server gone", started=started)
     with LocalServer(store_dir, ServerSettings(), port=port):
-        _stdout, stderr = proc.communicate(timeout=300)
-    errors = read_table(out, "errors") if (out / "metadata").exists() else []
-    assert proc.returncode == 0, (stderr[-3000:], errors[:5])
-    assert len(assert_clips_match_source(out, rows, store)) == len(rows)
+        done = started.wait()
+    errors = rows_of(out, "errors") if (out / "metadata").exists() else []
+    assert done.returncode == 0, (explain(done), errors[:5])
+    assert len(assert_clips_match_source(out, rows, store)) == len(rows), (errors[:5], failed_attempts)
     assert not list(clips_dir.glob("*[!v]")), "only finished .wav clips at final paths"
+    record = json.loads((out / "_RUN.json").read_text())
+    assert sum(record["failed_attempts_by_code"].values()) >= 1, record  # the server was gone for a while
 
 
 def test_a_server_that_never_comes_back_ends_with_errors(tmp_path):
-    rows = write_manifest(tmp_path / "m.parquet", 5)
+    rows = fault_manifest(tmp_path / "m.parquet", 5)
     out = tmp_path / "out"
-    done = run_cli(tmp_path / "m.parquet", out, f"http://127.0.0.1:{free_port()}", "--max_attempts=3", timeout=120)
-    assert done.returncode == 1, done.stderr  # every row failed: over --max_error_ratio
-    errors = read_table(out, "errors")
+    done = run(tmp_path / "m.parquet", out, f"http://127.0.0.1:{free_port()}", "--max_attempts=3")
+    assert done.returncode == 1, explain(done)  # every row failed: over --max_error_ratio
+    errors = rows_of(out, "errors")
     assert sorted(e["clip_id"] for e in errors) == [r["clip_id"] for r in rows]
     assert {(e["error_code"], e["attempts"]) for e in errors} == {("UNAVAILABLE", 3)}
 
@@ -233,11 +264,12 @@ def test_a_server_that_never_comes_back_ends_with_errors(tmp_path):
 def test_twenty_thousand_rows_with_faults_lose_nothing(make_server, tmp_path):
     server = make_server(Faults(fail_fraction=0.05, break_fraction=0.05, throttle_fraction=0.05, seed=11))
     n = 20_000
-    write_manifest(tmp_path / "m.parquet", n, duration_ms=100)
+    fault_manifest(tmp_path / "m.parquet", n, duration_ms=100)
     out = tmp_path / "out"
-    done = run_cli(tmp_path / "m.parquet", out, server.address, "--max_attempts=8", timeout=900)
-    assert done.returncode == 0, done.stderr
-    clips, errors = read_table(out, "clips"), read_table(out, "errors")
+    # A child: under load, the pipeline and the server each get a process (and a GIL) of their own.
+    done = run_cli("run", *run_argv(server, tmp_path / "m.parquet", out, "--max_attempts=8"))
+    assert done.returncode == 0, explain(done)
+    clips, errors = rows_of(out, "clips"), rows_of(out, "errors")
     assert len(clips) + len(errors) == n
     ids = [c["clip_id"] for c in clips] + [e["clip_id"] for e in errors]
     assert len(set(ids)) == n, "a row appears twice"

@@ -7,19 +7,24 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import apache_beam as beam
 import pyarrow.parquet as pq
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import manifest as mf
 from pipeline.finish import RunInfo
+from pipeline.local.server import LocalServer
 from pipeline.options import ClipOptions
 from pipeline.record import now
 from pipeline.run import build, fetch_settings
 from pipeline.storage import StoreSettings
-from tests.test_builds import check_clips_table, child_env, expect_exit, local_files, run_cli
+from tests.helpers import Result, child_env, expect_exit, free_port, run_argv, run_cli
+from tests.test_builds import check_clips_table, local_files, run_build
 from tests.test_builds import write_local_manifest as write_manifest
 
 
@@ -64,11 +69,11 @@ def test_each_table_is_exactly_this_runs_files(make_server, store, tmp_path: Pat
     server = make_server()
     manifest = write_manifest(tmp_path / "m.parquet", rows(20)[:-1])  # no row fails
     out = tmp_path / "out"
-    expect_exit(run_cli(server, manifest, str(out)), 0)
+    expect_exit(run_build(server, manifest, str(out)), 0)
     first = json.loads((out / "_RUN.json").read_text())
     abandoned = out / "metadata" / "clips-0123456789abcdef.parquet"
     abandoned.write_bytes(b"PAR1 a retried bundle's file")
-    expect_exit(run_cli(server, manifest, str(out), "--skip_existing"), 0)
+    expect_exit(run_build(server, manifest, str(out), "--skip_existing"), 0)
     record = json.loads((out / "_RUN.json").read_text())
     files = sorted(str(p) for p in (out / "metadata").iterdir())
     assert files == sorted(record["clips_table"] + record["errors_table"])
@@ -81,25 +86,6 @@ def test_each_table_is_exactly_this_runs_files(make_server, store, tmp_path: Pat
     assert all(c["attempts"] == 0 for c in clips)
     errors = pq.read_table(record["errors_table"])
     assert errors.num_rows == 0 and "error_code" in errors.schema.names
-
-
-def test_multi_processing_runner(make_server, store, tmp_path: Path) -> None:
-    """Beam's DirectRunner with two worker processes: a one-file manifest in many row groups, and the run's
-    numbers (combined across the processes) agree with the tables."""
-    server = make_server()
-    path = tmp_path / "m.parquet"
-    write_manifest(path, rows(40))
-    table = pq.read_table(path)
-    pq.write_table(table, path, row_group_size=5)  # 9 row groups
-    out = tmp_path / "out"
-    flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", "--max_error_ratio=1"]
-    proc = run_cli(server, str(path), str(out), *flags, env=child_env())
-    expect_exit(proc, 0)
-    record = json.loads((out / "_RUN.json").read_text())
-    assert (record["rows"], record["clips"], record["errors"]) == (41, 40, 1)
-    clips = pq.read_table(record["clips_table"]).to_pylist()
-    check_clips_table(clips, store, out)
-    assert "2 process(es) x --max_in_flight 64 = 128 streams" in proc.stderr
 
 
 def test_a_plain_run_never_tries_prism(server, tmp_path: Path, monkeypatch) -> None:
@@ -140,26 +126,57 @@ manifest.ReadManifestRows.process = process
 """
 
 
-def test_a_one_file_manifest_is_read_by_more_than_one_worker(make_server, store, tmp_path: Path) -> None:
-    """Two worker processes, one manifest file of 8 row groups: the row groups are spread before they are
-    read, so both processes read some. (A sitecustomize module in the workers' path records who read which.)"""
+@dataclass
+class MultiProcessingRun:
+    server: LocalServer
+    out: Path
+    proc: Result
+    spy_log: Path
+
+
+@pytest.fixture(scope="module")
+def multi_processing_run(store_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiProcessingRun]:
+    """One `python -m pipeline run` in a child with Beam's DirectRunner and two worker processes, over a one-file
+    manifest of 9 row groups (one row fails), shared by the tests below. A sitecustomize module in the workers'
+    path records which process read which row group."""
+    tmp_path = tmp_path_factory.mktemp("multi-processing")
     spy_dir, spy_log = tmp_path / "spy", tmp_path / "spy.log"
     spy_dir.mkdir()
     (spy_dir / "sitecustomize.py").write_text(SPY)
     path = tmp_path / "m.parquet"
-    write_manifest(path, rows(40)[:-1])
-    pq.write_table(pq.read_table(path), path, row_group_size=5)  # 8 row groups
+    write_manifest(path, rows(40))
+    pq.write_table(pq.read_table(path), path, row_group_size=5)  # 9 row groups
     out = tmp_path / "out"
-    flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-    env = child_env(
-        PYTHONPATH=os.pathsep.join([str(spy_dir), str(Path(__file__).parents[1])]), ROW_GROUP_SPY=str(spy_log)
-    )
-    expect_exit(run_cli(server := make_server(), str(path), str(out), *flags, env=env), 0)
-    assert server.calls, "nothing was fetched"
-    reads = [line.split() for line in spy_log.read_text().splitlines()]
+    flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", "--max_error_ratio=1"]
+    env = child_env(ROW_GROUP_SPY=str(spy_log))
+    env["PYTHONPATH"] = os.pathsep.join([str(spy_dir), env["PYTHONPATH"]])
+    with LocalServer(store_dir) as server:
+        proc = run_cli("run", *run_argv(server, path, out, *flags), env=env)
+        yield MultiProcessingRun(server, out, proc, spy_log)
+
+
+def test_multi_processing_runner(multi_processing_run: MultiProcessingRun, store) -> None:
+    """Beam's DirectRunner with two worker processes: a one-file manifest in many row groups, and the run's
+    numbers (combined across the processes) agree with the tables."""
+    run = multi_processing_run
+    expect_exit(run.proc, 0)
+    record = json.loads((run.out / "_RUN.json").read_text())
+    assert (record["rows"], record["clips"], record["errors"]) == (41, 40, 1)
+    clips = pq.read_table(record["clips_table"]).to_pylist()
+    check_clips_table(clips, store, run.out)
+    assert "2 process(es) x --max_in_flight 64 = 128 streams" in run.proc.stderr
+
+
+def test_a_one_file_manifest_is_read_by_more_than_one_worker(multi_processing_run: MultiProcessingRun) -> None:
+    """Two worker processes, one manifest file of 9 row groups: the row groups are spread before they are
+    read, so both processes read some."""
+    run = multi_processing_run
+    expect_exit(run.proc, 0)
+    assert run.server.calls, "nothing was fetched"
+    reads = [line.split() for line in run.spy_log.read_text().splitlines()]
     readers = {pid for pid, _ in reads}
     groups = sorted(int(group) for _, group in reads)
-    assert groups == sorted(list(range(8)) * 2), groups  # each row group read twice: clip IDs, then requests
+    assert groups == sorted(list(range(9)) * 2), groups  # each row group read twice: clip IDs, then requests
     assert len(readers) >= 2, f"every row group was read by one process: {readers}"
 
 
@@ -167,13 +184,10 @@ def test_portable_runner_with_an_external_worker_pool(make_server, store, tmp_pa
     """The portable runner (an embedded job service) with an external SDK worker pool, as Dataflow and other
     portable runners run workers: the key comes from --api_key_file, and the clips, tables, card and record
     are the job's own."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = child_env(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     pool = subprocess.Popen(
         [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
@@ -189,7 +203,7 @@ def test_portable_runner_with_an_external_worker_pool(make_server, store, tmp_pa
             "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
             f"--environment_config=localhost:{port}", f"--api_key_file={key_file}", "--max_error_ratio=1",
         ]  # fmt: skip
-        expect_exit(run_cli(server, manifest, str(out), *flags, env={**env, "SONIOX_API_KEY": ""}), 0)
+        expect_exit(run_cli("run", *run_argv(server, manifest, out, *flags), env={**env, "SONIOX_API_KEY": ""}), 0)
     finally:
         pool.kill()
         pool.wait()

@@ -11,7 +11,7 @@ import sys
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import ClipOptions, option_names
-from tests.test_builds import REPO, child_env
+from tests.helpers import REPO, child_env
 
 TEMPLATE = REPO / "configs" / "flex-template"
 
@@ -73,7 +73,7 @@ def test_the_launcher_builds_the_dataflow_job_detached(tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, str(TEMPLATE / "launch.py"), *flags],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**child_env(), "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=child_env(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dry run: the job graph was built" in proc.stdout

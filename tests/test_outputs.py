@@ -18,8 +18,8 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import source_frames
+from tests.helpers import expect_exit, read_table, run_argv, run_pipeline, write_manifest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PADDING_MS = 100  # the server's default token padding
 
 ROWS = [
@@ -31,32 +31,23 @@ ROWS = [
 ]
 
 
-def write_manifest(path) -> str:
-    schema = pa.schema(
-        [
-            ("clip_id", pa.string()),
-            ("object_id", pa.string()),
-            ("start_ms", pa.int32()),
-            ("duration_ms", pa.int32()),
-            ("token_start", pa.int32()),
-            ("token_end", pa.int32()),
-        ]
-    )
-    pq.write_table(pa.Table.from_pylist(ROWS, schema), path)
-    return str(path)
+SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("object_id", pa.string()),
+        ("start_ms", pa.int32()),
+        ("duration_ms", pa.int32()),
+        ("token_start", pa.int32()),
+        ("token_end", pa.int32()),
+    ]
+)
 
 
 def run(server, manifest, out, *flags):
-    cmd = [sys.executable, "-m", "pipeline", "run", f"--manifest={manifest}", f"--output={out}"]
-    done = subprocess.run(
-        [*cmd, f"--api_host={server.address}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    return {r["object_id"] + ":" + r["clip_id"]: r for r in clips_table(out)}
-
-
-def clips_table(out) -> list[dict]:
-    return pq.read_table(sorted(glob.glob(os.path.join(out, "metadata", "clips-*.parquet")))).to_pylist()
+    """`python -m pipeline run`, in this process; the clips table by object_id:clip_id."""
+    done = run_pipeline("run", *run_argv(server, manifest, out, *flags))
+    expect_exit(done, 0)
+    return {r["object_id"] + ":" + r["clip_id"]: r for r in read_table(out, "clips").to_pylist()}
 
 
 def sidecar_tokens(store, object_id) -> list[dict]:
@@ -112,7 +103,7 @@ def by_clip(table) -> dict:
 def test_transcripts_are_cut_to_each_clip_from_one_get_object_per_object(make_server, store, tmp_path):
     server = make_server()
     out = tmp_path / "out"
-    table = by_clip(run(server, write_manifest(tmp_path / "m.parquet"), out, "--with_transcripts"))
+    table = by_clip(run(server, write_manifest(tmp_path / "m.parquet", ROWS, SCHEMA), out, "--with_transcripts"))
     assert len(table) == len(ROWS)
     for row in ROWS:
         record = table[row["clip_id"]] if row["clip_id"] else table["demo-stereo.t0+700"]
@@ -134,7 +125,7 @@ def test_transcripts_are_cut_to_each_clip_from_one_get_object_per_object(make_se
 def test_a_run_without_transcripts_has_no_transcript_columns(make_server, tmp_path):
     server = make_server()
     out = tmp_path / "out"
-    run(server, write_manifest(tmp_path / "m.parquet"), out)
+    run(server, write_manifest(tmp_path / "m.parquet", ROWS, SCHEMA), out)
     names = pq.read_schema(glob.glob(os.path.join(out, "metadata", "clips-*.parquet"))[0]).names
     assert "transcript_text" not in names and "member" not in names
     assert sum(server.servicer.object_calls.values()) == 1  # the key check before the run, nothing else
@@ -142,7 +133,7 @@ def test_a_run_without_transcripts_has_no_transcript_columns(make_server, tmp_pa
 
 def test_flac_clips_are_lossless_and_hashed_as_written(make_server, store, tmp_path):
     server = make_server()
-    manifest = write_manifest(tmp_path / "m.parquet")
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS, SCHEMA)
     wav = by_clip(run(server, manifest, tmp_path / "wav"))
     flac = by_clip(run(server, manifest, tmp_path / "flac", "--clip_format=flac"))
     assert wav.keys() == flac.keys()
@@ -169,7 +160,13 @@ def test_tar_shards_hold_every_clip_once_with_its_metadata(make_server, store, t
     server = make_server()
     out = tmp_path / "out"
     table = by_clip(
-        run(server, write_manifest(tmp_path / "m.parquet"), out, "--shards=2", f"--clip_format={clip_format}")
+        run(
+            server,
+            write_manifest(tmp_path / "m.parquet", ROWS, SCHEMA),
+            out,
+            "--shards=2",
+            f"--clip_format={clip_format}",
+        )
     )
     assert len(table) == len(ROWS)
     assert not (out / "clips").exists() and not (out / "_tmp").exists()

@@ -1,7 +1,8 @@
-"""End to end: `python -m pipeline run` in a child process against an in-process LocalServer.
+"""End to end: `python -m pipeline run` (in this process; the demo and the Dataflow dry run in a child) against
+a LocalServer.
 
-The server runs in this process, so `server.calls` counts the GetAudio calls the child makes. Each
-child run costs a few seconds, so each test makes one or two runs and checks many outcomes of them:
+`server.calls` counts the GetAudio calls the run makes. Each test makes one or two runs and checks many
+outcomes of them:
 clips sample-identical to the source, the tables' schemas and values, every bad row in the errors
 table with its code and place, rows in = clips + errors, exit codes, calls made (or not), the key
 nowhere in any output.
@@ -32,11 +33,10 @@ from pipeline.ids import derive_clip_id
 from pipeline.messages import TimeRange, TokenRange
 from pipeline.tables import CLIP_FIELDS, ERROR_FIELDS
 from tests.conftest import source_frames
+from tests.helpers import Result, child_env, explain, read_table, run_cli, run_pipeline, write_manifest
 
 pytestmark = pytest.mark.timeout(300)
 
-REPO = Path(__file__).resolve().parents[1]
-CHILD_TIMEOUT_S = 300
 KEY = f"sk-MARKER-{uuid.uuid4().hex}"  # the API key given to every child; must never come out
 OBJECT_MS = {"demo-mono": 12_000, "demo-stereo": 9_000, "demo-flac-3ch": 5_000, "demo-44k-notokens": 4_000}
 CHANNELS = {"demo-mono": 1, "demo-stereo": 2, "demo-flac-3ch": 3, "demo-44k-notokens": 1}
@@ -69,32 +69,21 @@ TIME_ONLY_SCHEMA = pa.schema(
 # -- helpers -------------------------------------------------------------------------------------------
 
 
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SONIOX_")}
-    env["SONIOX_API_KEY"] = KEY
-    return env
+def key_env() -> dict[str, str]:
+    return {"SONIOX_API_KEY": KEY}
 
 
-def run_cli(command: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", command, *flags],
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        cwd=REPO,
-        env=child_env(),
-    )
+def no_key_out(proc: Result) -> Result:
     assert KEY not in proc.stdout, "the API key is in stdout"
     assert KEY not in proc.stderr, "the API key is in stderr"
     return proc
 
 
-def run_pipeline(*flags: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    proc = run_cli("run", *flags)
+def run_build(*flags: str, expect: int = 0) -> Result:
+    """`python -m pipeline run *flags` with the key in SONIOX_API_KEY, in this process."""
+    proc = no_key_out(run_pipeline("run", *flags, env=key_env()))
     if proc.returncode != expect:
-        pytest.fail(
-            f"exit {proc.returncode}, expected {expect}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-6000:]}"
-        )
+        pytest.fail(f"expected exit {expect}\n{explain(proc)}")
     return proc
 
 
@@ -146,17 +135,6 @@ def manifest_row(
     }
     row.update(extra)
     return {name: row[name] for name in schema.names}
-
-
-def write_manifest(path: Path, schema: pa.Schema, rows: list[dict[str, Any]]) -> str:
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-    return str(path)
-
-
-def read_table(out: Path, name: str) -> pa.Table:
-    files = sorted((out / "metadata").glob(f"{name}-*.parquet"))
-    assert files, f"no {name} table under {out / 'metadata'}"
-    return pa.concat_tables([pq.read_table(f) for f in files])
 
 
 def summary_numbers(stdout: str) -> dict[str, int]:
@@ -285,7 +263,7 @@ def big_manifest(tmp_path: Path) -> tuple[str, dict[str, tuple[str, int, dict, s
     rows: dict[str, tuple[str, int, dict, str]] = {}
     for name, schema, spec in (("part-a", FULL_SCHEMA, a), ("part-b", TIME_ONLY_SCHEMA, b)):
         built = [manifest_row(schema, key, **kw) for key, _, kw in spec]
-        path = write_manifest(tmp_path / "manifest" / f"{name}.parquet", schema, built)
+        path = write_manifest(tmp_path / "manifest" / f"{name}.parquet", built, schema)
         for index, ((key, outcome, _), row) in enumerate(zip(spec, built, strict=True)):
             rows[key] = (path, index, row, outcome)
     return str(tmp_path / "manifest" / "*.parquet"), rows
@@ -300,7 +278,7 @@ def test_every_kind_of_row(make_server, store, tmp_path):
     server = keyed_server(make_server, token_padding_ms=pad)
     pattern, rows = big_manifest(tmp_path)
     out = tmp_path / "out"
-    proc = run_pipeline(f"--manifest={pattern}", f"--output={out}", f"--api_host={server.address}", expect=1)
+    proc = run_build(f"--manifest={pattern}", f"--output={out}", f"--api_host={server.address}", expect=1)
     assert "max_error_ratio" in proc.stderr  # more than 5% of rows failed
 
     good = {k for k, (*_, outcome) in rows.items() if outcome == "clip"}
@@ -366,20 +344,20 @@ def test_config_file_flags_and_transfer_formats(make_server, store, tmp_path):
         manifest_row(FULL_SCHEMA, "f-t", "demo-flac-3ch", "f-t", time=(1234, 2345)),
         manifest_row(FULL_SCHEMA, "r-t", "demo-44k-notokens", "r-t", time=(0, 4000)),
     ]
-    manifest = write_manifest(tmp_path / "m.parquet", FULL_SCHEMA, rows)
+    manifest = write_manifest(tmp_path / "m.parquet", rows, FULL_SCHEMA)
     by_key = {r["row_key"]: r for r in rows}
     config = tmp_path / "run.yaml"
     config.write_text("max_in_flight: 4\naudio_format: wav\nmax_error_ratio: 0.0\nskip_existing: false\n")
     common = [f"--config={config}", f"--manifest={manifest}", f"--api_host={server.address}"]
 
     wav_out = tmp_path / "wav"
-    proc = run_pipeline(*common, f"--output={wav_out}")
+    proc = run_build(*common, f"--output={wav_out}")
     assert server.formats == ["wav"] * len(rows), "the config's audio_format did not reach the server"
     assert summary_numbers(proc.stdout) == {"rows": 5, "clips": 5, "written": 5, "already": 0, "errors": 0}
 
     pcm_out = tmp_path / "pcm"
     server.formats.clear()
-    proc = run_pipeline(
+    proc = run_build(
         *common,
         f"--output={pcm_out}",
         "--audio_format=pcm_s16le",
@@ -419,11 +397,11 @@ def test_skip_existing_and_error_ratio(make_server, store, tmp_path):
         manifest_row(FULL_SCHEMA, "x", "no-such-object", "x", time=(0, 1000)),
     ]
     manifest = tmp_path / "m.parquet"
-    write_manifest(manifest, FULL_SCHEMA, rows)
+    write_manifest(manifest, rows, FULL_SCHEMA)
     out = tmp_path / "out"
     flags = [f"--manifest={manifest}", f"--output={out}", f"--api_host={server.address}", "--max_error_ratio=0.2"]
 
-    proc = run_pipeline(*flags)  # 1 error in 5 rows: exactly the limit, so exit 0
+    proc = run_build(*flags)  # 1 error in 5 rows: exactly the limit, so exit 0
     assert summary_numbers(proc.stdout) == {"rows": 5, "clips": 4, "written": 4, "already": 0, "errors": 1}
     first = {c["clip_id"]: c for c in read_table(out, "clips").to_pylist()}
     assert set(first) == {"m", "m-k", "s", "f"}
@@ -432,12 +410,12 @@ def test_skip_existing_and_error_ratio(make_server, store, tmp_path):
 
     # change the range of "s" under the same clip_id, and break "f" (a truncated file)
     rows[2] = manifest_row(FULL_SCHEMA, "s", "demo-stereo", "s", time=(3000, 1500))
-    write_manifest(manifest, FULL_SCHEMA, rows)
+    write_manifest(manifest, rows, FULL_SCHEMA)
     f_path = out / "clips" / "f.wav"
     f_path.write_bytes(f_path.read_bytes()[:-3000])
     before = collections.Counter(server.calls)
 
-    proc = run_pipeline(*flags, "--skip_existing")
+    proc = run_build(*flags, "--skip_existing")
     made = server.calls - before
     assert made == collections.Counter({"demo-stereo": 1, "demo-flac-3ch": 1, "no-such-object": 1}), made
     assert summary_numbers(proc.stdout) == {"rows": 5, "clips": 4, "written": 2, "already": 2, "errors": 1}
@@ -471,14 +449,14 @@ def test_whole_file_problem_exits_2_before_any_call(make_server, tmp_path, colum
     server = keyed_server(make_server)
     good = tmp_path / "manifest" / "a.parquet"
     good.parent.mkdir()
-    write_manifest(good, TIME_ONLY_SCHEMA, [manifest_row(TIME_ONLY_SCHEMA, "ok", "demo-mono", time=(0, 1000))])
+    write_manifest(good, [manifest_row(TIME_ONLY_SCHEMA, "ok", "demo-mono", time=(0, 1000))], TIME_ONLY_SCHEMA)
     bad = tmp_path / "manifest" / "b.parquet"
     table = pa.table({"object_id": pa.array(["demo-mono", "demo-stereo"]), **columns})
     if column == "sha256":
         table = table.append_column("sha256", pa.array(["a", "b"]))
     pq.write_table(table, bad)
     out = tmp_path / "out"
-    proc = run_pipeline(
+    proc = run_build(
         f"--manifest={tmp_path / 'manifest' / '*.parquet'}", f"--output={out}", f"--api_host={server.address}", expect=2
     )
     assert str(bad) in proc.stderr, proc.stderr
@@ -497,9 +475,9 @@ def test_both_tables_are_written_when_empty(make_server, tmp_path, case):
             manifest_row(FULL_SCHEMA, "a", "no-such-object", "a", time=(0, 1000)),
             manifest_row(FULL_SCHEMA, "b", "demo-mono", "b", time=(0, 0)),
         ]
-    manifest = write_manifest(tmp_path / "m.parquet", FULL_SCHEMA, rows)
+    manifest = write_manifest(tmp_path / "m.parquet", rows, FULL_SCHEMA)
     out = tmp_path / "out"
-    proc = run_pipeline(
+    proc = run_build(
         f"--manifest={manifest}", f"--output={out}", f"--api_host={server.address}", expect=1 if rows else 0
     )
     clips, errors = read_table(out, "clips"), read_table(out, "errors")
@@ -519,7 +497,7 @@ def test_both_tables_are_written_when_empty(make_server, tmp_path, case):
 
 
 def test_demo(tmp_path):
-    proc = run_cli("demo", f"--output={tmp_path / 'demo'}")
+    proc = no_key_out(run_cli("demo", f"--output={tmp_path / 'demo'}", env=child_env(**key_env())))  # a child
     assert proc.returncode == 0, proc.stderr[-4000:]
     dataset = tmp_path / "demo" / "dataset"
     clips, errors = read_table(dataset, "clips"), read_table(dataset, "errors")
@@ -582,7 +560,7 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, tmp_path):
     and no network, nothing is fetched or written, and the key is not in the job."""
     server = keyed_server(make_server)
     rows = [manifest_row(FULL_SCHEMA, "a", "demo-mono", "a", time=(0, 1000))]
-    manifest = write_manifest(tmp_path / "m.parquet", FULL_SCHEMA, rows)
+    manifest = write_manifest(tmp_path / "m.parquet", rows, FULL_SCHEMA)
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-c", DRY_RUN, f"--manifest={manifest}", f"--api_host={server.address}", *DATAFLOW_FLAGS],
@@ -590,7 +568,7 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, tmp_path):
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env={**child_env(), "PYTHONPATH": str(REPO)},
+        env=child_env(**key_env()),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "DefaultCredentialsError" not in proc.stderr, "the dry run reached for Google Cloud credentials"
@@ -619,26 +597,10 @@ def test_a_key_only_in_the_launchers_environment_is_refused(runner, make_server,
     the launch stops with exit 2 and points at --api_key_file, before anything is called or written."""
     server = keyed_server(make_server)
     manifest = write_manifest(
-        tmp_path / "m.parquet", FULL_SCHEMA, [manifest_row(FULL_SCHEMA, "a", "demo-mono", "a", time=(0, 1000))]
+        tmp_path / "m.parquet", [manifest_row(FULL_SCHEMA, "a", "demo-mono", "a", time=(0, 1000))], FULL_SCHEMA
     )
     flags = [f for f in DATAFLOW_FLAGS if not f.startswith(("--runner", "--api_key_file"))]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "run",
-            f"--manifest={manifest}",
-            f"--api_host={server.address}",
-            *runner,
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env=child_env(),
-    )
+    proc = run_build(f"--manifest={manifest}", f"--api_host={server.address}", *runner, *flags, expect=2)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--api_key_file" in proc.stderr and "Traceback" not in proc.stderr
     assert not server.calls and KEY not in proc.stdout + proc.stderr

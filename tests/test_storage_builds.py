@@ -1,5 +1,6 @@
-"""Builds to buckets, counted and faulted: `python -m pipeline run` writing to moto (S3) and the GCS emulator
-through `tests.storage_proxy`, which counts every storage request by kind and injects faults into uploads.
+"""Builds to buckets, counted and faulted: `python -m pipeline run` (in this process; in a child where it is
+killed) writing to moto (S3) and the GCS emulator through `tests.storage_proxy`, which counts every storage
+request by kind and injects faults into uploads.
 
 What a user of a bucket output relies on: a clip costs one write request and nothing else (no staging copy,
 no delete); a shard is one upload; a `--skip_existing` rerun reads no clip audio and makes no GetAudio call;
@@ -13,31 +14,30 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import botocore.endpoint
 import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.local.server import Faults, LocalServer
+from tests.helpers import Result, child_env, expect_exit, run_argv, start_cli
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 from tests.storage_proxy import StorageProxy
 from tests.storage_servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
 from tests.test_builds import (
-    REPO,
     check_clips_table,
-    child_env,
     clips_table,
     errors_table,
-    expect_exit,
     read_bytes,
-    run_cli,
+    run_build,
     run_record,
     total_calls,
     write_local_manifest,
@@ -47,8 +47,8 @@ FIXED_WRITES = 5  # per run: the two tables (one file each), the card and its hi
 
 
 class Target:
-    """A bucket behind a proxy: the output prefix, and the flags and environment that send a child run
-    through the proxy (this process reads the results from the server directly)."""
+    """A bucket behind a proxy: the output prefix, and the flags and environment that send a run through the
+    proxy (set for the run only: this process reads the results from the server directly)."""
 
     def __init__(self, server: StorageServer, proxy: StorageProxy):
         self.server, self.proxy = server, proxy
@@ -56,18 +56,26 @@ class Target:
         self.s3 = server.bucket_url.startswith("s3://")
         if self.s3:
             self.flags = [f"--s3_endpoint_url={proxy.endpoint_url}", *server.flags[1:]]
-            self.env = child_env(**{**server.env, "AWS_ENDPOINT_URL_S3": proxy.endpoint_url})
+            self.env = {**server.env, "AWS_ENDPOINT_URL_S3": proxy.endpoint_url}
         else:
             self.flags = []
-            self.env = child_env(**{**server.env, "STORAGE_EMULATOR_HOST": proxy.endpoint_url})
+            self.env = {**server.env, "STORAGE_EMULATOR_HOST": proxy.endpoint_url}
         FileSystems.set_options(PipelineOptions(server.flags))
 
-    def run(self, server: LocalServer, manifest: str, *flags: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(server, manifest, self.output, *self.flags, *flags, env=self.env)
+    def run(self, server: LocalServer, manifest: str, *flags: str) -> Result:
+        """`python -m pipeline run`, in this process."""
+        return run_build(server, manifest, self.output, *self.flags, *flags, env=self.env)
 
     def objects(self) -> list[str]:
         (found,) = FileSystems.match([f"{self.output}/**"])
         return sorted(m.path[len(self.output) + 1 :] for m in found.metadata_list)
+
+
+@pytest.fixture(autouse=True)
+def no_s3_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore backs off a refused request (SlowDown: up to 1 s, then 2 s, 4 s, ...) before each retry: the
+    runs here, in this process, skip the sleeps, not the retries (the proxy still counts every attempt)."""
+    monkeypatch.setattr(botocore.endpoint, "time", types.SimpleNamespace(sleep=lambda seconds: None))
 
 
 @pytest.fixture(params=["s3_server", "gcs_server"], ids=["s3", "gcs"])
@@ -183,12 +191,9 @@ def test_killed_run_on_s3_then_rerun(s3_server: StorageServer, make_server, stor
         bucket, prefix = target.output[len("s3://") :].split("/", 1)
         server = make_server(faults=Faults(latency_s=0.05))
         manifest = write_local_manifest(tmp_path / "m.parquet", rows(80))
-        cmd = [
-            sys.executable, "-m", "pipeline", "run", f"--manifest={manifest}", f"--output={target.output}",
-            f"--api_host={server.address}", "--max_in_flight=4", *target.flags,
-        ]  # fmt: skip
-        with open(tmp_path / "killed.log", "w") as log:
-            proc = subprocess.Popen(cmd, env=target.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        argv = run_argv(server, manifest, target.output, "--max_in_flight=4", *target.flags)
+        with open(tmp_path / "killed.log", "w") as log:  # a child: SIGKILL needs a process of its own
+            proc = start_cli("run", *argv, env=child_env(**target.env), stdout=log, stderr=subprocess.STDOUT)
             try:
                 deadline = time.monotonic() + 120
                 while len([n for n in target.objects() if n.startswith("clips/")]) < 5:
