@@ -47,6 +47,9 @@ RETRYABLE = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.INTERNAL,
+        # The client never cancels its own calls (its deadline is DEADLINE_EXCEEDED): a CANCELLED comes from a
+        # server shutting down or a proxy in between, as UNAVAILABLE would.
+        grpc.StatusCode.CANCELLED,
     }
 )
 

@@ -137,7 +137,7 @@ def test_broken_token_range_resumes_by_time(make_server, store):
     assert np.array_equal(sink.frames(), source_frames(store["demo-mono"], info.start_ms, info.duration_ms))
 
 
-@pytest.mark.parametrize("code", ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL"])
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "CANCELLED"])
 def test_retries_stop_at_the_limit(make_server, code):
     server = make_server(Faults(fail_fraction=1.0, fail_code=grpc.StatusCode[code]))
     with pytest.raises(GetAudioError) as err:
