@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from tests.test_outputs import run
+from tests.test_outputs import SCHEMA, run
 
 ROWS = [
     {"clip_id": "mono-time", "object_id": "demo-mono", "start_ms": 1000, "duration_ms": 2500},
@@ -36,16 +36,6 @@ ROWS = [
     {"clip_id": None, "object_id": "demo-stereo", "start_ms": 0, "duration_ms": 700},
     {"clip_id": "missing", "object_id": "no-such-object", "start_ms": 0, "duration_ms": 700},
 ]
-SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("object_id", pa.string()),
-        ("start_ms", pa.int32()),
-        ("duration_ms", pa.int32()),
-        ("token_start", pa.int32()),
-        ("token_end", pa.int32()),
-    ]
-)
 
 
 def build(make_server, tmp_path, name: str, *flags: str) -> str:
