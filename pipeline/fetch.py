@@ -1,8 +1,10 @@
 """The fetch transform: up to `max_in_flight` GetAudio streams at once per worker process.
 
-A Python DoFn sees one element at a time per thread, so each element is handed to a process-wide
-thread pool and its result emitted when done; the bundle ends when all of its calls have. It knows the
-client's interface, not gRPC: retries, resume and throttling happen inside GetAudioClient.
+A Python DoFn sees one element at a time per thread, so each element is handed to the worker process's
+thread pool and its result emitted when done; the bundle ends when all of its calls have. The steps of a
+run share one client and one pool per process, built when the first step is set up and closed when the
+last is torn down. They know the client's interface, not gRPC: retries, resume and throttling happen
+inside GetAudioClient (and any client with its methods, such as a test's fake, can be passed in).
 """
 
 from __future__ import annotations
