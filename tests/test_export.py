@@ -4,13 +4,25 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
 import sys
+import uuid
 
-from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, run_pipeline
-from tests.test_loaders import build
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.export import LHOTSE_FILES
+from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, read_bytes, read_table_file, run_pipeline
+from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
+from tests.test_builds import run_build
+from tests.test_loaders import ROWS, build
+from tests.test_outputs import SCHEMA
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
@@ -56,3 +68,29 @@ def test_a_run_refuses_lhotse_with_shards_and_unknown_exports(tmp_path) -> None:
     ]:
         done = run_pipeline("run", f"--manifest={tmp_path}/m.parquet", f"--output={tmp_path}/o", *flags)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_export_of_a_dataset_in_a_bucket(make_server, tmp_path, request, kind) -> None:
+    """`python -m pipeline export s3://…` (or gs://) on a dataset built there: the manifests are written into the
+    bucket beside the tables, with the clips' relative paths, from the environment's credentials."""
+    server = request.getfixturevalue(f"{kind}_server")
+    output = f"{server.bucket_url}export-{uuid.uuid4().hex[:8]}"
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS, SCHEMA), manifest)
+    flags = ["--with_transcripts", "--max_error_ratio=0.5", *server.flags]
+    assert run_build(make_server(), str(manifest), output, *flags, env=server.env).returncode == 0
+    done = run_pipeline("export", output, env=server.env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split()) == sorted(
+        [f"{output}/nemo_manifest.jsonl", *(f"{output}/lhotse/{name}.jsonl.gz" for name in LHOTSE_FILES)]
+    )
+    FileSystems.set_options(PipelineOptions(server.flags))
+    record = json.loads(read_bytes(f"{output}/_RUN.json"))
+    clips = [row for path in record["clips_table"] for row in read_table_file(path).to_pylist()]
+    assert len(clips) == record["clips"] > 0
+    lines = [json.loads(line) for line in read_bytes(f"{output}/nemo_manifest.jsonl").splitlines()]
+    assert sorted(line["audio_filepath"] for line in lines) == sorted(c["path"] for c in clips)
+    assert all(line["audio_filepath"].startswith("clips/") for line in lines)
+    cuts = [json.loads(line) for line in gzip.decompress(read_bytes(f"{output}/lhotse/cuts.jsonl.gz")).splitlines()]
+    assert sorted(cut["id"] for cut in cuts) == sorted(c["clip_id"] for c in clips)
