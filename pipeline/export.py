@@ -19,12 +19,14 @@ Every path in them is the table's `path`, relative to the dataset's root:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import io
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -67,32 +69,35 @@ def _sharded(store: Store, files: list[str]) -> bool:
 
 
 def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: list[str] | None = None) -> list[str]:
-    """Write the manifests named in `formats` under `output` from its clips table; the paths written."""
+    """Write the manifests named in `formats` under `output` from its clips table, in one pass over the table;
+    the paths written."""
     files = clips_table_files(store, output) if files is None else files
     sharded = _sharded(store, files)
     if LHOTSE in formats and sharded:
         raise LaunchError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
     root = output.rstrip("/")
-    written = []
+    lines: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {}  # manifest path -> a row's lines
     if NEMO in formats:
-        lines = (nemo_line(row, sharded) for row in _rows(store, files))
-        written.append(_put_lines(store, f"{root}/{NEMO_MANIFEST}", lines, compress=False))
+        lines[f"{root}/{NEMO_MANIFEST}"] = lambda row: [nemo_line(row, sharded)]
     if LHOTSE in formats:
         for name in LHOTSE_FILES:
-            lines = (line for row in _rows(store, files) for line in lhotse_lines(row, name))
-            written.append(_put_lines(store, f"{root}/{LHOTSE_DIR}/{name}.jsonl.gz", lines, compress=True))
-    return written
-
-
-def _put_lines(store: Store, path: str, lines: Iterator[dict[str, Any]], compress: bool) -> str:
-    """JSON lines into a local scratch file (gzip-compressed if `compress`), published in one write."""
-    scratch = store.scratch_file(".jsonl.gz" if compress else ".jsonl")
-    opener = gzip.open if compress else open
-    with opener(scratch, "wt", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    store.put(path, file=scratch, content_type="application/gzip" if compress else "application/jsonl")
-    return path
+            lines[f"{root}/{LHOTSE_DIR}/{name}.jsonl.gz"] = functools.partial(lhotse_lines, name=name)
+    scratch = {path: store.scratch_file(".jsonl.gz" if path.endswith(".gz") else ".jsonl") for path in lines}
+    with contextlib.ExitStack() as stack:
+        out = {
+            path: stack.enter_context(
+                (gzip.open if path.endswith(".gz") else open)(scratch[path], "wt", encoding="utf-8")
+            )
+            for path in lines
+        }
+        for row in _rows(store, files):
+            for path, lines_of in lines.items():
+                for line in lines_of(row):
+                    out[path].write(json.dumps(line, ensure_ascii=False) + "\n")
+    for path in lines:
+        content_type = "application/gzip" if path.endswith(".gz") else "application/jsonl"
+        store.put(path, file=scratch[path], content_type=content_type)
+    return list(lines)
 
 
 def nemo_line(row: dict[str, Any], sharded: bool = False) -> dict[str, Any]:
@@ -170,6 +175,7 @@ def lhotse_cut(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def lhotse_lines(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """A row's lines in the Lhotse manifest `name` (recordings, supervisions or cuts)."""
     if name == "recordings":
         return [lhotse_recording(row)]
     if name == "supervisions":
