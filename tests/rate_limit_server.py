@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -16,9 +17,11 @@ METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
 
 
 class RateLimitServer:
-    def __init__(self, per_second: int):
+    def __init__(self, per_second: int, observe: Callable[[], int] = lambda: 0):
         self.per_second = per_second
+        self.observe = observe  # read at each grant: e.g. how many calls the limited service has had by then
         self.allowed: list[float] = []  # monotonic time of each hit allowed
+        self.observed: list[int] = []  # observe() at each grant
         self.refused = 0
         self.requests: list[rls.RateLimitRequest] = []
         self._lock = threading.Lock()
@@ -41,6 +44,7 @@ class RateLimitServer:
             in_window = sum(1 for t in self.allowed if int(t) == window)
             if in_window + request.hits_addend <= self.per_second:
                 self.allowed.append(now)
+                self.observed.append(self.observe())
                 return rls.RateLimitResponse(overall_code=rls.RateLimitResponse.OK)
             self.refused += 1
         reset = Duration()
@@ -49,11 +53,6 @@ class RateLimitServer:
             code=rls.RateLimitResponse.OVER_LIMIT, duration_until_reset=reset
         )
         return rls.RateLimitResponse(overall_code=rls.RateLimitResponse.OVER_LIMIT, statuses=[status])
-
-    def most_in_a_window(self) -> int:
-        with self._lock:
-            windows = [int(t) for t in self.allowed]
-        return max((windows.count(w) for w in set(windows)), default=0)
 
     def __enter__(self) -> RateLimitServer:
         self._server.start()
