@@ -163,8 +163,7 @@ class LocalStore:
         try:
             if file is None:
                 file = self.scratch_file(os.path.splitext(path)[1])
-                with open(file, "wb") as f:
-                    f.write(data)
+                _write_file(file, data)
             try:
                 os.replace(file, path)
             except FileNotFoundError:  # the first file in a new folder: no makedirs call for every clip
@@ -204,6 +203,18 @@ class LocalStore:
             self._tmp_made = True
         # Not created here: one open per clip, not two.
         return os.path.join(self.tmp, f"{self._prefix}-{next(self._count)}{suffix}")
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """`data` into a new file with open, write and close only: Python's buffered `open` adds a stat, a
+    terminal check and a seek, about a tenth of the system time of writing a 5-second clip."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _scratch_file(suffix: str) -> str:
