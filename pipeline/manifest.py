@@ -146,20 +146,20 @@ class ReadManifest(beam.PTransform):
     """The manifest's rows, its row groups spread over the workers before they are read: a one-file
     manifest of 10M rows is read by as many workers as it has row groups, not by one thread."""
 
-    def __init__(self, manifest: Manifest, columns: Iterable[str] | None = None):
-        """`columns`: only these (of those the manifest has); None for every column."""
+    def __init__(self, manifest: Manifest, columns: Iterable[str] | None = None, spread: bool = True):
+        """`columns`: only these (of those the manifest has); None for every column. `spread`: not on the
+        in-process runner, where the shuffle only adds steps."""
         super().__init__()
         self.manifest = manifest
         names = manifest.schema.names
         self.columns = names if columns is None else [c for c in names if c in set(columns)]
+        self.spread = spread
 
     def expand(self, pbegin):
-        return (
-            pbegin
-            | "RowGroups" >> beam.Create(self.manifest.pieces)
-            | "Spread" >> beam.Reshuffle()
-            | "ReadRows" >> beam.ParDo(ReadManifestRows(self.columns))
-        )
+        pieces = pbegin | "RowGroups" >> beam.Create(self.manifest.pieces)
+        if self.spread:
+            pieces = pieces | "Spread" >> beam.Reshuffle()
+        return pieces | "ReadRows" >> beam.ParDo(ReadManifestRows(self.columns))
 
 
 def validate_row(item: tuple[str, dict[str, Any]]) -> el.ClipRequest | el.ClipError:

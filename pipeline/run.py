@@ -69,7 +69,7 @@ def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info
     """The graph: read and validate the rows, spread them over the workers (`spread`: not on the in-process
     runner, where a shuffle would hold every request in memory), fetch, write the tables, then count the
     run and write the card and the record."""
-    rows = p | "ValidateRows" >> mf.ValidateRows(lambda columns: mf.ReadManifest(manifest, columns))
+    rows = p | "ValidateRows" >> mf.ValidateRows(lambda columns: mf.ReadManifest(manifest, columns, spread))
     requests, errors = rows["requests"], [rows["errors"]]
     if spread:  # on a cluster the rows of a row group would stay with the worker that read them
         requests = requests | "SpreadRequests" >> beam.Reshuffle()
