@@ -302,11 +302,19 @@ class Bench:
             out[phase] = self._rate(child, rows, phase, tag)
             out[phase]["check"] = check_clips(dest, rows)
             shutil.rmtree(dest, ignore_errors=True)
+            if phase == "peer2":
+                one = self.child(f"{phase}-{tag}-one-row", [*cmd[:-1], "1"], server, env)
+                _add_marginal(out[phase], one)
+                shutil.rmtree(dest, ignore_errors=True)
         if "pipeline" in phases:
             dest = self.scratch(f"pipeline-{tag}")
             child = self.pipeline(f"pipeline-{tag}", manifest, dest, server)
             out["pipeline"] = self._rate(child, a.rows, "pipeline", tag)
             out["pipeline"]["check"] = check_clips(os.path.join(dest, "clips"), a.rows)
+            shutil.rmtree(dest, ignore_errors=True)
+            dest = self.scratch(f"pipeline-{tag}-one-row")
+            one = self.pipeline(f"pipeline-{tag}-one-row", self.clips_manifest(1), dest, server)
+            _add_marginal(out["pipeline"], one)
             shutil.rmtree(dest, ignore_errors=True)
         return out
 
@@ -410,6 +418,15 @@ class Bench:
             finally:
                 server.stop()
         return out
+
+
+def _add_marginal(m: dict[str, Any], one_row: Child) -> None:
+    """The CPU per clip after start-up, from the same client run on one row: (CPU of the run - CPU of the
+    one-row run) / (clips - 1), what a clip costs a worker that is already running."""
+    m["one_row_cpu_s"] = round(one_row.user_s + one_row.sys_s, 3)
+    if one_row.rc == 0 and m["clips"] > 1:
+        cpu_ms = (m["user_s"] + m["sys_s"] - m["one_row_cpu_s"]) * 1000
+        m["marginal_cpu_ms_per_clip"] = round(cpu_ms / (m["clips"] - 1), 3)
 
 
 def cpu_ms_per_clip(child: Child, clips: int) -> float | None:
@@ -516,6 +533,10 @@ def _ratio_rows(r: dict[str, Any], lat: float, tag: str, targets: bool) -> list[
         ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
         target, ok = (CPU_TARGET, _ok(ratio, CPU_TARGET)) if targets else ("", "")
         rows.append([label, f"{_fmt_cpu(p)} ms", "", f"{_fmt_cpu(b)} ms", ratio_s, target, ok])
+        mine, theirs = p.get("marginal_cpu_ms_per_clip"), b.get("marginal_cpu_ms_per_clip")
+        if mine is not None and theirs:
+            label = f"CPU per clip after start-up (less a one-row run), pipeline / {NAMES['peer2']}, {tag}"
+            rows.append([label, f"{mine:.2f} ms", "", f"{theirs:.2f} ms", f"{mine / theirs:.2f}", "", ""])
     return rows
 
 
