@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -263,15 +264,20 @@ class FetchShard(_Fetch):
         writer = ShardWriter(self.store, shard_path(self.settings.output, shard))
         done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
         pending, results = 0, []
-        for request in requests:
-            self.pool.submit(self._fetch, request, False).add_done_callback(done.put)
-            pending += 1
-            while pending >= self.settings.max_in_flight or (pending and not done.empty()):
-                results.append(self._add(writer, done.get().result()))
+        try:
+            for request in requests:
+                self.pool.submit(self._fetch, request, False).add_done_callback(done.put)
+                pending += 1
+                while pending >= self.settings.max_in_flight or (pending and not done.empty()):
+                    pending -= 1
+                    results.append(self._add(writer, done.get().result()))
+            while pending:
                 pending -= 1
-        while pending:
-            results.append(self._add(writer, done.get().result()))
-            pending -= 1
+                results.append(self._add(writer, done.get().result()))
+        except BaseException:  # an unexpected error fails the bundle, which is retried: leave no scratch behind
+            writer.discard()
+            _discard_spilled(done, pending)
+            raise
         if writer.failure is None:
             writer.publish()
         if writer.failure is not None:  # the shard could not be written: none of its clips was
@@ -287,6 +293,15 @@ class FetchShard(_Fetch):
         if isinstance(done.out, ClipRecord):
             return writer.add(done.out, done.finished)
         return done.out
+
+
+def _discard_spilled(done: queue.SimpleQueue[futures.Future], pending: int) -> None:
+    """Wait for a failed shard's calls still running and delete the clips they left in scratch files."""
+    for _ in range(pending):
+        future = done.get()
+        finished = None if future.exception() else future.result().finished
+        if finished is not None and finished.file is not None and os.path.exists(finished.file):
+            os.remove(finished.file)
 
 
 def _shard_failed(out: ClipRecord | ClipError, e: OSError) -> ClipError:

@@ -3,10 +3,13 @@ the client's answers, in a real Beam pipeline, without gRPC; and the client and 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 
 import apache_beam as beam
 import numpy as np
+import pytest
 import soundfile as sf
 
 from pipeline import fetch
@@ -106,3 +109,29 @@ def test_an_unwritable_output_gives_write_failed_rows(tmp_path):
     blocked.write_text("not a folder")
     out = run_fetch(str(blocked), [request("a", "obj")])
     assert [(o.clip_id, o.error_code) for o in out] == [("a", WRITE_FAILED)]
+
+
+class FailingClient(FakeClient):
+    """ "boom" fails with an unexpected error (a bug, not a GetAudioError); "long" is a 40 s clip, more than
+    a clip keeps in memory, and answers after "boom" has failed."""
+
+    def get_audio(self, object_id, segment, sink, audio_format) -> AudioResult:
+        if object_id == "boom":
+            raise RuntimeError("boom")
+        if object_id == "long":
+            time.sleep(0.3)
+        return super().get_audio(object_id, segment, sink, audio_format)
+
+
+def test_a_shard_failed_by_an_unexpected_error_leaves_no_scratch_file(tmp_path):
+    long = ClipRequest("long", "long", TimeRange(0, 40_000), {}, source="m.parquet, row long")
+    shard_settings = dataclasses.replace(settings(str(tmp_path)), shards=1)
+    with pytest.raises(Exception, match="boom"), beam.Pipeline(runner="FnApiRunner") as p:
+        _ = (
+            p
+            | beam.Create([(0, [long, request("b", "boom")])])
+            | beam.ParDo(fetch.FetchShard(shard_settings, FailingClient))
+        )
+    scratch = [f.name for f in (tmp_path / "_tmp").iterdir()]
+    assert scratch == []  # neither the shard's tar nor the long clip's spilled audio
+    assert not (tmp_path / "shards").exists()
