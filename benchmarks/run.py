@@ -6,13 +6,16 @@ measures, each as a child process timed from launch to exit (start-up included, 
 
 - limit: a bare gRPC client (generated stubs, one channel, threads) that reads the manifest's ranges and
   throws the bytes away, at several concurrency levels; the best is reported;
+- essentials: what every clip needs and nothing more (fetch, sha256, an atomic file write) on 64 threads,
+  the floor under the pipeline's CPU per clip;
 - peer 1: the Soniox SDK's documented pattern, one `get_audio` call after another, each saved as a WAV;
 - peer 2: the same on a ThreadPoolExecutor(32);
 - pipeline: `python -m pipeline run` on the DirectRunner with default settings;
 
 in two regimes (the server adding no latency, and adding 100 ms to every call), then the pipeline's
 peak RSS for one long stereo clip against one 5-second clip, and its wall time at two manifest sizes.
-Each client's CPU per clip is its process's user + sys time over the clips it wrote.
+Each client's CPU per clip is its process's user + sys time over the clips it wrote; for the essentials, peer 2
+and the pipeline, also after start-up (less the CPU of the same client on one row).
 
 All of it runs in passes (`--pinning`), each with its own servers: pinned (with 2 CPUs or more: the server
 and this process on one CPU, each measured client alone on another, by `taskset`) and unpinned (no
@@ -47,9 +50,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 LOGS = os.path.join(RESULTS, "logs")
 PY = sys.executable
-PHASES = ("limit", "peer1", "peer2", "pipeline", "rss", "scale")
-THROUGHPUT_PHASES = PHASES[:4]
+PHASES = ("limit", "essentials", "peer1", "peer2", "pipeline", "rss", "scale")
+THROUGHPUT_PHASES = PHASES[:5]
 PEER_THREADS = 32
+ESSENTIAL_THREADS = 64  # as many as the pipeline's streams (--max_in_flight)
 MIB = 1024 * 1024
 _T0 = time.monotonic()
 
@@ -290,6 +294,16 @@ class Bench:
                 levels[c] = self._rate(child, a.rows, f"limit c={c}", tag)
             best = max(levels, key=lambda c: levels[c]["clips_per_s"])
             out["limit"] = {"best_concurrency": best, **levels[best], "levels": levels}
+        if "essentials" in phases:
+            dest = self.scratch(f"essentials-{tag}")
+            cmd = [PY, "-m", "benchmarks.essentials", "--host", server.target, "--manifest", manifest]
+            child = self.child(f"essentials-{tag}", [*cmd, "--output", dest, "-c", str(ESSENTIAL_THREADS)], server)
+            out["essentials"] = self._rate(child, a.rows, "essentials", tag)
+            out["essentials"]["check"] = check_clips(os.path.join(dest, "clips"), a.rows)
+            dest = self.scratch(f"essentials-{tag}-one-row")
+            cmd += ["--output", dest, "--rows", "1"]
+            _add_marginal(out["essentials"], self.child(f"essentials-{tag}-one-row", cmd, server))
+            shutil.rmtree(dest, ignore_errors=True)
         for phase, threads in (("peer1", 1), ("peer2", PEER_THREADS)):
             if phase not in phases:
                 continue
@@ -513,8 +527,8 @@ def _client_rows(r: dict[str, Any], tag: str) -> list[list[str]]:
 
 
 def _ratio_rows(r: dict[str, Any], lat: float, tag: str, targets: bool) -> list[list[str]]:
-    """The pipeline against each baseline: clips/s, then CPU per clip against peer 2's; with the issue's
-    targets if `targets`."""
+    """The pipeline against each baseline: clips/s, then CPU per clip against peer 2's (with the issue's
+    targets if `targets`) and the essentials'."""
     p, rows = r["pipeline"], []
     for key in ("limit", "peer2", "peer1"):
         b = r.get(key)
@@ -525,18 +539,25 @@ def _ratio_rows(r: dict[str, Any], lat: float, tag: str, targets: bool) -> list[
         ok = _ok(ratio, target) if target else ""
         ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
         rows.append([f"pipeline / {NAMES[key]}, {tag}", _fmt_rate(p), "", _fmt_rate(b), ratio_s, target, ok])
-    b = r.get("peer2")
-    if b:
-        mine, theirs = p.get("cpu_ms_per_clip"), b.get("cpu_ms_per_clip")
-        ratio = mine / theirs if mine is not None and theirs else None
-        label = f"CPU per clip, pipeline / {NAMES['peer2']}, {tag}"
-        ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
-        target, ok = (CPU_TARGET, _ok(ratio, CPU_TARGET)) if targets else ("", "")
-        rows.append([label, f"{_fmt_cpu(p)} ms", "", f"{_fmt_cpu(b)} ms", ratio_s, target, ok])
-        mine, theirs = p.get("marginal_cpu_ms_per_clip"), b.get("marginal_cpu_ms_per_clip")
-        if mine is not None and theirs:
-            label = f"CPU per clip after start-up (less a one-row run), pipeline / {NAMES['peer2']}, {tag}"
-            rows.append([label, f"{mine:.2f} ms", "", f"{theirs:.2f} ms", f"{mine / theirs:.2f}", "", ""])
+    rows += _cpu_rows(p, r.get("peer2"), "peer2", tag, targets)
+    rows += _cpu_rows(p, r.get("essentials"), "essentials", tag, False)
+    return rows
+
+
+def _cpu_rows(p: dict[str, Any], b: dict[str, Any] | None, key: str, tag: str, targets: bool) -> list[list[str]]:
+    """The pipeline's CPU per clip against a baseline's, with start-up and after it."""
+    if not b:
+        return []
+    mine, theirs = p.get("cpu_ms_per_clip"), b.get("cpu_ms_per_clip")
+    ratio = mine / theirs if mine is not None and theirs else None
+    label = f"CPU per clip, pipeline / {NAMES[key]}, {tag}"
+    ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
+    target, ok = (CPU_TARGET, _ok(ratio, CPU_TARGET)) if targets else ("", "")
+    rows = [[label, f"{_fmt_cpu(p)} ms", "", f"{_fmt_cpu(b)} ms", ratio_s, target, ok]]
+    mine, theirs = p.get("marginal_cpu_ms_per_clip"), b.get("marginal_cpu_ms_per_clip")
+    if mine is not None and theirs:
+        label = f"CPU per clip after start-up (less a one-row run), pipeline / {NAMES[key]}, {tag}"
+        rows.append([label, f"{mine:.2f} ms", "", f"{theirs:.2f} ms", f"{mine / theirs:.2f}", "", ""])
     return rows
 
 
@@ -551,6 +572,7 @@ def _regime_rows(r: dict[str, Any], lat: float, targets: bool) -> list[list[str]
 
 NAMES = {
     "limit": "limit",
+    "essentials": f"essentials (fetch, hash, write; {ESSENTIAL_THREADS} threads)",
     "peer1": "peer 1 (SDK sequential)",
     "peer2": f"peer 2 ({PEER_THREADS}-thread pool)",
     "pipeline": "pipeline",
@@ -655,7 +677,7 @@ def _pass_items(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     items = []
     for key, r in results.items():
         if key.startswith("regime_"):
-            for phase in ("limit", "peer1", "peer2", "pipeline"):
+            for phase in THROUGHPUT_PHASES:
                 if phase == "limit" and phase in r:
                     items += [(f"limit c={c} {r['latency_ms']:g}ms", m) for c, m in r["limit"]["levels"].items()]
                 elif phase in r:
