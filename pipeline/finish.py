@@ -190,7 +190,7 @@ class FinishRun(beam.PTransform):
     def expand(self, inputs):
         clips, errors, clip_files, error_files = inputs
         # Without defaults: an empty input's default comes from the side input instead, which spares each
-        # combine the steps that would make one (a fifth of the graph, built and run at every start).
+        # combine the four steps that would make one (built and run at every start).
         clip_stats = clips | "CountClips" >> beam.CombineGlobally(CountRun()).without_defaults()
         error_stats = errors | "CountErrors" >> beam.CombineGlobally(CountRun()).without_defaults()
         objects = (

@@ -112,8 +112,8 @@ def test_an_unwritable_output_gives_write_failed_rows(tmp_path):
 
 
 class FailingClient(FakeClient):
-    """ "boom" fails with an unexpected error (a bug, not a GetAudioError); "long" is a 40 s clip, more than
-    a clip keeps in memory, and answers after "boom" has failed."""
+    """Fails object "boom" with an unexpected error (a bug, not a GetAudioError), and answers object "long",
+    a 40 s clip (more than a clip keeps in memory), after "boom" has failed."""
 
     def get_audio(self, object_id, segment, sink, audio_format) -> AudioResult:
         if object_id == "boom":
