@@ -10,6 +10,14 @@ import soundfile as sf
 
 from pipeline.local.samples import write_sample_store
 from pipeline.local.server import Faults, LocalServer, ServerSettings
+from tests.helpers import finish_started_runs
+
+
+@pytest.fixture(autouse=True)
+def _runs_end_with_their_test():
+    """No pipeline run a test started in a thread outlives the test."""
+    yield
+    finish_started_runs()
 
 
 @pytest.fixture(scope="session")

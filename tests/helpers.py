@@ -125,21 +125,28 @@ class _LogText(logging.Handler):
             self.buffer.write(self.format(record) + "\n")
 
 
-def _forget_process_caches() -> None:
-    """After an in-process run: nothing of the run's fetch steps stays in the process (the last step's
-    teardown closes their client and pool), and the one per-process cache, the object-storage clients, is
-    emptied as a child's exit would empty it (a later test may point the same settings at another emulator)."""
+def _forget_process_caches() -> list:
+    """After an in-process run, empty what a child's exit would: the one per-process cache, the object-storage
+    clients (a later test may point the same settings at another emulator), and any fetch client and pool the
+    run's steps left (the last step's teardown should have closed them). Returns what the steps left, closed
+    here so that a later run starts clean whatever this one did."""
     from pipeline import fetch, storage
 
-    assert not fetch._in_use, f"a finished run left fetch clients and pools behind: {list(fetch._in_use)}"
     with storage._clients_lock:
         storage._clients.clear()
+    with fetch._in_use_lock:
+        left = dict(fetch._in_use)
+        fetch._in_use.clear()
+    for resources in left.values():
+        resources.close()
+    return list(left)
 
 
 @contextlib.contextmanager
-def _process_state() -> Iterator[None]:
+def _process_state(left_behind: list) -> Iterator[None]:
     """Put back what `python -m pipeline` sets for its whole process: logging levels, handlers and filters,
-    Beam's global filesystem options; and empty the caches the run filled."""
+    Beam's global filesystem options; and empty the caches the run filled (what its fetch steps left goes
+    into `left_behind`)."""
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.value_provider import RuntimeValueProvider
 
@@ -154,7 +161,7 @@ def _process_state() -> Iterator[None]:
         root.filters[:] = saved_logging[2]
         own.setLevel(saved_logging[3])
         FileSystems._pipeline_options, RuntimeValueProvider.runtime_options = saved_fs
-        _forget_process_caches()
+        left_behind += _forget_process_caches()
 
 
 def run_pipeline(*argv: str, env: dict[str, str] | None = None) -> Result:
@@ -165,7 +172,8 @@ def run_pipeline(*argv: str, env: dict[str, str] | None = None) -> Result:
     out, err = io.StringIO(), io.StringIO()
     handler = _LogText(err)
     code: int | str | None = 0
-    with _process_state(), environment(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    left: list = []  # fetch clients and pools the run's steps left behind
+    with _process_state(left), environment(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         logging.getLogger().addHandler(handler)
         try:
             main(list(argv))
@@ -173,19 +181,26 @@ def run_pipeline(*argv: str, env: dict[str, str] | None = None) -> Result:
             code = e.code
         finally:
             logging.getLogger().removeHandler(handler)
-    if not isinstance(code, int):  # sys.exit("message") prints it and exits 1
+    if code is None:  # sys.exit() exits 0
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message") prints it and exits 1
         err.write(f"{code}\n")
         code = 1
-    return Result(code, out.getvalue(), err.getvalue(), ["pipeline", *argv])
+    result = Result(code, out.getvalue(), err.getvalue(), ["pipeline", *argv])
+    assert not left, f"the run left fetch clients and pools behind: {left}\n{explain(result)}"
+    return result
 
 
 class Started:
-    """A `run_pipeline` in a thread of this process, for tests that act while it runs."""
+    """A `run_pipeline` in a thread of this process, for tests that act while it runs (each is waited for at
+    the end of its test: `finish_started_runs`)."""
 
     def __init__(self, *argv: str, env: dict[str, str] | None = None):
         self.result: Result | None = None
         self._error: BaseException | None = None
+        self._waited = False
         self._thread = threading.Thread(target=self._run, args=(argv, env), name="pipeline-run", daemon=True)
+        _started.append(self)
         self._thread.start()
 
     def _run(self, argv, env) -> None:
@@ -198,11 +213,26 @@ class Started:
         return self._thread.is_alive()
 
     def wait(self, timeout: float = CHILD_TIMEOUT_S) -> Result:
+        self._waited = True
         self._thread.join(timeout)
         assert not self._thread.is_alive(), f"the run did not end within {timeout} s"
         if self._error is not None:
             raise self._error
         return self.result
+
+
+_started: list[Started] = []
+
+
+def finish_started_runs() -> None:
+    """At a test's end, wait for the runs it started in threads: a run still going would swap this process's
+    environment, output and logging back in the middle of a later test. An error nobody waited for fails."""
+    runs, _started[:] = list(_started), []
+    for run in runs:
+        run._thread.join(CHILD_TIMEOUT_S)
+        assert not run._thread.is_alive(), f"a run the test started did not end within {CHILD_TIMEOUT_S} s"
+        if run._error is not None and not run._waited:
+            raise run._error
 
 
 # -- manifests and tables -------------------------------------------------------------------------------

@@ -7,8 +7,6 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
-import sys
 import uuid
 
 import pyarrow as pa
@@ -18,16 +16,15 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.export import LHOTSE_FILES
-from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, read_bytes, read_table_file, run_pipeline
+from tests.helpers import Result, read_bytes, read_table_file, run_cli, run_pipeline
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 from tests.test_builds import run_build
 from tests.test_loaders import ROWS, build
 from tests.test_outputs import SCHEMA
 
 
-def export(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline", "export", *args]
-    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+def export(*args: str) -> Result:
+    return run_cli("export", *args)
 
 
 def manifests(root: str) -> dict[str, list[bytes]]:

@@ -111,19 +111,26 @@ def test_an_unwritable_output_gives_write_failed_rows(tmp_path):
     assert [(o.clip_id, o.error_code) for o in out] == [("a", WRITE_FAILED)]
 
 
+BOOMED = threading.Event()
+
+
 class FailingClient(FakeClient):
     """Fails object "boom" with an unexpected error (a bug, not a GetAudioError), and answers object "long",
-    a 40 s clip (more than a clip keeps in memory), after "boom" has failed."""
+    a 40 s clip (more than a clip keeps in memory, so it is spilled to a scratch file), after "boom" has
+    failed: its result arrives while the failed shard is being discarded."""
 
     def get_audio(self, object_id, segment, sink, audio_format) -> AudioResult:
         if object_id == "boom":
+            BOOMED.set()
             raise RuntimeError("boom")
-        if object_id == "long":
-            time.sleep(0.3)
-        return super().get_audio(object_id, segment, sink, audio_format)
+        result = super().get_audio(object_id, segment, sink, audio_format)
+        assert BOOMED.wait(10), "boom never failed"
+        time.sleep(0.1)  # the failure reaches the DoFn first
+        return result
 
 
 def test_a_shard_failed_by_an_unexpected_error_leaves_no_scratch_file(tmp_path):
+    BOOMED.clear()
     long = ClipRequest("long", "long", TimeRange(0, 40_000), {}, source="m.parquet, row long")
     shard_settings = dataclasses.replace(settings(str(tmp_path)), shards=1)
     with pytest.raises(Exception, match="boom"), beam.Pipeline(runner="FnApiRunner") as p:
