@@ -10,7 +10,7 @@ measures, each as a child process timed from launch to exit (start-up included, 
   the floor under the pipeline's CPU per clip;
 - peer 1: the Soniox SDK's documented pattern, one `get_audio` call after another, each saved as a WAV;
 - peer 2: the same on a ThreadPoolExecutor(32);
-- pipeline: `python -m pipeline run` on the DirectRunner with default settings;
+- pipeline: `python -m pipeline run` with default settings (the in-process FnApiRunner);
 
 in two regimes (the server adding no latency, and adding 100 ms to every call), then the pipeline's
 peak RSS for one long stereo clip against one 5-second clip, and its wall time at two manifest sizes.
@@ -295,42 +295,45 @@ class Bench:
             best = max(levels, key=lambda c: levels[c]["clips_per_s"])
             out["limit"] = {"best_concurrency": best, **levels[best], "levels": levels}
         if "essentials" in phases:
-            dest = self.scratch(f"essentials-{tag}")
-            cmd = [PY, "-m", "benchmarks.essentials", "--host", server.target, "--manifest", manifest]
-            child = self.child(f"essentials-{tag}", [*cmd, "--output", dest, "-c", str(ESSENTIAL_THREADS)], server)
-            out["essentials"] = self._rate(child, a.rows, "essentials", tag)
-            out["essentials"]["check"] = check_clips(os.path.join(dest, "clips"), a.rows)
-            dest = self.scratch(f"essentials-{tag}-one-row")
-            cmd += ["--output", dest, "--rows", "1"]
-            _add_marginal(out["essentials"], self.child(f"essentials-{tag}-one-row", cmd, server))
-            shutil.rmtree(dest, ignore_errors=True)
+
+            def essentials(manifest: str, dest: str, name: str, rows: int) -> Child:
+                cmd = [PY, "-m", "benchmarks.essentials", "--host", server.target, "--manifest", manifest]
+                cmd += ["--output", dest, "-c", str(ESSENTIAL_THREADS), "--rows", str(rows)]
+                return self.child(name, cmd, server)
+
+            out["essentials"] = self._client("essentials", tag, essentials, a.rows, "clips", marginal=True)
         for phase, threads in (("peer1", 1), ("peer2", PEER_THREADS)):
             if phase not in phases:
                 continue
+
+            def peer(manifest: str, dest: str, name: str, rows: int, threads: int = threads) -> Child:
+                cmd = [PY, "-m", "benchmarks.peer", "--manifest", manifest, "--output", dest]
+                cmd += ["--threads", str(threads), "--rows", str(rows)]
+                return self.child(name, cmd, server, {"SONIOX_API_HOST": server.address, "SONIOX_API_KEY": "bench"})
+
             rows = a.rows if (phase == "peer2" or lat == 0) else min(a.rows, a.peer1_rows)
-            dest = self.scratch(f"{phase}-{tag}")
-            cmd = [PY, "-m", "benchmarks.peer", "--manifest", manifest, "--output", dest, "--threads", str(threads)]
-            cmd += ["--rows", str(rows)]
-            env = {"SONIOX_API_HOST": server.address, "SONIOX_API_KEY": "bench"}
-            child = self.child(f"{phase}-{tag}", cmd, server, env)
-            out[phase] = self._rate(child, rows, phase, tag)
-            out[phase]["check"] = check_clips(dest, rows)
-            shutil.rmtree(dest, ignore_errors=True)
-            if phase == "peer2":
-                one = self.child(f"{phase}-{tag}-one-row", [*cmd[:-1], "1"], server, env)
-                _add_marginal(out[phase], one)
-                shutil.rmtree(dest, ignore_errors=True)
+            out[phase] = self._client(phase, tag, peer, rows, "", marginal=phase == "peer2")
         if "pipeline" in phases:
-            dest = self.scratch(f"pipeline-{tag}")
-            child = self.pipeline(f"pipeline-{tag}", manifest, dest, server)
-            out["pipeline"] = self._rate(child, a.rows, "pipeline", tag)
-            out["pipeline"]["check"] = check_clips(os.path.join(dest, "clips"), a.rows)
-            shutil.rmtree(dest, ignore_errors=True)
-            dest = self.scratch(f"pipeline-{tag}-one-row")
-            one = self.pipeline(f"pipeline-{tag}-one-row", self.clips_manifest(1), dest, server)
-            _add_marginal(out["pipeline"], one)
-            shutil.rmtree(dest, ignore_errors=True)
+
+            def pipeline(manifest: str, dest: str, name: str, rows: int) -> Child:
+                return self.pipeline(name, manifest, dest, server)  # every row of the manifest
+
+            out["pipeline"] = self._client("pipeline", tag, pipeline, a.rows, "clips", marginal=True)
         return out
+
+    def _client(self, phase: str, tag: str, start, rows: int, clips_dir: str, marginal: bool) -> dict[str, Any]:
+        """One client over `rows` rows (`start(manifest, dest, child name, rows)` runs it): its rate and CPU, its
+        clips checked (under `dest/clips_dir`) and removed; with `marginal`, run again on a one-row manifest,
+        whose CPU taken out gives the CPU per clip after start-up."""
+        dest = self.scratch(f"{phase}-{tag}")
+        m = self._rate(start(self.clips_manifest(self.args.rows), dest, f"{phase}-{tag}", rows), rows, phase, tag)
+        m["check"] = check_clips(os.path.join(dest, clips_dir), rows)
+        shutil.rmtree(dest, ignore_errors=True)
+        if marginal:
+            dest = self.scratch(f"{phase}-{tag}-one-row")
+            _add_marginal(m, start(self.clips_manifest(1), dest, f"{phase}-{tag}-one-row", 1))
+            shutil.rmtree(dest, ignore_errors=True)
+        return m
 
     def pipeline(self, name: str, manifest: str, dest: str, server: Server) -> Child:
         cmd = [PY, "-m", "pipeline", "run", "--manifest", manifest, "--output", dest, "--api_host", server.address]
@@ -437,8 +440,11 @@ class Bench:
 def _add_marginal(m: dict[str, Any], one_row: Child) -> None:
     """The CPU per clip after start-up, from the same client run on one row: (CPU of the run - CPU of the
     one-row run) / (clips - 1), what a clip costs a worker that is already running."""
+    if one_row.rc != 0 or one_row.output.get("clips") != 1:  # a failed run's CPU would make a figure
+        progress(f"{one_row.name}: the one-row run gave no clip; no CPU per clip after start-up")
+        return
     m["one_row_cpu_s"] = round(one_row.user_s + one_row.sys_s, 3)
-    if one_row.rc == 0 and m["clips"] > 1:
+    if m["clips"] > 1:
         cpu_ms = (m["user_s"] + m["sys_s"] - m["one_row_cpu_s"]) * 1000
         m["marginal_cpu_ms_per_clip"] = round(cpu_ms / (m["clips"] - 1), 3)
 
@@ -498,7 +504,15 @@ def _fmt_cpu(m: dict[str, Any] | None) -> str:
     return f"{m['cpu_ms_per_clip']:.2f}" if m and m.get("cpu_ms_per_clip") is not None else "-"
 
 
-def _ok(value: float | None, target: str) -> str:
+def _checked(m: dict[str, Any]) -> bool:
+    """The run's clips were all there and whole (a run with no check, such as the limit's, passes)."""
+    return m.get("check", {}).get("ok", True)
+
+
+def _ok(value: float | None, target: str, *runs: dict[str, Any]) -> str:
+    """yes or NO against `target`; FAIL when a run behind the value did not write every clip whole."""
+    if not all(_checked(m) for m in runs):
+        return "FAIL"
     if value is None:
         return "-"
     op, number = target.split()
@@ -521,8 +535,8 @@ def _client_rows(r: dict[str, Any], tag: str) -> list[list[str]]:
             label += " (wall incl. start-up)"
         if m["rows"] != r["rows"]:
             label += f" [{m['rows']} of {r['rows']} rows; rates comparable]"
-        errors = "" if m["errors"] == 0 else f"{m['errors']} errors"
-        rows.append([label, _fmt_rate(m), _fmt_cpu(m), "", "", "", errors])
+        problems = ([f"{m['errors']} errors"] if m["errors"] else []) + ([] if _checked(m) else ["clips check failed"])
+        rows.append([label, _fmt_rate(m), _fmt_cpu(m), "", "", "", "; ".join(problems)])
     return rows
 
 
@@ -536,7 +550,7 @@ def _ratio_rows(r: dict[str, Any], lat: float, tag: str, targets: bool) -> list[
             continue
         ratio = p["clips_per_s"] / b["clips_per_s"] if b["clips_per_s"] else None
         target = TARGETS.get(int(lat), {}).get(key, "") if targets else ""
-        ok = _ok(ratio, target) if target else ""
+        ok = _ok(ratio, target, p, b) if target else ""
         ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
         rows.append([f"pipeline / {NAMES[key]}, {tag}", _fmt_rate(p), "", _fmt_rate(b), ratio_s, target, ok])
     rows += _cpu_rows(p, r.get("peer2"), "peer2", tag, targets)
@@ -552,7 +566,7 @@ def _cpu_rows(p: dict[str, Any], b: dict[str, Any] | None, key: str, tag: str, t
     ratio = mine / theirs if mine is not None and theirs else None
     label = f"CPU per clip, pipeline / {NAMES[key]}, {tag}"
     ratio_s = f"{ratio:.2f}" if ratio is not None else "-"
-    target, ok = (CPU_TARGET, _ok(ratio, CPU_TARGET)) if targets else ("", "")
+    target, ok = (CPU_TARGET, _ok(ratio, CPU_TARGET, p, b)) if targets else ("", "")
     rows = [[label, f"{_fmt_cpu(p)} ms", "", f"{_fmt_cpu(b)} ms", ratio_s, target, ok]]
     mine, theirs = p.get("marginal_cpu_ms_per_clip"), b.get("marginal_cpu_ms_per_clip")
     if mine is not None and theirs:
