@@ -1,7 +1,7 @@
 """The pipeline's options: a PipelineOptions subclass (so Beam and Dataflow know them) and YAML configs.
 
-The API key is never an option: it comes from SONIOX_API_KEY or the file named by --api_key_file, so
-it cannot show up in Beam's option dumps or the Dataflow job page.
+The API key is never an option: it comes from the file named by --api_key_file or SONIOX_API_KEY_FILE, or
+from SONIOX_API_KEY, so it cannot show up in Beam's option dumps or the Dataflow job page.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ClipOptions(PipelineOptions):
             "--api_key_file",
             default=None,
             help="file holding the API key, on any Beam filesystem (e.g. a locked-down gs:// object); "
-            "default: the SONIOX_API_KEY environment variable",
+            "default: the file named by SONIOX_API_KEY_FILE, else the SONIOX_API_KEY environment variable",
         )
         g.add_argument(
             "--audio_format",
