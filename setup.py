@@ -31,6 +31,8 @@ setup(
         "soundfile>=0.12",
         "numpy>=1.24",
         "PyYAML>=6",
+        "Pillow>=9",  # the dataset card's histogram (Beam requires it too, but the card imports it directly)
+        "requests>=2",  # the GCS store's connection pool (likewise)
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.70,<3", "build>=1"],  # build: Beam stages --setup_file with it
