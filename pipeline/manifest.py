@@ -205,9 +205,17 @@ def _segment(row: dict[str, Any]) -> tuple[el.Segment | None, tuple[str, str] | 
     return el.TokenRange(a, b), None
 
 
-def split_errors(element):
-    """Main output for requests and records, the "errors" output for ClipErrors."""
+def _route_error(element):
     yield beam.pvalue.TaggedOutput("errors", element) if isinstance(element, el.ClipError) else element
+
+
+def split_errors(main: type, main_tag: str) -> beam.PTransform:
+    """A ParDo with `main` elements on the main output (named `main_tag`) and ClipErrors on "errors".
+
+    Both outputs' types are declared: Beam's inference of a generator's outputs changes between releases
+    (2.78 typed the main output as including TaggedOutput, which broke the graph)."""
+    routed = beam.ParDo(_route_error).with_output_types(main, errors=el.ClipError)
+    return routed.with_outputs("errors", main=main_tag)
 
 
 class ValidateRows(beam.PTransform):
@@ -235,7 +243,10 @@ class ValidateRows(beam.PTransform):
         checked = (
             pbegin
             | "Read" >> self.read(None)
-            | "Validate" >> beam.ParDo(_validate, beam.pvalue.AsDict(shared)).with_outputs("errors", main="requests")
+            | "Validate"
+            >> beam.ParDo(_validate, beam.pvalue.AsDict(shared))
+            .with_output_types(el.ClipRequest, errors=el.ClipError)
+            .with_outputs("errors", main="requests")
         )
         return {"requests": checked.requests, "errors": checked.errors}
 
@@ -274,4 +285,4 @@ def _validate(item: tuple[str, dict[str, Any]], shared: dict[str, tuple[int, tup
         count, places = shared[checked.clip_id]
         message = f"{checked.source}: clip_id {checked.clip_id!r} is used by {count} rows ({'; '.join(places)})"
         checked = el.ClipError(checked.clip_id, checked.object_id, el.DUPLICATE_CLIP_ID, message, 0, checked.columns)
-    yield from split_errors(checked)
+    yield from _route_error(checked)

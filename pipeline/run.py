@@ -19,7 +19,7 @@ from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.cli import LaunchError, Parser, add_logging_options
 from pipeline.client import DEFAULT_API_HOST
-from pipeline.elements import ClipError
+from pipeline.elements import ClipError, ClipRecord, ClipRequest
 from pipeline.export import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
 from pipeline.finish import FinishRun, RunInfo
@@ -86,7 +86,7 @@ def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info
         )
     else:
         fetched = requests | "Fetch" >> beam.ParDo(FetchClips(settings))
-    fetched = fetched | "SplitFailed" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="clips")
+    fetched = fetched | "SplitFailed" >> mf.split_errors(ClipRecord, "clips")
     errors.append(fetched.errors)
     out, store = settings.output, settings.store
     clips_schema = tables.clips_schema(manifest.schema, settings.with_transcripts, settings.shards > 0)
@@ -113,7 +113,7 @@ def _attach_transcripts(requests, settings: FetchSettings):
         | "KeyByObjectId" >> beam.Map(lambda r: (r.object_id, r))
         | "GroupByObjectId" >> beam.GroupByKey()
         | "AttachTranscripts" >> beam.ParDo(AttachTranscripts(settings))
-        | "SplitNoTranscript" >> beam.ParDo(mf.split_errors).with_outputs("errors", main="requests")
+        | "SplitNoTranscript" >> mf.split_errors(ClipRequest, "requests")
     )
     return with_tokens.requests | "Spread" >> beam.Reshuffle(), with_tokens.errors
 

@@ -65,10 +65,12 @@ class _WriteFiles(beam.DoFn):
         self.scratch: str | None = None
         self.writer: pq.ParquetWriter | None = None
 
-    def process(self, row: dict[str, Any]) -> None:
+    def process(self, row: dict[str, Any]) -> Iterable[str]:
+        """Nothing per row: a bundle's file path is output when the bundle ends (Beam types the output from here)."""
         self.batch.append(row)
         if len(self.batch) >= _BATCH:
             self._flush()
+        return ()
 
     def _flush(self) -> None:
         if self.writer is None:
