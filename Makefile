@@ -1,18 +1,25 @@
-# Two commands from a fresh clone: `make demo` and `make test` (each installs what it needs first).
+# Two commands from a fresh clone: `make demo` and `make test` (each installs what it needs first, from the lock).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+LATEST := .venv-latest
+UV     := uv==0.13.9
+# The lock: every package, every transitive dependency, pinned for the Python versions setup.py allows.
+LOCK   := constraints.txt
+# What Dataflow workers install beside the SDK container (which brings the launcher's Beam): the package's
+# own dependencies at the lock's versions.
+WORKER_LOCK := configs/worker-requirements.txt
 
-.PHONY: demo test lint proto bench clean
+.PHONY: demo test test-latest lint lock proto bench clean
 
-$(VENV)/.run: setup.py
+$(VENV)/.run: setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -c $(LOCK) -e .
 	touch $@
 
-$(VENV)/.test: setup.py $(VENV)/.run
-	$(BIN)/pip install --quiet -e ".[test]"
+$(VENV)/.test: setup.py $(LOCK) $(VENV)/.run
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test]"
 	touch $@
 
 demo: $(VENV)/.run  ## install, then run the pipeline on the bundled local server
@@ -21,9 +28,29 @@ demo: $(VENV)/.run  ## install, then run the pipeline on the bundled local serve
 test: $(VENV)/.test lint  ## install, lint, then run every test
 	$(BIN)/python -m pytest
 
+# The newest releases setup.py allows, no lock: what `pip install` gives a user today. A fast end-to-end
+# subset (the demo, a run on each local runner mode), so a new upstream release is seen the day it appears.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet -e ".[test]"
+	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(apache-beam|grpcio|protobuf|pyarrow) '
+	$(LATEST)/bin/python -m pytest -m latest
+
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Remake the lock from setup.py's ranges with today's releases; then `make test` and commit both files.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet $(UV)
+	.venv-lock/bin/uv pip compile setup.py --extra gcp --extra aws --extra test --universal \
+		--python-version 3.11 --upgrade --quiet --custom-compile-command "make lock" -o $(LOCK)
+	.venv-lock/bin/uv pip compile setup.py --universal --python-version 3.11 -c $(LOCK) --no-deps \
+		--no-annotate --quiet --custom-compile-command "make lock" --no-emit-package apache-beam -o $(WORKER_LOCK)
+	rm -rf .venv-lock
 
 proto: $(VENV)/.test  ## regenerate pipeline/wire/ from schemas/speech_service.proto
 	$(BIN)/python -m grpc_tools.protoc --proto_path=pipeline/wire=schemas \
@@ -34,4 +61,4 @@ bench: $(VENV)/.test  ## the performance benchmarks (print tables, write JSON): 
 	$(BIN)/python -m benchmarks.storage
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(LATEST) demo-output .pytest_cache

@@ -6,6 +6,7 @@ Each check stops the launch with a LaunchError (exit 2) before anything is fetch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from apache_beam.options.pipeline_options import (
 from pipeline import manifest as mf
 from pipeline.api_key import key_source, read_api_key
 from pipeline.cli import LaunchError
-from pipeline.client import DEFAULT_API_HOST
+from pipeline.client import DEFAULT_API_HOST, resolve_host
 from pipeline.messages import GetAudioError
 from pipeline.options import ClipOptions
 from pipeline.record import remove_record
@@ -43,9 +44,7 @@ LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunn
 
 
 def workers_share_environment(options: PipelineOptions) -> bool:
-    runner = options.view_as(StandardOptions).runner or "DirectRunner"
-    name = runner if isinstance(runner, str) else type(runner).__name__
-    if name.rsplit(".", 1)[-1] in LOCAL_RUNNERS:
+    if runner_name(options) in LOCAL_RUNNERS:
         return True
     return (options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK"
 
@@ -62,6 +61,56 @@ def local_runner(options: PipelineOptions):
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
     return fn_runner.FnApiRunner(provision_info=info)
+
+
+# Runners that return once the job is submitted and leave it running elsewhere.
+DETACHABLE = ("DataflowRunner", "PortableRunner")
+
+
+def runner_name(options: PipelineOptions) -> str:
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    return (runner if isinstance(runner, str) else type(runner).__name__).rsplit(".", 1)[-1]
+
+
+def check_detach(opts: ClipOptions, options: PipelineOptions) -> None:
+    """--detach only where the job runs on after this process ends: on the in-process runners it would wait
+    for the whole job and then say "submitted", hiding its exit code."""
+    if not opts.detach:
+        return
+    name = runner_name(options)
+    embedded = name == "PortableRunner" and options.view_as(PortableOptions).job_endpoint in (None, "embed")
+    if name not in DETACHABLE or embedded:
+        raise LaunchError(
+            f"--detach needs a runner that runs the job elsewhere (DataflowRunner, or PortableRunner with the "
+            f"--job_endpoint of a job service); {name} runs it in this process, so the run waits for it"
+        )
+
+
+def check_output(store: Store, output: str) -> None:
+    """The output can be written: a folder (or one that can be made) on local disk, a bucket that can be
+    listed with the credentials given. Found here, before any call, not after every clip is fetched."""
+    if store.local:
+        _check_local_output(output)
+        return
+    try:
+        next(iter(store.list(output.rstrip("/") + "/")), None)
+    except Exception as e:  # botocore, google-cloud or OS errors: the bucket or the credentials
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise LaunchError(f"--output {output}: cannot list it ({type(e).__name__}: {reason})") from None
+
+
+def _check_local_output(output: str) -> None:
+    for name in ("", TMP_DIR, "metadata", "clips", "shards"):
+        path = os.path.join(output, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise LaunchError(f"--output {output}: {path} is a file, not a folder")
+    existing = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise LaunchError(f"--output {output}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LaunchError(f"--output {output}: {existing} is not writable")
 
 
 def check_workers_get_the_key(opts: ClipOptions, options: PipelineOptions) -> None:
@@ -99,27 +148,34 @@ def key_given(settings: ClientSettings) -> bool:
         raise LaunchError(f"{key_source(settings.api_key_file)}: cannot read the API key ({reason})") from None
 
 
-def check_key(settings: ClientSettings, object_id: str) -> str | None:
-    """One GetObject attempt with the key the workers will use: the error code, or None when answered."""
-    client = settings.client(max_attempts=1)
+KEY_CHECK_TIMEOUT_S = 20.0
+# Answers from the service about the object (or its load): it was reached, with a key it took, so the run starts.
+ANSWERS = ("NOT_FOUND", "OUT_OF_RANGE", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED")
+
+
+def check_key(settings: ClientSettings, object_id: str) -> GetAudioError | None:
+    """One GetObject attempt with the key the workers will use: the error, or None when answered."""
+    quick = dataclasses.replace(settings, rpc_timeout_s=min(settings.rpc_timeout_s, KEY_CHECK_TIMEOUT_S))
+    client = quick.client(max_attempts=1)
     try:
         client.get_object(object_id)
     except GetAudioError as e:
-        return e.code
+        return e
     finally:
         client.close()
     return None
 
 
 def preflight(settings: FetchSettings, manifest: mf.Manifest) -> None:
-    """One GetObject call with the key, so a wrong or missing key stops the run with one message, not one
-    error per row."""
+    """One GetObject call with the key, so a wrong or missing key, or a service that cannot be reached at all,
+    stops the run with one message, not one error per row after every row's retries."""
     given = key_given(settings.client)
     object_id = mf.first_object_id(manifest)
     if object_id is None:
         return
-    code = check_key(settings.client, object_id)
+    error = check_key(settings.client, object_id)
     host = settings.client.api_host or DEFAULT_API_HOST
+    code = error.code if error else None
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") and not given:
         raise LaunchError(
             f"no API key was given and {host} requires one ({code}): set SONIOX_API_KEY (or SONIOX_API_KEY_FILE) "
@@ -127,8 +183,28 @@ def preflight(settings: FetchSettings, manifest: mf.Manifest) -> None:
         )
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         raise KeyRejected(f"the API key was refused by {host} ({code})")
-    if code is not None:  # the service may come back within the retry budget: the run goes on
-        log.warning("key check: GetObject %s answered %s; starting the run anyway", object_id, code)
+    if error is not None and code not in ANSWERS:
+        raise LaunchError(f"cannot talk to {host}: {unreachable_cause(host, error)}")
+    if code is not None:
+        log.info("key check: GetObject %s answered %s; the service is reachable and took the key", object_id, code)
+
+
+def unreachable_cause(host: str, error: GetAudioError) -> str:
+    """What stopped the key check from reaching the service, and what to write instead, in one line."""
+    text = error.message
+    target, tls = resolve_host(host)
+    if tls and re.search(r"(?i)handshake|WRONG_VERSION_NUMBER|SSL", text):
+        return (
+            f"the TLS handshake failed, so {target} does not speak TLS; for a plaintext server write "
+            f"--api_host http://{target}"
+        )
+    if "Connection refused" in text:
+        return f"connection refused: nothing listens at {target}"
+    if re.search(r"(?i)resolv|DNS|Domain name", text):
+        return f"the host name of {target} cannot be resolved"
+    if not tls and re.search(r"(?i)Socket closed|Connection reset|EOF", text):
+        return f"{target} closed a plaintext connection; for a server that speaks TLS write --api_host https://{target}"
+    return f"{error.code}: {' '.join(text.split())[:300]}"
 
 
 def remove_leftovers(store: Store, output: str) -> None:

@@ -133,6 +133,25 @@ class ClipOptions(PipelineOptions):
         g.add_argument("--config", default=None, help="YAML file of options (see configs/); flags override it")
 
 
+def add_dry_run(parser: argparse.ArgumentParser) -> None:
+    """--dry_run is ours, not Beam's (whose takes any string, so `--dry_run=False` was a dry run, and which only
+    Dataflow honours): it checks everything a launch checks, builds the graph, and runs nothing."""
+    parser.add_argument(
+        "--dry_run",
+        **_FLAG,
+        help="check the options, the manifest's footers, the output and the key (one GetObject call), build the "
+        "job graph, and stop: no GetAudio call, nothing written or deleted",
+    )
+
+
+def take_dry_run(flags: list[str]) -> tuple[bool, list[str]]:
+    """(--dry_run given, the flags without it), so Beam's own --dry_run never sees it."""
+    parser = Parser(prog="python -m pipeline run", add_help=False)
+    add_dry_run(parser)
+    known, rest = parser.parse_known_args(flags)
+    return known.dry_run, rest
+
+
 def option_names() -> list[str]:
     """The names of this pipeline's own options."""
     parser = argparse.ArgumentParser()

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -24,19 +25,22 @@ from pipeline.export import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
 from pipeline.finish import FinishRun, RunInfo
 from pipeline.launch import (
+    check_detach,
+    check_output,
     check_workers_get_the_key,
     local_runner,
     own_tempdir,
     preflight,
     remove_leftovers,
+    runner_name,
     stream_bound,
     workers_share_environment,
 )
-from pipeline.options import REQUIRED, ClipOptions, check_flags, check_values, expand_config
+from pipeline.options import REQUIRED, ClipOptions, add_dry_run, check_flags, check_values, expand_config, take_dry_run
 from pipeline.record import Summary, now, record_path, safe_options
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import shard_of
-from pipeline.storage import StoreSettings, open_store
+from pipeline.storage import Store, StoreSettings, open_store
 from pipeline.table_files import WriteTable
 
 log = logging.getLogger(__name__)
@@ -118,13 +122,22 @@ def _attach_transcripts(requests, settings: FetchSettings):
     return with_tokens.requests | "Spread" >> beam.Reshuffle(), with_tokens.errors
 
 
-def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
-    """Run the pipeline over argv (Beam flags included): the summary (None for a dry run or a detached
-    launch) and the options.
+@dataclass
+class Launch:
+    """A run that passed every launch check, its graph built, not yet run."""
 
-    Raises ManifestError or LaunchError before any clip is fetched.
-    """
-    flags = expand_config(argv)
+    pipeline: beam.Pipeline
+    opts: ClipOptions
+    store: Store
+    manifest: mf.Manifest
+    dry_run: bool
+
+
+def prepare(argv: list[str]) -> Launch:
+    """Check the options, the manifest's footers, the output and the key, then build the graph.
+
+    Raises ManifestError or LaunchError before anything is fetched, written or deleted."""
+    dry_run, flags = take_dry_run(expand_config(argv))
     check_flags(flags)
     options = PipelineOptions(flags)
     runner = None
@@ -133,6 +146,7 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
         runner = local_runner(options)
     opts = options.view_as(ClipOptions)
     check_values(opts)
+    check_detach(opts, options)
     check_workers_get_the_key(opts, options)
     store_settings = StoreSettings.from_options(options)
     try:
@@ -142,13 +156,11 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
     FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's reads of the manifest
     manifest = mf.inspect_manifest(opts.manifest)
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
+    check_output(store, opts.output)
     settings = fetch_settings(opts, manifest, store_settings)
     host = settings.client.api_host or DEFAULT_API_HOST
     log.info("GetAudio at %s; concurrency: %s", host, stream_bound(options, opts.max_in_flight))
-    dry_run = options.view_as(TestOptions).dry_run
-    if not dry_run:
-        preflight(settings, manifest)
-        remove_leftovers(store, opts.output)
+    preflight(settings, manifest)
     info = RunInfo(
         output=opts.output,
         store=store_settings,
@@ -162,16 +174,47 @@ def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
         with_transcripts=opts.with_transcripts,
         edge_words=opts.edge_words,
     )
+    # Dataflow's own dry run builds the Dataflow job (no submission, no staging); no other runner has one.
+    options.view_as(TestOptions).dry_run = dry_run and runner_name(options) == "DataflowRunner"
     p = beam.Pipeline(runner=runner, options=options)
     build(p, settings, manifest, info, spread=not workers_share_environment(options))
-    result = p.run()
-    if opts.detach and not dry_run:
+    return Launch(p, opts, store, manifest, dry_run)
+
+
+def dry_run(launch: Launch) -> str:
+    """Translate the graph as the runner would receive it (the Dataflow job, for Dataflow), run nothing."""
+    if launch.pipeline.options.view_as(TestOptions).dry_run:
+        launch.pipeline.run()
+    proto = launch.pipeline.to_runner_api()
+    steps = sum(1 for t in proto.components.transforms.values() if not t.subtransforms)
+    m = launch.manifest
+    return (
+        f"dry run: options, {len(m.files)} manifest file(s) ({m.num_rows} rows), the output and the key checked; "
+        f"the job graph was built ({steps} steps); nothing was fetched, written or deleted"
+    )
+
+
+def execute(launch: Launch) -> Summary | None:
+    """Clear what a killed run left in the output, run the job, and wait for it (unless --detach): the
+    summary read back from the record the job wrote (None when detached)."""
+    opts = launch.opts
+    remove_leftovers(launch.store, opts.output)
+    result = launch.pipeline.run()
+    if opts.detach:
         log.info("submitted; %s appears when the job is done", record_path(opts.output))
-        return None, opts
+        return None
     result.wait_until_finish()
-    if dry_run:
-        return None, opts
-    return Summary.from_record(json.loads(store.read(record_path(opts.output)))), opts
+    return Summary.from_record(json.loads(launch.store.read(record_path(opts.output))))
+
+
+def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
+    """Run the pipeline over argv (Beam flags included): the summary (None for a dry run or a detached
+    launch) and the options. Raises ManifestError or LaunchError before any clip is fetched."""
+    launch = prepare(argv)
+    if launch.dry_run:
+        log.info(dry_run(launch))
+        return None, launch.opts
+    return execute(launch), launch.opts
 
 
 def print_help() -> None:
@@ -187,6 +230,7 @@ def print_help() -> None:
     ClipOptions._add_argparse_args(parser)
     for action in parser._actions:
         action.required = action.dest in REQUIRED
+    add_dry_run(parser)
     add_logging_options(parser)
     parser.print_help()
 
@@ -199,7 +243,11 @@ def main(argv: list[str]) -> None:
         return
     try:
         with own_tempdir():
-            summary, opts = run(argv)
+            launch = prepare(argv)
+            if launch.dry_run:
+                print(dry_run(launch), flush=True)
+                return
+            summary = execute(launch)
     except (mf.ManifestError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -207,9 +255,7 @@ def main(argv: list[str]) -> None:
         traceback.print_exc()
         print(f"error: the run failed ({type(e).__name__}, above); the run record was not written", file=sys.stderr)
         sys.exit(3)
-    if summary is None and opts.view_as(TestOptions).dry_run:
-        print("dry run: the job graph was built; nothing was run", flush=True)
-        return
+    opts = launch.opts
     if summary is None:  # --detach
         print(f"submitted: the job writes {record_path(opts.output)} last, when it is done", flush=True)
         return

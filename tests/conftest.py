@@ -11,6 +11,7 @@ import soundfile as sf
 from pipeline.local.samples import write_sample_store
 from pipeline.local.server import Faults, LocalServer, ServerSettings
 from tests.helpers import finish_started_runs
+from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401  (every module may use them)
 
 
 @pytest.fixture(autouse=True)

@@ -289,15 +289,31 @@ def test_summary_rate_of_a_run_that_fetched_nothing():
 # -- exit 3: a crash after the start ---------------------------------------------------------------------
 
 
+PLANTED_BUG = """
+from pipeline import finish
+
+
+def write_card(*args, **kwargs):
+    raise RuntimeError("a planted bug in the card")
+
+
+finish.write_card = write_card
+"""
+
+
 def test_a_run_that_fails_after_it_started_exits_3(tmp_path):
-    """Not 1: that would read as "ran, too many errors, tables written"."""
+    """Not 1: that would read as "ran, too many errors, tables written". A bug planted in the job's last step
+    (through a sitecustomize module) fails the run after every launch check passed."""
     manifest = demo_manifest(tmp_path / "m.parquet", rows=0)
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    proc = child("-m", "pipeline", "run", f"--manifest={manifest}", f"--output={blocker / 'out'}")
+    (tmp_path / "bug").mkdir()
+    (tmp_path / "bug" / "sitecustomize.py").write_text(PLANTED_BUG)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "bug"), env["PYTHONPATH"]])
+    proc = child("-m", "pipeline", "run", f"--manifest={manifest}", f"--output={tmp_path / 'out'}", env=env)
     assert proc.returncode == 3, explain(proc)
-    assert "Traceback" in proc.stderr
-    assert proc.stderr.splitlines()[-1].startswith("error: the run failed (NotADirectoryError")
+    assert "a planted bug in the card" in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("error: the run failed (RuntimeError")
+    assert not (tmp_path / "out" / "_RUN.json").exists()
 
 
 # -- --help ----------------------------------------------------------------------------------------------

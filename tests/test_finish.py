@@ -90,6 +90,7 @@ def test_each_table_is_exactly_this_runs_files(make_server, store, tmp_path: Pat
     assert errors.num_rows == 0 and "error_code" in errors.schema.names
 
 
+@pytest.mark.latest
 def test_a_plain_run_never_tries_prism(server, tmp_path: Path, monkeypatch) -> None:
     """Beam's DirectRunner first tries to download and run Prism when the machine is online; a plain run
     uses the in-process runner the tests use, online or not: Prism is never asked, and the record says so."""
@@ -157,6 +158,7 @@ def multi_processing_run(store_dir: str, tmp_path_factory: pytest.TempPathFactor
         yield MultiProcessingRun(server, out, proc, spy_log)
 
 
+@pytest.mark.latest
 def test_multi_processing_runner(multi_processing_run: MultiProcessingRun, store) -> None:
     """Beam's DirectRunner with two worker processes: a one-file manifest in many row groups, and the run's
     numbers (combined across the processes) agree with the tables."""
@@ -182,6 +184,7 @@ def test_a_one_file_manifest_is_read_by_more_than_one_worker(multi_processing_ru
     assert len(readers) >= 2, f"every row group was read by one process: {readers}"
 
 
+@pytest.mark.latest
 def test_portable_runner_with_an_external_worker_pool(make_server, store, tmp_path: Path) -> None:
     """The portable runner (an embedded job service) with an external SDK worker pool, as Dataflow and other
     portable runners run workers: the key comes from --api_key_file, and the clips, tables, card and record

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import ClipOptions, option_names
@@ -59,21 +60,29 @@ def test_the_image_points_at_files_that_exist():
         assert (REPO / path.removeprefix("/template/")).is_file(), path
 
 
-def test_the_launcher_builds_the_dataflow_job_detached(tmp_path):
-    """launch.py with a Flex Template's flags (offline: --dry_run) builds the job and does not wait for it."""
+@pytest.mark.latest
+def test_the_launcher_builds_the_dataflow_job_detached(gcs_server, server, tmp_path):
+    """launch.py with a Flex Template's flags (offline: --dry_run, the key file and output on the GCS emulator)
+    builds the job and does not wait for it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from pipeline.storage import open_store
+
+    open_store("gs://test-bucket/").put("gs://test-bucket/locked/key", b"any")
 
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"object_id": ["a"], "start_ms": [0], "duration_ms": [100]}), manifest)
     flags = [
-        f"--manifest={manifest}", "--output=gs://bucket/out", "--api_key_file=gs://locked/key",
+        f"--manifest={manifest}", "--output=gs://test-bucket/out", "--api_key_file=gs://test-bucket/locked/key",
         "--skip_existing=true", "--runner=DataflowRunner", "--dry_run=True", "--project=test-project",
-        "--region=us-central1", "--temp_location=gs://bucket/tmp",
+        "--region=us-central1", "--temp_location=gs://test-bucket/tmp",
+        f"--api_host={server.address}",
     ]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, str(TEMPLATE / "launch.py"), *flags],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=child_env(),
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=child_env(**gcs_server.env),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "dry run: the job graph was built" in proc.stdout
+    assert "the job graph was built" in proc.stdout and "nothing was fetched, written or deleted" in proc.stdout
+    assert not server.calls

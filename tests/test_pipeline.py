@@ -496,6 +496,7 @@ def test_both_tables_are_written_when_empty(make_server, tmp_path, case):
     assert server.calls == collections.Counter({"no-such-object": 1} if rows else {})
 
 
+@pytest.mark.latest
 def test_demo(tmp_path):
     proc = no_key_out(run_cli("demo", f"--output={tmp_path / 'demo'}", env=child_env(**key_env())))  # a child
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -513,16 +514,17 @@ def test_demo(tmp_path):
 
 # -- Dataflow, offline --------------------------------------------------------------------------------
 
+# The output and the key file are in the GCS emulator's bucket: a dry run checks both.
 DATAFLOW_FLAGS = [
     "--runner=DataflowRunner",
     "--dry_run=True",
-    "--api_key_file=gs://bucket/soniox-key",  # SONIOX_API_KEY would not reach Dataflow's workers
+    "--api_key_file=gs://test-bucket/soniox-key",  # SONIOX_API_KEY would not reach Dataflow's workers
     "--project=test-project",
     "--region=us-central1",
-    "--temp_location=gs://bucket/tmp",
+    "--temp_location=gs://test-bucket/tmp",
     "--max_num_workers=2",
     "--machine_type=n2-standard-4",
-    "--output=gs://bucket/out",
+    "--output=gs://test-bucket/out",
 ]
 
 DRY_RUN = """
@@ -555,10 +557,16 @@ print(json.dumps({
 """
 
 
-def test_dataflow_dry_run_builds_the_job_offline(make_server, tmp_path):
-    """--runner=DataflowRunner --dry_run=True with a local manifest: the job is built with no credentials
-    and no network, nothing is fetched or written, and the key is not in the job."""
+def test_dataflow_dry_run_builds_the_job_offline(make_server, gcs_server, tmp_path):
+    """--runner=DataflowRunner --dry_run=True with a local manifest: the key file and the output are checked
+    (on the GCS emulator), the job is built with no Google Cloud credentials and no network, nothing is fetched
+    or written, and the key is not in the job."""
+    from pipeline.storage import open_store
+
     server = keyed_server(make_server)
+    bucket = open_store("gs://test-bucket/")
+    bucket.put("gs://test-bucket/soniox-key", KEY.encode())
+    before = sorted(o.path for o in bucket.list("gs://test-bucket/"))
     rows = [manifest_row(FULL_SCHEMA, "a", "demo-mono", "a", time=(0, 1000))]
     manifest = write_manifest(tmp_path / "m.parquet", rows, FULL_SCHEMA)
     started = time.monotonic()
@@ -568,10 +576,11 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, tmp_path):
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env=child_env(**key_env()),
+        env=child_env(**key_env(), **gcs_server.env),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "DefaultCredentialsError" not in proc.stderr, "the dry run reached for Google Cloud credentials"
+    assert sorted(o.path for o in bucket.list("gs://test-bucket/")) == before  # nothing staged or written
     assert time.monotonic() - started < 60
     assert KEY not in proc.stdout + proc.stderr
     job = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -584,7 +593,7 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, tmp_path):
     assert not [t for t in job["transforms"] if "WriteToParquet" in t or "WriteImpl" in t]
     assert job["environments"] == ["beam:env:docker:v1"]
     assert KEY.encode() not in bytes.fromhex(job["job"])  # the key is not in the serialized job
-    assert not server.calls  # nothing fetched
+    assert not server.calls  # no GetAudio call (the key check is one GetObject)
     assert sorted(os.listdir(tmp_path)) == ["m.parquet"]  # nothing written locally
     assert "2 worker(s) x 4 process(es) (n2-standard-4) x --max_in_flight 64 = 512 streams" in proc.stderr
 
