@@ -42,12 +42,12 @@ LHOTSE_DIR = "lhotse"
 LHOTSE_FILES = ("recordings", "supervisions", "cuts")
 
 
-def parse_exports(value: str | None) -> tuple[str, ...]:
-    """`lhotse,nemo` -> ("lhotse", "nemo"); a name that is not an export is a LaunchError."""
+def parse_exports(value: str | None, option: str = "--export") -> tuple[str, ...]:
+    """`lhotse,nemo` -> ("lhotse", "nemo"); a name that is not an export is a LaunchError naming `option`."""
     names = tuple(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
     unknown = [n for n in names if n not in EXPORTS]
     if unknown:
-        raise LaunchError(f"--export takes a comma-separated list of {', '.join(EXPORTS)}; got {', '.join(unknown)}")
+        raise LaunchError(f"{option} takes a comma-separated list of {', '.join(EXPORTS)}; got {', '.join(unknown)}")
     return names
 
 
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--formats", default=",".join(EXPORTS), help="comma-separated: lhotse, nemo (default: both)")
     add_logging_options(parser)
     args = parser.parse_args(argv)
-    formats = parse_exports(args.formats)
+    formats = parse_exports(args.formats, "--formats")
     output = args.dataset if "://" in args.dataset else os.path.abspath(args.dataset)
     try:
         store = open_store(output)

@@ -125,17 +125,40 @@ def check_workers_get_the_key(opts: ClipOptions, options: PipelineOptions) -> No
 
 def stream_bound(options: PipelineOptions, max_in_flight: int) -> str:
     """The most GetAudio streams the job can open at once, as a sentence for the launch log."""
-    workers = options.view_as(WorkerOptions)
     if workers_share_environment(options):
         processes = options.view_as(DirectOptions).direct_num_workers or 1
         return f"{processes} process(es) x --max_in_flight {max_in_flight} = {processes * max_in_flight} streams"
-    machines = workers.max_num_workers or workers.num_workers or 1
-    vcpus = int(re.search(r"-(\d+)", workers.machine_type or "n1-standard-1").group(1))  # a process per vCPU
-    most = machines * vcpus * max_in_flight
+    workers = options.view_as(WorkerOptions)
+    machines = workers.max_num_workers or workers.num_workers
+    machine = workers.machine_type or "n1-standard-1"
+    vcpus = machine_vcpus(machine)
+    if machines is None or vcpus is None:
+        unknown = "the runner's worker count" if machines is None else f"{machine}'s vCPUs"
+        return (
+            f"--max_in_flight {max_in_flight} streams per worker process, times {unknown}, which this launch "
+            "does not know: bound the job with --max_num_workers (and a machine type of n vCPUs)"
+        )
     return (
-        f"{machines} worker(s) x {vcpus} process(es) ({workers.machine_type or 'default machine type'}) x "
-        f"--max_in_flight {max_in_flight} = {most} streams at most (bound it with --max_num_workers)"
+        f"{machines} worker(s) x {vcpus} process(es) ({machine}) x --max_in_flight {max_in_flight} = "
+        f"{machines * vcpus * max_in_flight} streams at most"
     )
+
+
+# Google Cloud's shared-core types: the number of vCPUs is not in the name.
+SHARED_CORE_VCPUS = {"e2-micro": 2, "e2-small": 2, "e2-medium": 2, "f1-micro": 1, "g1-small": 1}
+
+
+def machine_vcpus(machine_type: str) -> int | None:
+    """vCPUs of a Compute Engine machine type (one SDK process each on Dataflow): `n2-standard-4` -> 4,
+    `n2-custom-8-32768` or `custom-8-32768` -> 8, `e2-medium` -> 2; None when the name does not say."""
+    name = machine_type.rsplit("/", 1)[-1]
+    if name in SHARED_CORE_VCPUS:
+        return SHARED_CORE_VCPUS[name]
+    custom = re.search(r"custom-(\d+)-\d+", name)
+    if custom:
+        return int(custom.group(1))
+    standard = re.fullmatch(r"[a-z0-9]+-[a-z]+(?:gpu)?-(\d+)(?:-[a-z]+)?", name)
+    return int(standard.group(1)) if standard else None
 
 
 def key_given(settings: ClientSettings) -> bool:

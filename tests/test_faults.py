@@ -248,10 +248,14 @@ def test_a_server_gone_mid_run_and_back_damages_nothing(store_dir, store, tmp_pa
     assert sum(record["failed_attempts_by_code"].values()) >= 1, record  # the server was gone for a while
 
 
-def test_a_server_that_never_comes_back_ends_with_errors(tmp_path):
+def test_a_service_that_answers_the_key_check_then_fails_every_call_ends_with_errors(make_server, tmp_path):
+    """Every GetAudio call UNAVAILABLE (the launch's GetObject answered, so the run started): each row is tried
+    --max_attempts times and ends in the errors table. (A service not reachable at all stops the launch:
+    tests/test_launch.py.)"""
+    server = make_server(Faults(fail_fraction=1.0, fail_code=grpc.StatusCode.UNAVAILABLE))
     rows = fault_manifest(tmp_path / "m.parquet", 5)
     out = tmp_path / "out"
-    done = run(tmp_path / "m.parquet", out, f"http://127.0.0.1:{free_port()}", "--max_attempts=3")
+    done = run(tmp_path / "m.parquet", out, server.address, "--max_attempts=3")
     assert done.returncode == 1, explain(done)  # every row failed: over --max_error_ratio
     errors = rows_of(out, "errors")
     assert sorted(e["clip_id"] for e in errors) == [r["clip_id"] for r in rows]

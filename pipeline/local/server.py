@@ -379,7 +379,7 @@ class LocalServer:
 
     def start(self) -> LocalServer:
         self._server.start()
-        log.info("local GetAudio server on %s serving %s", self.address, self.servicer.store.root)
+        log.debug("local GetAudio server on %s serving %s", self.address, self.servicer.store.root)  # callers print it
         return self
 
     def stop(self, grace: float | None = 0) -> None:

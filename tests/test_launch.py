@@ -1,0 +1,167 @@
+"""What a launch does before any work: a dry run on every local runner mode, --detach where a runner cannot
+detach, and a service that cannot be reached at all, each told in one line before anything is written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.launch import stream_bound
+from pipeline.local.server import LocalServer
+from tests.helpers import child_env, expect_exit, explain, free_port, run_argv, run_cli
+from tests.test_cli import demo_manifest
+
+# The runner modes that run on this machine: Beam's in-process runner (one process, or several), and the
+# portable runner with an external SDK worker pool, as Dataflow runs workers.
+IN_PROCESS = []
+MULTI_PROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `root` with its size and mtime: what "nothing written or deleted" compares."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.stat(path)
+            found[os.path.relpath(path, root)] = (st.st_size if name in files else 0, st.st_mtime_ns)
+    return found
+
+
+@pytest.fixture
+def worker_pool() -> Iterator[list[str]]:
+    """An external SDK worker pool; the portable runner's flags that use it."""
+    port = free_port()
+    env = child_env(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield [
+            "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
+            f"--environment_config=localhost:{port}",
+        ]  # fmt: skip
+    finally:
+        pool.kill()
+        pool.wait()
+
+
+def dry_run(server: LocalServer, manifest: str, out: Path, *flags: str, dry: str = "--dry_run"):
+    """A dry run with the key in a file (the portable runner's workers do not see SONIOX_API_KEY)."""
+    key_file = out.parent / "key"
+    key_file.write_text("any")
+    argv = run_argv(server, manifest, out, f"--api_key_file={key_file}", *flags, dry)
+    return run_cli("run", *argv)
+
+
+@pytest.mark.parametrize("mode", ["in_process", "multi_processing", "portable"])
+def test_a_dry_run_calls_and_writes_nothing(mode, server, worker_pool, tmp_path) -> None:
+    """On each local runner mode, over a new output and over an existing dataset: zero GetAudio calls, the
+    output tree identical (names, sizes, mtimes), and the line that says so; exit 0."""
+    flags = {"in_process": IN_PROCESS, "multi_processing": MULTI_PROCESSING, "portable": worker_pool}[mode]
+    manifest = demo_manifest(tmp_path / "m.parquet", 6)
+    out = tmp_path / "out"
+    done = dry_run(server, manifest, out, *flags)
+    expect_exit(done, 0)
+    assert "nothing was fetched, written or deleted" in done.stdout and "6 rows" in done.stdout
+    assert not out.exists() and not server.calls
+    expect_exit(run_cli("run", *run_argv(server, manifest, out)), 0)  # a real dataset, then a dry run over it
+    before, calls = tree(out), sum(server.calls.values())
+    assert "_RUN.json" in before and calls == 6
+    time.sleep(0.05)  # a write in the dry run would show a later mtime
+    expect_exit(dry_run(server, manifest, out, *flags), 0)
+    assert tree(out) == before and sum(server.calls.values()) == calls
+
+
+def test_dry_run_takes_a_value_and_is_in_the_help(server, tmp_path) -> None:
+    """`--dry_run=false` is a real run (Beam's own flag took any string as true); --help lists --dry_run."""
+    manifest = demo_manifest(tmp_path / "m.parquet", 2)
+    done = dry_run(server, manifest, tmp_path / "out", dry="--dry_run=false")
+    expect_exit(done, 0)
+    assert sum(server.calls.values()) == 2 and (tmp_path / "out" / "_RUN.json").exists()
+    assert "--dry_run" in run_cli("run", "--help").stdout
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], MULTI_PROCESSING, ["--runner=DirectRunner"], ["--runner=PortableRunner", "--job_endpoint=embed"]],
+)
+def test_detach_is_refused_where_the_runner_cannot_detach(flags, server, tmp_path) -> None:
+    """The in-process runners would wait for the whole job and then say "submitted" (exit 0 whatever failed)."""
+    manifest = demo_manifest(tmp_path / "m.parquet", 2)
+    done = run_cli("run", *run_argv(server, manifest, tmp_path / "out", "--detach", *flags))
+    expect_exit(done, 2)
+    assert done.stderr.startswith("error: --detach needs a runner that runs the job elsewhere"), explain(done)
+    assert not server.calls and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def tls_port(tmp_path_factory) -> Iterator[int]:
+    """A gRPC server that speaks only TLS (a self-signed certificate), on a loopback port."""
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-keyout", folder / "key.pem", "-out", folder / "cert.pem"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pair = ((folder / "key.pem").read_bytes(), (folder / "cert.pem").read_bytes())
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([pair]))
+    server.start()
+    yield port
+    server.stop(0)
+
+
+@pytest.mark.parametrize(
+    "mistake, expected",
+    [
+        ("no scheme", "does not speak TLS; for a plaintext server write --api_host http://127.0.0.1:"),
+        ("nothing listens", "connection refused: nothing listens at 127.0.0.1:"),
+        ("no such host", "the host name of no-such-host.invalid:443 cannot be resolved"),
+        ("plaintext to TLS", "closed a plaintext connection; for a server that speaks TLS write --api_host https://"),
+    ],
+)
+def test_a_service_that_cannot_be_reached_stops_the_launch(mistake, expected, server, tls_port, tmp_path) -> None:
+    """Exit 2 in under 5 s, one line naming the cause and the fix, no call and no output; before, each row was
+    tried --max_attempts times and the summary said only UNAVAILABLE."""
+    host = {
+        "no scheme": server.address.removeprefix("http://"),
+        "nothing listens": f"http://127.0.0.1:{free_port()}",
+        "no such host": "https://no-such-host.invalid:443",
+        "plaintext to TLS": f"http://127.0.0.1:{tls_port}",
+    }[mistake]
+    manifest = demo_manifest(tmp_path / "m.parquet", 9)
+    started = time.monotonic()
+    done = run_cli("run", *run_argv(host, manifest, tmp_path / "out"), env=child_env(SONIOX_API_KEY="any"))
+    launch_s = time.monotonic() - started
+    expect_exit(done, 2)
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and expected in error[0], explain(done)
+    assert "Traceback" not in done.stderr and not server.calls and not (tmp_path / "out").exists()
+    assert launch_s < 5, f"the launch took {launch_s:.1f} s to give up"
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--machine_type=e2-medium", "--max_num_workers=3"], "3 worker(s) x 2 process(es) (e2-medium)"),
+        (["--machine_type=n2-custom-8-32768", "--num_workers=2"], "= 1024 streams at most"),
+        (["--machine_type=n2-standard-4"], "times the runner's worker count, which this launch does not know"),
+        (["--machine_type=a2-highgpu-1g", "--max_num_workers=2"], "times a2-highgpu-1g's vCPUs"),
+    ],
+)
+def test_the_stream_bound_of_a_cluster_job(flags, expected) -> None:
+    """What the launch log says a Dataflow job can open at once; it crashed on e2-medium, and with no worker
+    count it claimed one worker."""
+    options = PipelineOptions(["--runner=DataflowRunner", *flags])
+    assert expected in stream_bound(options, 64)
