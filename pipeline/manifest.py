@@ -6,12 +6,14 @@ an error row with a code, and the other rows go on. Nothing is dropped: rows in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -55,29 +57,12 @@ class Manifest:
 
 
 def inspect_manifest(pattern: str) -> Manifest:
-    """Match the files, check each one's schema, and unify them; raises ManifestError."""
-    try:
-        matched = FileSystems.match([pattern])[0].metadata_list
-    except Exception as e:
-        raise ManifestError(f"manifest {pattern}: cannot list it ({e})") from None
-    files = sorted(m.path for m in matched)
-    if not files:
-        raise ManifestError(f"manifest {pattern}: no file matches")
+    """Match the files, check each one's schema (and float range columns' values), and unify them; raises
+    ManifestError."""
+    files = _match(pattern)
     schema, num_rows, pieces = None, 0, []
     for path in files:
-        try:
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                meta = pq.ParquetFile(f)
-                file_schema, rows = meta.schema_arrow, meta.metadata.num_rows
-                first = 0
-                for group in range(meta.metadata.num_row_groups):
-                    pieces.append(Piece(path, group, first))
-                    first += meta.metadata.row_group(group).num_rows
-        except Exception as e:
-            raise ManifestError(f"manifest {path}: not a readable Parquet file ({e})") from None
-        if set(file_schema.names) >= ERROR_ONLY:  # an errors table, fed back to retry its rows
-            file_schema = pa.schema([f for f in file_schema if f.name not in ERROR_ONLY])
-        check_schema(path, file_schema)
+        file_schema, rows, file_pieces = _inspect_file(path)
         try:  # int32 in one file and int64 in another is fine; int and string is not
             schema = (
                 file_schema if schema is None else pa.unify_schemas([schema, file_schema], promote_options="permissive")
@@ -85,7 +70,43 @@ def inspect_manifest(pattern: str) -> Manifest:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise ManifestError(f"manifest {path}: its column types disagree with {files[0]} ({e})") from None
         num_rows += rows
+        pieces += file_pieces
     return Manifest(tuple(files), schema, num_rows, tuple(pieces))
+
+
+def _match(pattern: str) -> list[str]:
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:
+        raise ManifestError(f"manifest {pattern}: cannot list it ({e})") from None
+    if not matched:
+        raise ManifestError(f"manifest {pattern}: no file matches")
+    return sorted(m.path for m in matched)
+
+
+def _inspect_file(path: str) -> tuple[pa.Schema, int, list[Piece]]:
+    """One file's schema as its rows will be read, its row count and its row groups."""
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            parquet = pq.ParquetFile(f)
+            schema = parquet.schema_arrow
+            if set(schema.names) >= ERROR_ONLY:  # an errors table, fed back to retry its rows
+                schema = pa.schema([field for field in schema if field.name not in ERROR_ONLY])
+            check_schema(path, schema)
+            check_float_ranges(path, parquet)
+            return as_read(schema), parquet.metadata.num_rows, _pieces(path, parquet.metadata)
+    except ManifestError:
+        raise
+    except Exception as e:
+        raise ManifestError(f"manifest {path}: not a readable Parquet file ({e})") from None
+
+
+def _pieces(path: str, meta: pq.FileMetaData) -> list[Piece]:
+    pieces, first = [], 0
+    for group in range(meta.num_row_groups):
+        pieces.append(Piece(path, group, first))
+        first += meta.row_group(group).num_rows
+    return pieces
 
 
 def first_object_id(manifest: Manifest) -> str | None:
@@ -105,10 +126,10 @@ def check_schema(path: str, schema: pa.Schema) -> None:
     if OBJECT_ID not in names:
         raise ManifestError(f"manifest {path}: no column '{OBJECT_ID}' (columns: {', '.join(schema.names)})")
     for name in (OBJECT_ID, CLIP_ID):
-        if name in names and not _is_string(schema.field(name).type):
+        if name in names and not _is_string(schema.field(name).type, null_ok=name == CLIP_ID):
             raise ManifestError(f"manifest {path}: column '{name}' is {schema.field(name).type}, not a string")
     for name in RANGE_COLUMNS:
-        if name in names and not pa.types.is_integer(schema.field(name).type):
+        if name in names and not _is_number(schema.field(name).type):
             raise ManifestError(f"manifest {path}: column '{name}' is {schema.field(name).type}, not an integer")
     pairs = [pair for pair in (TIME_COLUMNS, TOKEN_COLUMNS) if set(pair) <= names]
     for pair in (TIME_COLUMNS, TOKEN_COLUMNS):
@@ -121,8 +142,76 @@ def check_schema(path: str, schema: pa.Schema) -> None:
         raise ManifestError(f"manifest {path}: column(s) {clash} clash with output columns; rename them")
 
 
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+def _is_string(t: pa.DataType, null_ok: bool = False) -> bool:
+    """pyarrow and pandas' object columns write string; polars and pandas 3 large_string; string_view is newer.
+    Every writer types a column of nulls only as null: fine for clip_id (every one derived)."""
+    if null_ok and pa.types.is_null(t):
+        return True
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    """Integers; floats (pandas makes an int column with a null float64), whose values are checked at launch;
+    or null (a range column that no row uses, as every writer types it)."""
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+
+
+def float_ranges(schema: pa.Schema) -> list[str]:
+    """The range columns that are floating point: their values are read as integers."""
+    return [n for n in RANGE_COLUMNS if n in schema.names and pa.types.is_floating(schema.field(n).type)]
+
+
+def as_read(schema: pa.Schema) -> pa.Schema:
+    """The schema of the rows as ReadManifestRows gives them, which the output tables carry: float (and null)
+    range columns as int64, a null clip_id as string, string_view (an in-memory layout that older readers of
+    the tables lack) as large_string."""
+    for i, field in enumerate(schema):
+        if field.name in RANGE_COLUMNS and not pa.types.is_integer(field.type):
+            schema = schema.set(i, field.with_type(pa.int64()))
+        elif field.name == CLIP_ID and pa.types.is_null(field.type):
+            schema = schema.set(i, field.with_type(pa.string()))
+        elif pa.types.is_string_view(field.type):
+            schema = schema.set(i, field.with_type(pa.large_string()))
+    return schema
+
+
+def check_float_ranges(path: str, parquet: pq.ParquetFile) -> None:
+    """Every value of a float range column must be null, NaN or a whole number within int64: a 1.5 stops the
+    launch (naming its row) rather than becoming a clip of a range nobody asked for. Reads only those
+    columns, one row group at a time; a manifest without float range columns reads nothing here."""
+    columns = float_ranges(parquet.schema_arrow)
+    if not columns:
+        return
+    first = 0
+    for group in range(parquet.metadata.num_row_groups):
+        table = parquet.read_row_group(group, columns=columns)
+        for name in columns:
+            index = _first_not_whole(table.column(name))
+            if index is not None:
+                value = table.column(name)[index].as_py()
+                problem = "outside int64" if math.isfinite(value) and value.is_integer() else "not a whole number"
+                raise ManifestError(f"manifest {path}: column '{name}' row {first + index} is {value}, {problem}")
+        first += table.num_rows
+
+
+def _first_not_whole(values: pa.ChunkedArray) -> int | None:
+    """The index of the first value that is not null, NaN or a whole number within int64; None if none is."""
+    x = pc.cast(values, pa.float64())  # float16 has no compute kernels of its own
+    whole = pc.and_(pc.is_finite(x), pc.equal(pc.floor(x), x))
+    inside = pc.and_(pc.greater_equal(x, -(2.0**63)), pc.less(x, 2.0**63))  # 2.0**63 itself is past int64
+    bad = pc.fill_null(pc.invert(pc.or_(pc.is_nan(x), pc.and_(whole, inside))), False)
+    index = pc.index(bad, True).as_py()
+    return None if index < 0 else index
+
+
+def _as_integers(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Float range columns as int64, NaN as null: the values were checked at launch (check_float_ranges)."""
+    for name in float_ranges(batch.schema):
+        i = batch.schema.get_field_index(name)
+        x = pc.cast(batch.column(i), pa.float64())
+        x = pc.if_else(pc.is_nan(x), pa.scalar(None, pa.float64()), x)
+        batch = batch.set_column(i, name, pc.cast(x, pa.int64()))  # a safe cast: a fraction would raise
+    return batch
 
 
 class ReadManifestRows(beam.DoFn):
@@ -137,7 +226,7 @@ class ReadManifestRows(beam.DoFn):
             columns = [c for c in parquet.schema_arrow.names if c in self.columns]
             index = piece.first_row
             for batch in parquet.iter_batches(row_groups=[piece.row_group], columns=columns):
-                for row in batch.to_pylist():
+                for row in _as_integers(batch).to_pylist():
                     yield f"{piece.path} row {index}", row
                     index += 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,12 +18,23 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import elements as el
 from pipeline.ids import clip_id_problem
-from pipeline.manifest import ManifestError, Piece, ReadManifest, ValidateRows, inspect_manifest, validate_row
+from pipeline.manifest import (
+    Manifest,
+    ManifestError,
+    Piece,
+    ReadManifest,
+    ReadManifestRows,
+    ValidateRows,
+    inspect_manifest,
+    validate_row,
+)
+from pipeline.tables import RANGE_COLUMNS
 
 pytestmark = pytest.mark.timeout(60)
 
 WHERE = "gs://bucket/manifest/part-7.parquet row 41"
 INT32_MAX = 2**31 - 1
+FLOAT64 = pa.float64()
 
 
 def row(**values) -> dict:
@@ -270,6 +282,7 @@ def test_empty_file(tmp_path):
         (good_columns(object_id=pa.array([1, 2], pa.int64())), "object_id"),
         (good_columns(clip_id=pa.array([1, 2], pa.int32())), "clip_id"),
         (good_columns(start_ms=pa.array([0.0, 1.5], pa.float64())), "start_ms"),
+        (good_columns(start_ms=pa.array([True, False])), "start_ms"),
         (good_columns(duration_ms=pa.array(["100", "200"], pa.string())), "duration_ms"),
         (good_columns(token_start=pa.array([0, 1], pa.int32())), "token_start"),  # without token_end
         ({"object_id": pa.array(["x"]), "start_ms": pa.array([0], pa.int32())}, "start_ms"),  # no duration_ms
@@ -283,7 +296,8 @@ def test_empty_file(tmp_path):
         "no-object_id",
         "int-object_id",
         "int-clip_id",
-        "float-start_ms",
+        "fractional-start_ms",
+        "bool-start_ms",
         "string-duration_ms",
         "token_start-alone",
         "start_ms-alone",
@@ -362,6 +376,158 @@ def test_row_groups_are_read_as_pieces_with_their_file_row_numbers(tmp_path):
         # the clip-ID pass reads only the columns it needs, whatever else the manifest carries
         keys = p | "Narrow" >> ReadManifest(manifest, ["object_id", "clip_id"]) | beam.Map(lambda item: sorted(item[1]))
         assert_that(keys, equal_to([["object_id"]] * 50), label="narrow read")
+
+
+# -- float range columns (pandas makes an int column with a null float64) ------------------------------
+
+
+def floats(values: list[float | None], type_: pa.DataType = FLOAT64) -> pa.Array:
+    """A float column with real NaNs (not nulls) where `values` has nan, and nulls where it has None."""
+    numbers = np.array([0.0 if v is None else v for v in values], dtype=type_.to_pandas_dtype())
+    return pa.array(numbers, type_, mask=np.array([v is None for v in values]))
+
+
+def read_rows(manifest: Manifest) -> list[tuple[str, dict]]:
+    """Every (where, row) of the manifest as the Beam job reads them, piece by piece."""
+    read = ReadManifestRows(manifest.schema.names)
+    return [item for piece in manifest.pieces for item in read.process(piece)]
+
+
+@pytest.mark.parametrize("type_", [pa.float16(), pa.float32(), pa.float64()], ids=str)
+def test_whole_float_ranges_are_read_as_integers(tmp_path, type_):
+    nan = float("nan")
+    path = write(
+        tmp_path / "m.parquet",
+        object_id=pa.array(["demo-mono"] * 4),
+        start_ms=floats([0.0, nan, 1500.0, -0.0], type_),
+        duration_ms=floats([1000.0, nan, None, 20.0], type_),
+        token_start=floats([None, 2.0, None, None], type_),
+        token_end=floats([nan, 5.0, None, None], type_),
+        score=pa.array([0.5, 1.5, None, 2.0]),  # not a range column: any float, left as it is
+    )
+    manifest = inspect_manifest(path)
+    assert [manifest.schema.field(n).type for n in RANGE_COLUMNS] == [pa.int64()] * 4
+    assert manifest.schema.field("score").type == pa.float64()
+    rows = read_rows(manifest)
+    assert [where for where, _ in rows] == [f"{path} row {i}" for i in range(4)]
+    for _, r in rows:
+        assert all(r[n] is None or type(r[n]) is int for n in RANGE_COLUMNS), r
+    assert [r["score"] for _, r in rows] == [0.5, 1.5, None, 2.0]
+    checked = [validate_row(item) for item in rows]
+    assert [c.segment for c in checked[:2]] == [el.TimeRange(0, 1000), el.TokenRange(2, 5)]
+    assert checked[2].error_code == el.MISSING_VALUE and "duration_ms is null" in checked[2].error_message
+    assert checked[3].segment == el.TimeRange(0, 20)
+
+
+def test_float_and_int_files_unify_as_int64(tmp_path):
+    write(tmp_path / "a.parquet", **good_columns())
+    write(tmp_path / "b.parquet", **good_columns(start_ms=floats([5.0, None]), duration_ms=floats([100.0, 7.0])))
+    manifest = inspect_manifest(str(tmp_path / "*.parquet"))
+    assert manifest.schema.field("start_ms").type == pa.int64()
+    assert [r["start_ms"] for _, r in read_rows(manifest)] == [0, 1, 5, None]
+
+
+@pytest.mark.parametrize(
+    "column, value, problem",
+    [
+        ("start_ms", 1.5, "not a whole number"),
+        ("duration_ms", -0.25, "not a whole number"),
+        ("token_start", float("inf"), "not a whole number"),
+        ("token_end", float("-inf"), "not a whole number"),
+        ("start_ms", 1e19, "outside int64"),
+        ("token_end", 2.0**63, "outside int64"),  # int64's largest is 2**63 - 1
+    ],
+    ids=["fraction", "negative-fraction", "inf", "minus-inf", "1e19", "2**63"],
+)
+def test_a_float_range_that_is_not_a_whole_number_stops_the_launch(tmp_path, column, value, problem):
+    """The bad value sits in row 8, in the third row group of 3: the message counts rows across groups."""
+    n = 10
+    columns = {
+        "object_id": pa.array(["demo-mono"] * n),
+        "start_ms": floats([float(i) for i in range(n)]),
+        "duration_ms": floats([100.0] * n),
+        "token_start": floats([None] * n),
+        "token_end": floats([float("nan")] * n),
+    }
+    values = columns[column].to_pylist()
+    values[8] = value
+    columns[column] = floats(values)
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table(columns), path, row_group_size=3)
+    assert manifest_error(path) == f"manifest {path}: column '{column}' row 8 is {value}, {problem}"
+
+
+def test_the_smallest_int64_is_read_and_refused_as_a_range(tmp_path):
+    path = write(tmp_path / "m.parquet", **good_columns(1, start_ms=floats([-(2.0**63)]), duration_ms=floats([1.0])))
+    ((where, r),) = read_rows(inspect_manifest(path))
+    assert r["start_ms"] == -(2**63)
+    assert validate_row((where, r)).error_code == el.INVALID_RANGE
+
+
+def zero_column_data(path: str, names: set[str]) -> None:
+    """Overwrite the pages of columns `names` with zeros, leaving the footer (the schema, the row counts) intact."""
+    meta = pq.ParquetFile(path).metadata
+    data = bytearray(Path(path).read_bytes())
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            chunk = meta.row_group(g).column(c)
+            if chunk.path_in_schema in names:
+                start = chunk.dictionary_page_offset or chunk.data_page_offset
+                data[start : start + chunk.total_compressed_size] = bytes(chunk.total_compressed_size)
+    Path(path).write_bytes(bytes(data))
+
+
+def test_only_float_range_columns_are_read_at_launch(tmp_path):
+    """Integer range columns are checked from the schema alone: their pages, zeroed here, are never read at
+    launch; the same pages of float range columns are (and fail)."""
+    ints = write(tmp_path / "ints.parquet", **good_columns(100))
+    float_ranges = good_columns(100, start_ms=floats([float(i) for i in range(100)]))
+    float_ranges["duration_ms"] = floats([100.0] * 100)
+    floats_path = write(tmp_path / "floats.parquet", **float_ranges)
+    for path in (ints, floats_path):
+        zero_column_data(path, {"start_ms", "duration_ms"})
+        with pytest.raises(OSError):  # the pages are really unreadable
+            pq.read_table(path)
+    assert inspect_manifest(ints).num_rows == 100
+    message = manifest_error(floats_path)
+    assert message.startswith(f"manifest {floats_path}: not a readable Parquet file"), message
+
+
+@pytest.mark.parametrize("type_", [pa.string(), pa.large_string(), pa.string_view()], ids=str)
+def test_string_columns_of_every_writer(tmp_path, type_):
+    """pyarrow and pandas' object columns write string, polars and pandas 3 large_string; string_view is read
+    as large_string, which every reader of the output tables knows and which unifies with string."""
+    path = write(
+        tmp_path / "m.parquet",
+        **good_columns(
+            object_id=pa.array(["demo-mono", "demo-stereo"], type_),
+            clip_id=pa.array(["a", None], type_),
+            speaker=pa.array(["ann", "bob"], type_),
+        ),
+    )
+    write(tmp_path / "other.parquet", **good_columns(speaker=pa.array(["cy", None], pa.string())))
+    manifest = inspect_manifest(str(tmp_path / "*.parquet"))
+    expected = pa.string() if type_ == pa.string() else pa.large_string()
+    assert [manifest.schema.field(n).type for n in ("object_id", "clip_id", "speaker")] == [expected] * 3
+    rows = [r for where, r in read_rows(manifest) if where.startswith(path)]
+    assert [(r["object_id"], r["clip_id"], r["speaker"]) for r in rows] == [
+        ("demo-mono", "a", "ann"),
+        ("demo-stereo", None, "bob"),
+    ]
+
+
+def test_columns_of_nulls_only_are_accepted(tmp_path):
+    """Every writer types a column that holds only nulls as null: a manifest of time ranges that keeps the
+    token columns, or leaves every clip_id to be derived, loads."""
+    nulls = pa.nulls(2)
+    path = write(tmp_path / "m.parquet", **good_columns(clip_id=nulls, token_start=nulls, token_end=nulls))
+    manifest = inspect_manifest(path)
+    assert manifest.schema.field("clip_id").type == pa.string()
+    assert manifest.schema.field("token_start").type == manifest.schema.field("token_end").type == pa.int64()
+    checked = [validate_row(item) for item in read_rows(manifest)]
+    assert [c.segment for c in checked] == [el.TimeRange(0, 100), el.TimeRange(1, 100)]
+    message = manifest_error(write(tmp_path / "no-ids.parquet", **good_columns(object_id=nulls)))
+    assert "column 'object_id' is null, not a string" in message, message
 
 
 # -- ValidateRows on Beam -------------------------------------------------------------------------
