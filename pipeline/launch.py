@@ -258,15 +258,20 @@ def _beam_temp_folders(root: str) -> list[str]:
     )
 
 
+TEMPDIR_PREFIX = "clip-pipeline-"
+
+
 @contextlib.contextmanager
-def own_tempdir() -> Iterator[None]:
+def own_tempdir() -> Iterator[str]:
     """Beam leaves folders in $TMPDIR after every run (its job server's, the staged dependencies'): the run
-    gets a folder of its own, for this process and the worker processes it starts, removed at the end."""
-    folder = tempfile.mkdtemp(prefix="clip-pipeline-")
+    gets a folder of its own, for this process and the worker processes it starts, removed at the end. The
+    folder is named for the process, so the next run removes those of runs that were killed (SIGKILL)."""
+    remove_dead_tempdirs(tempfile.gettempdir())
+    folder = tempfile.mkdtemp(prefix=f"{TEMPDIR_PREFIX}{os.getpid()}-")
     saved = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = os.environ["TMPDIR"] = folder
     try:
-        yield
+        yield folder
     finally:
         tempfile.tempdir = saved[0]
         if saved[1] is None:
@@ -274,3 +279,22 @@ def own_tempdir() -> Iterator[None]:
         else:
             os.environ["TMPDIR"] = saved[1]
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_dead_tempdirs(parent: str) -> None:
+    """Remove the run folders in `parent` whose process is gone."""
+    for entry in os.scandir(parent):
+        match = re.fullmatch(rf"{TEMPDIR_PREFIX}(\d+)-\w+", entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and not _alive(int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.info("removed %s, left by a run that was killed", entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -20,10 +21,12 @@ from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.cli import LaunchError, Parser, add_logging_options
 from pipeline.client import DEFAULT_API_HOST
+from pipeline.clips import CLIPS_DIR
 from pipeline.elements import ClipError, ClipRecord, ClipRequest
 from pipeline.export import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
 from pipeline.finish import FinishRun, RunInfo
+from pipeline.interrupt import stop_on_signals
 from pipeline.launch import (
     check_detach,
     check_output,
@@ -40,7 +43,7 @@ from pipeline.options import REQUIRED, ClipOptions, add_dry_run, check_flags, ch
 from pipeline.record import Summary, now, record_path, safe_options
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import shard_of
-from pipeline.storage import Store, StoreSettings, open_store
+from pipeline.storage import TMP_DIR, Store, StoreSettings, open_store
 from pipeline.table_files import WriteTable
 
 log = logging.getLogger(__name__)
@@ -237,12 +240,14 @@ def print_help() -> None:
 
 def main(argv: list[str]) -> None:
     """`python -m pipeline run`: run and print the summary. Exit 2 when the run cannot start, 1 past
-    --max_error_ratio, 3 when it fails after it started, so that a scheduler can tell them apart."""
+    --max_error_ratio, 3 when it fails after it started, 130 / 143 when stopped by SIGINT / SIGTERM, so that a
+    scheduler can tell them apart."""
     if any(a in ("-h", "--help") for a in argv):
         print_help()
         return
+    launch = None
     try:
-        with own_tempdir():
+        with own_tempdir() as scratch, stop_on_signals(lambda: stopped(launch, scratch)):
             launch = prepare(argv)
             if launch.dry_run:
                 print(dry_run(launch), flush=True)
@@ -266,3 +271,23 @@ def main(argv: list[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(1)
+
+
+def stopped(launch: Launch | None, scratch: str) -> str:
+    """Remove a stopped run's scratch; what it leaves and how to go on, in one line."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    if launch is None:
+        return "the run had not started; nothing was written"
+    opts, store = launch.opts, launch.store
+    if store.local:
+        shutil.rmtree(os.path.join(opts.output, TMP_DIR), ignore_errors=True)
+    if opts.shards:
+        return f"no run record was written; run the same command again to build {opts.output} (shards are rebuilt)"
+    try:
+        written = sum(1 for _ in store.list(f"{opts.output.rstrip('/')}/{CLIPS_DIR}/"))
+    except Exception as e:  # a listing that fails must not hide the line
+        written = f"? ({type(e).__name__})"
+    return (
+        f"{written} clip file(s) are in place in {opts.output} and no run record was written; "
+        "run the same command with --skip_existing to fetch only the rest"
+    )
