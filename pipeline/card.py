@@ -262,7 +262,7 @@ def _loading(output: str, layout: Layout) -> str:
     head += ["", *([] if local else ["import pyarrow as pa"]), "import pyarrow.parquet as pq", "import soundfile"]
     if not local:
         head.append("from apache_beam.io.filesystems import FileSystems")
-    lines = [*head, "", f"root = {root!r}  # {where}"]
+    lines = [*head, *_s3_options(output), "", f"root = {root!r}  # {where}"]
     if local:
         lines.append('clips = pq.read_table(sorted(glob.glob(f"{root}/metadata/clips-*.parquet")))')
     else:
@@ -289,24 +289,32 @@ def _loading(output: str, layout: Layout) -> str:
         '    print(row["clip_id"], len(audio), sample_rate)',
     ]
     code = "\n".join(lines).lstrip("\n") + "\n"
-    parts = ["## Loading", "", "```python\n" + code + "```", "", _hugging_face(layout), *_manifests(layout)]
+    parts = ["## Loading", "", "```python\n" + code + "```", "", _hugging_face(output, layout), *_manifests(layout)]
     return "\n".join(parts)
 
 
-def _hugging_face(layout: Layout) -> str:
-    """`load_dataset(root)` gives the clips table (this card's `configs`); the audio is the file at `path`
-    (no audio is decoded here: decoding needs torchcodec), or a tar shard's sample."""
-    lines = [
-        "With Hugging Face `datasets` (`load_dataset(root)` reads the clips table named in this card's `configs`):",
+def _s3_options(output: str) -> list[str]:
+    """Beam's S3 filesystem refuses to work without pipeline options (GCS's works without). Empty ones leave
+    every setting to boto3 (Beam passes None for each), which reads the AWS_* variables and ~/.aws, the
+    endpoint included (AWS_ENDPOINT_URL). `PipelineOptions([])`, not `PipelineOptions()`, which would parse
+    sys.argv (a notebook kernel's flags, say)."""
+    if not output.startswith("s3://"):
+        return []
+    return [
+        "from apache_beam.options.pipeline_options import PipelineOptions",
         "",
-        "```python",
-        "import os",
-        "",
-        "import datasets",
-        "",
-        'root = os.path.abspath(".")  # this dataset\'s folder (load_dataset(".") cannot name it), or its path',
-        'clips = datasets.load_dataset(root, split="train")  # every column of the clips table',
+        "# Credentials and region from the AWS_* variables or ~/.aws; an S3-compatible store's endpoint from",
+        '# AWS_ENDPOINT_URL, or set it here: PipelineOptions(["--s3_endpoint_url=https://..."]).',
+        "FileSystems.set_options(PipelineOptions([]))",
     ]
+
+
+def _hugging_face(output: str, layout: Layout) -> str:
+    """`load_dataset` gives the clips table; the audio is the file at `path` (no audio is decoded here:
+    decoding needs torchcodec), or a tar shard's sample."""
+    intro, head, root, load = _hf_load(output)
+    lines = [f"With Hugging Face `datasets` ({intro}):", "", "```python", *head, "import datasets", "", root]
+    lines.append(f"clips = {load}  # every column of the clips table")
     if layout.sharded:  # HF's webdataset builder encodes Audio with torchcodec even for bytes: no torch here
         fmt = layout.clip_format
         lines += [
@@ -321,6 +329,21 @@ def _hugging_face(layout: Layout) -> str:
             'print(len(clips), clips[0]["audio"]["path"] if len(clips) else None)',
         ]
     return "\n".join([*lines, "```"])
+
+
+def _hf_load(output: str) -> tuple[str, list[str], str, str]:
+    """(what the snippet reads, its imports before `datasets`, its root line, its load call). A local
+    dataset is `load_dataset(root)` (this card's `configs`); `load_dataset` takes no bucket URI as a folder,
+    so a bucket's snippet names the clips table's files, which fsspec (s3fs, gcsfs) reads."""
+    if is_local(output):
+        root = 'root = os.path.abspath(".")  # this dataset\'s folder (load_dataset(".") cannot name it), or its path'
+        intro = "`load_dataset(root)` reads the clips table named in this card's `configs`"
+        return intro, ["import os", ""], root, 'datasets.load_dataset(root, split="train")'
+    fs = "s3fs" if output.startswith("s3://") else "gcsfs"
+    intro = f"`load_dataset` reads the clips table's files on the bucket with fsspec: `pip install {fs}`"
+    root = f"root = {output.rstrip('/')!r}  # the dataset's URI, or a local copy's path"
+    files = 'data_files=f"{root}/metadata/clips-*.parquet"'
+    return intro, [], root, f'datasets.load_dataset("parquet", {files}, split="train")'
 
 
 def _manifests(layout: Layout) -> list[str]:

@@ -1,5 +1,6 @@
 """The dataset card: its numbers match the tables, its snippet runs, its histogram is drawn, on a
-local disk and on GCS (the emulator)."""
+local disk and on S3 and GCS (moto and the emulator). On a bucket the snippet runs as a user runs it: in a
+fresh interpreter, as written, with only the environment pointing it at the bucket."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import dataclasses
 import io
 import os
 import re
+import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +27,18 @@ from PIL import Image
 from pipeline.card import BACKGROUND, SIZE, ClipStats, write_card
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.finish import RunStats
-from pipeline.storage import open_store
+from pipeline.storage import StoreSettings, open_store
 from pipeline.tables import clips_schema, errors_schema
-from tests.helpers import read_bytes, read_table_file
-from tests.storage_fixtures import gcs_server  # noqa: F401
+from tests.helpers import CHILD_TIMEOUT_S, expect_exit, read_bytes, read_table_file
 from tests.storage_servers import StorageServer
+from tests.test_builds import clips_table as built_clips
+from tests.test_builds import run_build, write_local_manifest
 
 MANIFEST = pa.schema([("clip_id", pa.string()), ("object_id", pa.string()), ("speaker", pa.string())])
 # (clip_id, object_id, duration_ms, channels)
 CLIPS = [("a", "obj-1", 500, 1), ("b", "obj-1", 1250, 1), ("c", "obj-2", 3000, 2)]
 ERRORS = [("d", "obj-3", "NOT_FOUND"), ("e", "obj-3", "NOT_FOUND"), ("f", "obj-1", "INVALID_RANGE")]
+STORE_VARIABLES = ("AWS_", "GOOGLE_", "STORAGE_EMULATOR_HOST")  # what a child must not inherit from this process
 
 
 def summary(rows: int, written: int, skipped: int) -> dict:
@@ -61,7 +67,13 @@ def write_table(path: str, rows: list[dict], schema: pa.Schema) -> None:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
 
 
-def make_card(output: str, numbers: dict, clips_tables: list[str], errors_tables: list[str]) -> str:
+def make_card(
+    output: str,
+    numbers: dict,
+    clips_tables: list[str],
+    errors_tables: list[str],
+    store: StoreSettings | None = None,
+) -> str:
     """The card as the job's last step writes it: its numbers counted by the job's own combiner (RunStats)
     over the rows the tables hold."""
     stats, objects = RunStats(), set()
@@ -76,7 +88,7 @@ def make_card(output: str, numbers: dict, clips_tables: list[str], errors_tables
     clip_stats = ClipStats(stats.written + stats.skipped, len(objects), stats.clip_bytes,
                            dict(stats.channels), dict(stats.durations_ms))  # fmt: skip
     errors = dict(sorted(stats.errors_by_code.items(), key=lambda kv: (-kv[1], kv[0])))
-    return write_card(open_store(output), output, numbers, clip_stats, errors)
+    return write_card(open_store(output, store or StoreSettings()), output, numbers, clip_stats, errors)
 
 
 def write_dataset(output: str, clips: list[tuple], errors: list[tuple]) -> tuple[list[str], list[str]]:
@@ -210,21 +222,91 @@ def test_a_rerun_replaces_the_card(local: tuple[str, str, str]) -> None:
     assert "- Manifest rows in: 7" in card and "(0 written by the last run, 3 already there)" in card
 
 
-@pytest.fixture
-def gcs(gcs_server: StorageServer) -> str:  # noqa: F811
-    """A fresh gs:// prefix; FileSystems options are global, so set them for this test."""
-    FileSystems.set_options(PipelineOptions(gcs_server.flags))
-    return f"{gcs_server.bucket_url}{uuid.uuid4().hex}/out"
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """A fresh prefix on a loopback bucket, and what a user of that bucket has in the environment."""
+
+    server: StorageServer
+    output: str
+    env: dict[str, str]
 
 
-def test_card_on_gcs(gcs: str) -> None:
-    clips_table, errors_table = write_dataset(gcs, CLIPS, ERRORS)
-    path = make_card(gcs, summary(6, 3, 0), clips_table, errors_table)
-    assert path == gcs + "/README.md"
+def user_env(server: StorageServer) -> dict[str, str]:
+    """Credentials and endpoint as environment variables only, so the card's snippets run unchanged: for S3
+    the AWS_* variables boto3 reads (AWS_ENDPOINT_URL as for any S3-compatible store), for GCS the emulator's
+    host and an ADC file."""
+    if server.bucket_url.startswith("s3://"):
+        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+        return {"AWS_ENDPOINT_URL": server.endpoint_url, **{name: server.env[name] for name in names}}
+    return dict(server.env)
+
+
+@pytest.fixture(params=["s3_server", "gcs_server"], ids=["s3", "gcs"])
+def bucket(request: pytest.FixtureRequest) -> Iterator[Bucket]:
+    """FileSystems options are global: set for this test's own reads and writes, and restored after."""
+    server: StorageServer = request.getfixturevalue(request.param)
+    saved = FileSystems._pipeline_options
+    FileSystems.set_options(PipelineOptions(server.flags))
+    yield Bucket(server, f"{server.bucket_url}{uuid.uuid4().hex}/out", user_env(server))
+    FileSystems.set_options(saved)
+
+
+def loading_snippets(card: str) -> list[str]:
+    """The ```python blocks of the card's "## Loading" section, as written."""
+    section = card.split("\n## Loading\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+def run_as_user(code: str, bucket: Bucket, cwd: Path) -> list[str]:
+    """`code` run by a fresh interpreter from an empty folder, with no store setting of this process's (no
+    FileSystems options, no inherited AWS_* or Google variables) but the bucket's environment: its output lines."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(STORE_VARIABLES)}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**inherited, **bucket.env},
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def printed_clips(lines: list[str]) -> list[tuple[str, int, int]]:
+    """The loading snippet's lines: (clip_id, frames, rate) per clip."""
+    return [(c, int(n), int(r)) for c, n, r in (line.split() for line in lines)]
+
+
+def test_card_on_a_bucket(bucket: Bucket, tmp_path: Path) -> None:
+    """The card and its histogram on a bucket, and its loading snippet loading every clip as written (on S3 it
+    once failed: Beam's S3 filesystem refuses to work without pipeline options)."""
+    clips_table, errors_table = write_dataset(bucket.output, CLIPS, ERRORS)
+    store = StoreSettings.from_options(PipelineOptions(bucket.server.flags))
+    path = make_card(bucket.output, summary(6, 3, 0), clips_table, errors_table, store)
+    assert path == bucket.output + "/README.md"
     card = read_bytes(path).decode()
     assert "- Clips: 3 (3 written" in card and "| NOT_FOUND | 2 |" in card
-    assert run_snippet(card) == [(c, ms * 16, 16_000) for c, _, ms, _ in CLIPS]
-    assert_histogram(read_bytes(gcs + "/duration_histogram.png"))
-    (found,) = FileSystems.match([gcs + "/*"])
-    names = sorted(m.path[len(gcs) + 1 :] for m in found.metadata_list if "/" not in m.path[len(gcs) + 1 :])
-    assert names == ["README.md", "duration_histogram.png"]  # and no .tmp left
+    loading = loading_snippets(card)[0]
+    assert printed_clips(run_as_user(loading, bucket, tmp_path)) == [(c, ms * 16, 16_000) for c, _, ms, _ in CLIPS]
+    assert_histogram(read_bytes(bucket.output + "/duration_histogram.png"))
+    (found,) = FileSystems.match([bucket.output + "/*"])
+    names = sorted(m.path[len(bucket.output) + 1 :] for m in found.metadata_list)
+    assert [name for name in names if "/" not in name] == ["README.md", "duration_histogram.png"]  # no .tmp left
+
+
+def test_sharded_build_on_a_bucket(bucket: Bucket, make_server, tmp_path: Path) -> None:
+    """The real job's tar shards on a bucket: the card's snippet reads every clip out of its shard."""
+    rows = [
+        {"clip_id": "m0", "object_id": "demo-mono", "start_ms": 0, "duration_ms": 1000},
+        {"clip_id": "s0", "object_id": "demo-stereo", "start_ms": 1500, "duration_ms": 700},
+        {"clip_id": "f0", "object_id": "demo-flac-3ch", "start_ms": 4000, "duration_ms": 500},
+    ]
+    manifest = write_local_manifest(tmp_path / "manifest.parquet", rows)
+    argv = (manifest, bucket.output, "--shards=2", "--clip_format=flac", *bucket.server.flags)
+    expect_exit(run_build(make_server(), *argv, env=bucket.server.env), 0)
+    card = read_bytes(bucket.output + "/README.md").decode()
+    table = built_clips(bucket.output).to_pylist()
+    assert len(table) == 3 and all(row["path"].startswith("shards/") for row in table)
+    printed = printed_clips(run_as_user(loading_snippets(card)[0], bucket, tmp_path))
+    assert printed == [(row["clip_id"], row["num_samples"], 16_000) for row in table]
