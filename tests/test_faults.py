@@ -208,13 +208,17 @@ def test_permanent_errors_are_tried_exactly_once(make_server, tmp_path, code):
     assert sum(server.calls.values()) == len(rows)
 
 
-def test_a_server_absent_at_start_that_comes_back_in_time(store_dir, store, tmp_path, failed_attempts):
+def test_a_server_gone_after_the_key_check_that_comes_back_in_time(store_dir, store, tmp_path, failed_attempts):
+    """The launch's key check reaches the server (a launch that reaches nobody stops with exit 2:
+    tests/test_launch.py); it is gone before the first GetAudio call and back within the retry budget."""
     port = free_port()
     rows = fault_manifest(tmp_path / "m.parquet", 20)
     out = tmp_path / "out"
-    started = start(tmp_path / "m.parquet", out, f"http://127.0.0.1:{port}", "--max_attempts=10")
-    # The key check's one attempt, then the run's first GetAudio attempts, find nobody.
-    wait_until(lambda: len(failed_attempts) >= 2, "the run's first calls failed", started=started)
+    server = LocalServer(store_dir, ServerSettings(faults=Faults(latency_s=0.5)), port=port).start()
+    started = start(tmp_path / "m.parquet", out, server.address, "--max_attempts=10")
+    wait_until(lambda: server.servicer.object_calls, "the key check", started=started)
+    server.stop()
+    wait_until(lambda: len(failed_attempts) >= 1, "the run's first calls failed", started=started)
     with LocalServer(store_dir, ServerSettings(), port=port):
         done = started.wait()
     assert done.returncode == 0, explain(done)

@@ -66,10 +66,9 @@ def test_the_launcher_builds_the_dataflow_job_detached(gcs_server, server, tmp_p
     builds the job and does not wait for it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from google.cloud import storage as gcs
 
-    from pipeline.storage import open_store
-
-    open_store("gs://test-bucket/").put("gs://test-bucket/locked/key", b"any")
+    gcs.Client().bucket("test-bucket").blob("locked/key").upload_from_string("any")  # the emulator's
 
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"object_id": ["a"], "start_ms": [0], "duration_ms": [100]}), manifest)

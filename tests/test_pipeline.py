@@ -561,12 +561,12 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, gcs_server, tmp_pa
     """--runner=DataflowRunner --dry_run=True with a local manifest: the key file and the output are checked
     (on the GCS emulator), the job is built with no Google Cloud credentials and no network, nothing is fetched
     or written, and the key is not in the job."""
-    from pipeline.storage import open_store
+    from google.cloud import storage as gcs
 
     server = keyed_server(make_server)
-    bucket = open_store("gs://test-bucket/")
-    bucket.put("gs://test-bucket/soniox-key", KEY.encode())
-    before = sorted(o.path for o in bucket.list("gs://test-bucket/"))
+    bucket = gcs.Client().bucket("test-bucket")  # a client of its own: the emulator's, as gcs_server.env says
+    bucket.blob("soniox-key").upload_from_string(KEY)
+    before = sorted(b.name for b in bucket.list_blobs())
     rows = [manifest_row(FULL_SCHEMA, "a", "demo-mono", "a", time=(0, 1000))]
     manifest = write_manifest(tmp_path / "m.parquet", rows, FULL_SCHEMA)
     started = time.monotonic()
@@ -580,7 +580,7 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, gcs_server, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "DefaultCredentialsError" not in proc.stderr, "the dry run reached for Google Cloud credentials"
-    assert sorted(o.path for o in bucket.list("gs://test-bucket/")) == before  # nothing staged or written
+    assert sorted(b.name for b in bucket.list_blobs()) == before  # nothing staged or written
     assert time.monotonic() - started < 60
     assert KEY not in proc.stdout + proc.stderr
     job = json.loads(proc.stdout.strip().splitlines()[-1])
