@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import tempfile
+import urllib.parse
+import uuid
 from collections.abc import Iterator
 
 from apache_beam.options.pipeline_options import (
@@ -84,6 +86,29 @@ def check_detach(opts: ClipOptions, options: PipelineOptions) -> None:
             f"--detach needs a runner that runs the job elsewhere (DataflowRunner, or PortableRunner with the "
             f"--job_endpoint of a job service); {name} runs it in this process, so the run waits for it"
         )
+
+
+def local_form(output: str) -> str:
+    """`file:///abs/path` (or `file://localhost/abs/path`) as the plain path it names: the store, the clips,
+    the tables and the record must all be at the same place, not some under `$PWD/file:`."""
+    if not output.startswith("file://"):
+        return output
+    url = urllib.parse.urlparse(output)
+    if url.netloc not in ("", "localhost"):
+        raise LaunchError(f"--output {output}: a file:// URI names a path on this machine (file:///path)")
+    return urllib.parse.unquote(url.path)
+
+
+def probe_output(store: Store, output: str) -> None:
+    """Write and delete a marker in the output's scratch folder: a read-only folder, a missing bucket or refused
+    credentials stop the launch here, before any call, not after every clip was fetched."""
+    marker = f"{output.rstrip('/')}/{TMP_DIR}/probe-{uuid.uuid4().hex}"
+    try:
+        store.put(marker, b"")
+        store.delete([marker])
+    except Exception as e:  # StorageError, or a store's own error type
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise LaunchError(f"--output {output}: cannot write to it ({reason})") from None
 
 
 def check_output(store: Store, output: str) -> None:

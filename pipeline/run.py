@@ -31,9 +31,11 @@ from pipeline.launch import (
     check_detach,
     check_output,
     check_workers_get_the_key,
+    local_form,
     local_runner,
     own_tempdir,
     preflight,
+    probe_output,
     remove_leftovers,
     runner_name,
     stream_bound,
@@ -149,6 +151,7 @@ def prepare(argv: list[str]) -> Launch:
         runner = local_runner(options)
     opts = options.view_as(ClipOptions)
     check_values(opts)
+    opts.output = local_form(opts.output)
     check_detach(opts, options)
     check_workers_get_the_key(opts, options)
     store_settings = StoreSettings.from_options(options)
@@ -164,6 +167,8 @@ def prepare(argv: list[str]) -> Launch:
     host = settings.client.api_host or DEFAULT_API_HOST
     log.info("GetAudio at %s; concurrency: %s", host, stream_bound(options, opts.max_in_flight))
     preflight(settings, manifest)
+    if not dry_run:  # the one check that writes, so the last; a dry run only looked at the output
+        probe_output(store, opts.output)
     info = RunInfo(
         output=opts.output,
         store=store_settings,

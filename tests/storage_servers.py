@@ -164,3 +164,15 @@ def start_gcs_server(bucket: str = "test-bucket") -> StorageServer:
         flags=[],  # Beam has no GCS endpoint option; a --project flag is optional.
         _stop=stop,
     )
+
+
+def gcs_bucket(server: StorageServer, name: str = "test-bucket"):
+    """A google-cloud-storage Bucket on `server`, named by its endpoint (not by this process's environment,
+    which other tests may point elsewhere)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(
+        project=GCS_PROJECT, credentials=AnonymousCredentials(), client_options={"api_endpoint": server.endpoint_url}
+    )
+    return client.bucket(name)

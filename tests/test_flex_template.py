@@ -66,9 +66,10 @@ def test_the_launcher_builds_the_dataflow_job_detached(gcs_server, server, tmp_p
     builds the job and does not wait for it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from google.cloud import storage as gcs
 
-    gcs.Client().bucket("test-bucket").blob("locked/key").upload_from_string("any")  # the emulator's
+    from tests.storage_servers import gcs_bucket
+
+    gcs_bucket(gcs_server).blob("locked/key").upload_from_string("any")
 
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"object_id": ["a"], "start_ms": [0], "duration_ms": [100]}), manifest)

@@ -165,3 +165,64 @@ def test_the_stream_bound_of_a_cluster_job(flags, expected) -> None:
     count it claimed one worker."""
     options = PipelineOptions(["--runner=DataflowRunner", *flags])
     assert expected in stream_bound(options, 64)
+
+
+def test_a_file_uri_output_is_the_plain_path(server, tmp_path) -> None:
+    """`--output file:///abs/out` builds the dataset at /abs/out: before, the clips, tables and record went under
+    `$PWD/file:/abs/out` while the summary named /abs/out, where only an empty `_tmp/` was."""
+    manifest = demo_manifest(tmp_path / "m.parquet", 2)
+    (tmp_path / "cwd").mkdir()
+    done = run_cli("run", *run_argv(server, manifest, f"file://{tmp_path}/out"), cwd=tmp_path / "cwd")
+    expect_exit(done, 0)
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "README.md",
+        "_RUN.json",
+        "clips",
+        "duration_histogram.png",
+        "metadata",
+    ]
+    assert len(os.listdir(tmp_path / "out" / "clips")) == 2 and not os.listdir(tmp_path / "cwd")
+    assert f"{tmp_path}/out/metadata/clips-*.parquet" in done.stdout
+
+
+@pytest.fixture
+def read_only_folder(tmp_path) -> Iterator[Path]:
+    """A read-only tmpfs (root ignores file modes, so a chmod would not do)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", folder], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", folder], check=True)
+
+
+@pytest.mark.parametrize("case", ["read-only", "_tmp is a file", "metadata is a file", "output is a file"])
+def test_a_local_output_that_cannot_be_written_stops_the_launch(case, server, tmp_path, request) -> None:
+    """Found at launch (exit 2, one line naming the output), not after every clip was fetched."""
+    out = tmp_path / "out"
+    if case == "read-only":
+        out = request.getfixturevalue("read_only_folder") / "out"
+    elif case == "output is a file":
+        out.write_text("")
+    else:
+        out.mkdir()
+        (out / case.split()[0]).write_text("")
+    manifest = demo_manifest(tmp_path / "m.parquet", 2)
+    done = run_cli("run", *run_argv(server, manifest, out))
+    expect_exit(done, 2)
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: --output {out}: "), explain(done)
+    assert "Traceback" not in done.stderr and not server.calls
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_missing_bucket_stops_the_launch(kind, server, s3_server, gcs_server, tmp_path) -> None:
+    storage = s3_server if kind == "s3" else gcs_server
+    out = storage.bucket_url.replace("test-bucket", "no-such-bucket") + "out"
+    manifest = demo_manifest(tmp_path / "m.parquet", 2)
+    done = run_cli("run", *run_argv(server, manifest, out, *storage.flags), env=child_env(**storage.env))
+    expect_exit(done, 2)
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: --output {out}: "), explain(done)
+    assert "Traceback" not in done.stderr and not server.calls

@@ -561,10 +561,10 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, gcs_server, tmp_pa
     """--runner=DataflowRunner --dry_run=True with a local manifest: the key file and the output are checked
     (on the GCS emulator), the job is built with no Google Cloud credentials and no network, nothing is fetched
     or written, and the key is not in the job."""
-    from google.cloud import storage as gcs
+    from tests.storage_servers import gcs_bucket
 
     server = keyed_server(make_server)
-    bucket = gcs.Client().bucket("test-bucket")  # a client of its own: the emulator's, as gcs_server.env says
+    bucket = gcs_bucket(gcs_server)
     bucket.blob("soniox-key").upload_from_string(KEY)
     before = sorted(b.name for b in bucket.list_blobs())
     rows = [manifest_row(FULL_SCHEMA, "a", "demo-mono", "a", time=(0, 1000))]
