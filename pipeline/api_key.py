@@ -8,10 +8,20 @@ workers will use.
 from __future__ import annotations
 
 import os
+import re
 
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.messages import Secret
+
+# What surrounds a key by accident: a newline from `echo`, a heredoc or a copy, spaces, a BOM that an editor
+# writes. No key starts or ends with any of it, and a key sent with it is refused.
+_AROUND = re.compile(r"\A[\s\ufeff]+|[\s\ufeff]+\Z")
+
+
+def clean_key(text: str) -> str:
+    """The key without the whitespace and BOMs around it, wherever it came from (a file or a variable)."""
+    return _AROUND.sub("", text)
 
 
 def key_file(api_key_file: str | None = None) -> str | None:
@@ -31,5 +41,5 @@ def read_api_key(api_key_file: str | None = None) -> Secret:
     path = key_file(api_key_file)
     if path:
         with FileSystems.open(path) as f:
-            return Secret(f.read().decode().strip())
-    return Secret(os.environ.get("SONIOX_API_KEY", ""))
+            return Secret(clean_key(f.read().decode()))
+    return Secret(clean_key(os.environ.get("SONIOX_API_KEY", "")))

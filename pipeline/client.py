@@ -181,7 +181,7 @@ class GetAudioClient:
             except _StreamBroken as e:
                 code, details = grpc.StatusCode.UNAVAILABLE, str(e)
             except _BadStream as e:
-                raise GetAudioError(BAD_STREAM, str(e), attempt, (*seen, BAD_STREAM)) from None
+                raise self._error(BAD_STREAM, str(e), attempt, (*seen, BAD_STREAM), object_id) from None
             seen.append(code.name)
             if stream.complete:  # every frame arrived before the error
                 return stream.result(attempt, time.monotonic() - started, held, seen)
@@ -230,10 +230,15 @@ class GetAudioClient:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             self.throttler.rejected()
         if code not in self.retry.retry_codes or failures >= self.retry.max_attempts:
-            raise GetAudioError(code.name, details, attempt, seen)
+            raise self._error(code.name, details, attempt, seen, object_id)
         delay = self.retry.backoff(failures)
         log.debug("GetAudio %s: %s on attempt %d, retrying in %.2fs", object_id, code.name, attempt, delay)
         self._wait(delay)
+
+    def _error(self, code: str, message: str, attempt: int, seen: tuple[str, ...], object_id: str) -> GetAudioError:
+        """The final error, with the key and anything shaped like one masked in the server's words: a server may
+        echo the request, and the message goes into the errors table and the log. The object ID stays."""
+        return GetAudioError(code, self._key.mask(message, keep=(object_id,)), attempt, seen)
 
     # -- GetObject --------------------------------------------------------------------------------------
     def get_object(self, object_id: str) -> ObjectInfo:

@@ -6,12 +6,19 @@ shape of Beam's `io/aws/clients/s3/messages.py` beside its clients).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
 from pipeline.audio import BYTES_PER_SAMPLE, SAMPLES_PER_MS
 
 BAD_STREAM = "BAD_STREAM"  # the error code of a stream that breaks the GetAudio contract
+MASK = "***"  # what stands for a key in a message
+# Shaped like a key: 32 or more characters of A-Z a-z 0-9 _ - with a letter and a digit among them (hex keys,
+# URL-safe base64 tokens, UUIDs). The words, host names and status names of a message are shorter or all letters.
+_KEY_SHAPED = re.compile(
+    r"(?<![A-Za-z0-9_-])(?=[A-Za-z0-9_-]*[0-9])(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{32,}(?![A-Za-z0-9_-])"
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,14 @@ class Secret:
     def reveal(self) -> str:
         return self._value
 
+    def mask(self, text: str, keep: tuple[str, ...] = ()) -> str:
+        """`text` (a server's words) with this key and anything shaped like a key masked: a server may echo the
+        request it was sent, and its words go into the errors table and the log. `keep`: tokens to leave as
+        they are (the object ID the request named, which the row holds anyway)."""
+        if self._value:
+            text = text.replace(self._value, MASK)
+        return mask_key_shaped(text, keep)
+
     def __repr__(self) -> str:
         return "Secret('***')"
 
@@ -115,3 +130,8 @@ class Secret:
 
     def __reduce__(self):  # pickling would write the key into Beam's serialized graph
         raise TypeError("a Secret is not picklable; pass an api_key_file or SONIOX_API_KEY instead")
+
+
+def mask_key_shaped(text: str, keep: tuple[str, ...] = ()) -> str:
+    """`text` with every token shaped like a key (another project's, a token a proxy adds) masked, but `keep`."""
+    return _KEY_SHAPED.sub(lambda m: m.group() if m.group() in keep else MASK, text)

@@ -20,6 +20,11 @@ from pipeline.export import LHOTSE, parse_exports
 from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
 
 REQUIRED = ("manifest", "output")
+# The deadline of one GetAudio attempt is --rpc_timeout_s + 0.1 s per second of audio. An attempt that has not
+# ended within a day is hung, not slow (and --max_attempts would wait that long again); gRPC turns the deadline
+# into an absolute time in int64 nanoseconds, which nan, inf or 1e300 overflow: every call would fail at once
+# with DEADLINE_EXCEEDED, before it reaches the server.
+MAX_RPC_TIMEOUT_S = 86_400.0
 
 
 def _boolean(value: str) -> bool:
@@ -211,8 +216,15 @@ def check_values(opts: ClipOptions) -> None:
         ),
         (opts.max_in_flight < 1, "--max_in_flight takes a number of streams from 1 up"),
         (opts.max_attempts < 1, "--max_attempts takes a number of attempts from 1 up"),
-        (opts.rpc_timeout_s <= 0, "--rpc_timeout_s takes a number of seconds above 0"),
-        (not 0 <= opts.max_error_ratio <= 1, "--max_error_ratio takes a fraction from 0 to 1"),
+        (
+            not 0 < opts.rpc_timeout_s <= MAX_RPC_TIMEOUT_S,  # written so that nan fails it too
+            f"--rpc_timeout_s takes a number of seconds above 0, up to {MAX_RPC_TIMEOUT_S:.0f} (a day), "
+            f"not {opts.rpc_timeout_s:g}",
+        ),
+        (
+            not 0 <= opts.max_error_ratio <= 1,
+            f"--max_error_ratio takes a fraction from 0 to 1, not {opts.max_error_ratio:g}",
+        ),
         (
             bool(opts.rate_limit_service) and not re.fullmatch(r"[^\s/:]+:\d+", opts.rate_limit_service),
             "--rate_limit_service takes host:port (the rate limit service's gRPC address)",
