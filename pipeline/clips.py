@@ -1,9 +1,10 @@
 """Clip files: WAV or FLAC (one writer each) built as the audio arrives, then published whole at a deterministic path.
 
 A crash or a retried bundle never leaves a partial file at a final path: the store publishes a clip in one
-write (one upload to a bucket, write-then-rename on a local disk). Audio is kept in memory up to
-`SPILL_BYTES` and then streamed to a local scratch file, so a short clip costs one write and a one-hour
-clip never sits in memory.
+write (one upload to a bucket, write-then-rename on a local disk), and only once the writer has checked it
+is complete. A writer whose write fails (a full disk, libsndfile) drops its scratch file and raises OSError,
+which makes the row WRITE_FAILED. Audio is kept in memory up to `SPILL_BYTES` and then streamed to a local
+scratch file, so a short clip costs one write and a one-hour clip never sits in memory.
 
 Each clip says what was asked for and served, so `--skip_existing` can tell a complete, current clip from
 a stale one without downloading it: on a bucket in the object's metadata (with its sha256), read by one
@@ -12,9 +13,11 @@ metadata request; on a local disk in the header (a LIST/INFO comment, or FLAC's 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -93,11 +96,15 @@ class _ClipFile:
         return self._scratch
 
     def finish(self) -> FinishedClip:
-        """The complete clip, checked against the length the stream announced."""
-        if self._bytes != self._expected:
+        """The complete clip, checked against the length the stream announced. A clip that cannot be
+        finished (short, or its last write failed) is discarded and raises OSError: a WRITE_FAILED row."""
+        try:
+            if self._bytes != self._expected:
+                raise OSError(f"clip {self.path} got {self._bytes} bytes, expected {self._expected}")
+            return self._finish()
+        except BaseException:
             self.discard()
-            raise OSError(f"clip {self.path} got {self._bytes} bytes, expected {self._expected}")
-        return self._finish()
+            raise
 
     def _finish(self) -> FinishedClip:
         raise NotImplementedError
@@ -107,7 +114,12 @@ class _ClipFile:
         done = self.finish()
         written = WrittenClip(self.path, self.info, self.info.num_frames, done.num_bytes, done.sha256)
         metadata = None if self.store.local else to_metadata(self.fingerprint, written)  # a file has it in its header
-        self.store.put(self.path, done.data, file=done.file, content_type=_MIME[self.clip_format], metadata=metadata)
+        mime = _MIME[self.clip_format]
+        try:
+            self.store.put(self.path, done.data, file=done.file, content_type=mime, metadata=metadata)
+        except BaseException:
+            self.discard()
+            raise
         self._scratch = None  # the store took the file
         return written
 
@@ -115,11 +127,14 @@ class _ClipFile:
         pass
 
     def discard(self) -> None:
-        """Drop a clip that will not be published."""
-        self._close()
-        if self._scratch is not None and os.path.exists(self._scratch):
-            os.remove(self._scratch)
-        self._scratch = None
+        """Drop a clip that will not be published, and its scratch file, whatever closing it says."""
+        try:
+            with contextlib.suppress(OSError):  # a file that failed to write may fail to close (a full disk)
+                self._close()
+        finally:
+            if self._scratch is not None and os.path.exists(self._scratch):
+                os.remove(self._scratch)
+            self._scratch = None
 
 
 class WavClip(_ClipFile):
@@ -163,14 +178,14 @@ class WavClip(_ClipFile):
 
     def _close(self) -> None:
         self._buffer.clear()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
 
 
 class FlacClip(_ClipFile):
-    """A FLAC clip: encoded straight into a scratch file (the encoder's bytes exist only there), hashed
-    once it is complete."""
+    """A FLAC clip: encoded straight into a scratch file (the encoder's bytes exist only there), read back
+    and hashed once it is closed. libsndfile's errors are raised as OSError, as a file's are."""
 
     clip_format = "flac"
 
@@ -180,22 +195,45 @@ class FlacClip(_ClipFile):
 
     def begin(self, info: StreamInfo) -> None:
         super().begin(info)
-        self._file = sf.SoundFile(self._scratch_file(), "w", SAMPLE_RATE, info.channels, "PCM_16", format="FLAC")
-        self._file.comment = self._comment()
+        with _encoder_errors(self.path):
+            self._file = sf.SoundFile(self._scratch_file(), "w", SAMPLE_RATE, info.channels, "PCM_16", format="FLAC")
+            self._file.comment = self._comment()
 
     def write(self, pcm: bytes) -> None:
-        self._file.write(np.frombuffer(pcm, "<i2").reshape(-1, self.info.channels))
+        with _encoder_errors(self.path):
+            self._file.write(np.frombuffer(pcm, "<i2").reshape(-1, self.info.channels))
         self._bytes += len(pcm)
 
     def _finish(self) -> FinishedClip:
         self._close()
+        self._check_complete()
         digest, size = _hash_file(self._scratch)
         return FinishedClip(None, self._scratch, size, digest)
 
+    def _check_complete(self) -> None:
+        """libsndfile's close ignores a write that fails as the encoder finishes (its last frame, then the
+        STREAMINFO with the length) and reports success; such a file claims 2**63-1 frames. So the closed
+        file's header is read back, and a clip that does not say it has all its frames is not published."""
+        with _encoder_errors(self.path):
+            frames = sf.info(self._scratch).frames
+        if frames != self.info.num_frames:
+            raise OSError(f"clip {self.path}: the FLAC file is incomplete ({frames} of {self.info.num_frames} frames)")
+
     def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            with _encoder_errors(self.path):
+                file.close()
+
+
+@contextlib.contextmanager
+def _encoder_errors(path: str) -> Iterator[None]:
+    """libsndfile's errors as OSError, as a failed file write is (a full disk is its "System error."), so
+    that the row becomes WRITE_FAILED instead of failing the bundle."""
+    try:
+        yield
+    except sf.SoundFileRuntimeError as e:
+        raise OSError(f"clip {path}: libsndfile: {e}") from e
 
 
 WRITERS: dict[str, type[_ClipFile]] = {"wav": WavClip, "flac": FlacClip}  # one writer per clip format

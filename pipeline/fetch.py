@@ -204,7 +204,7 @@ class _Fetch(_Step):
             sink.discard()
             stats = CallStats(time.monotonic() - started, 0, e.waited_s + limited_s, e.failures)
             return _Done(_error(request, e.code, e.message, e.attempts, stats))
-        except OSError as e:  # a StorageError among them: the store's own retries are spent
+        except OSError as e:  # a full disk, the FLAC encoder's error, or a StorageError (its retries spent)
             sink.discard()
             stats = CallStats(time.monotonic() - started)
             return _Done(_error(request, WRITE_FAILED, str(e), 1, stats))

@@ -8,12 +8,14 @@ in the output. The clips table then points at the shard (`path`, relative to the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
 import tarfile
+from typing import BinaryIO
 
 from pipeline.clips import FinishedClip
 from pipeline.elements import ClipRecord
@@ -46,9 +48,15 @@ class ShardWriter:
         self.path = path
         self.name = f"{SHARDS_DIR}/{path.rsplit('/', 1)[-1]}"  # as the tables name it: relative to the root
         self.failure: OSError | None = None  # once set, clips are dropped and the shard is not published
-        self._scratch = store.scratch_file(".tar")
-        self._file = open(self._scratch, "wb")  # noqa: SIM115 - closed in publish/discard
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._scratch: str | None = None
+        self._file: BinaryIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        try:
+            self._scratch = store.scratch_file(".tar")
+            self._file = open(self._scratch, "wb")  # noqa: SIM115 - closed in publish/discard
+            self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        except OSError as e:  # no scratch to write the shard into: each of its rows becomes WRITE_FAILED
+            self.failure = e
 
     def add(self, record: ClipRecord, clip: FinishedClip) -> ClipRecord:
         """Add a clip and its JSON; the record as the table will hold it (the shard's path, the member).
@@ -86,9 +94,15 @@ class ShardWriter:
             self.failure = e
 
     def discard(self) -> None:
-        self._file.close()
-        if os.path.exists(self._scratch):
-            os.remove(self._scratch)
+        """Drop the shard and its scratch file, whatever closing it says."""
+        try:
+            for stream in (self._tar, self._file):  # the tar first, or it writes its buffer when collected
+                if stream is not None:
+                    with contextlib.suppress(OSError):  # a full disk fails the buffered bytes' write again
+                        stream.close()
+        finally:
+            if self._scratch is not None and os.path.exists(self._scratch):
+                os.remove(self._scratch)
 
 
 def _add(tar: tarfile.TarFile, name: str, data, size: int) -> None:

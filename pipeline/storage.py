@@ -170,6 +170,7 @@ class LocalStore:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 os.replace(file, path)
         except OSError as e:
+            _remove(file)  # consumed, as a bucket store's is: a partial file in _tmp/ would hold the disk's space
             raise StorageError(f"{path}: {e}") from e
 
     def head(self, path: str) -> StoredObject | None:
