@@ -40,8 +40,12 @@ def derive_clip_id(object_id: str, segment: str) -> str:
 
     The separator "." never occurs in object IDs, ":" (in "auto:") becomes "=", and an ID that starts
     with "_" or "-" gets the prefix "o=", so two different (object, range) pairs never share a derived
-    ID and every derived ID is a valid clip_id. Very long object IDs are shortened with a hash.
+    ID and every derived ID is a valid clip_id. Very long object IDs are shortened with a hash. Only for a valid
+    object ID: any other ("", " ") has no clip ID that keeps those promises, so it raises ValueError.
     """
+    problem = object_id_problem(object_id)
+    if problem:
+        raise ValueError(f"no clip ID is derived from an invalid object_id {object_id!r}: {problem}")
     name = object_id.replace(":", "=")
     if not name[0].isalnum():  # "_x" would be a hidden name: "o=" cannot come from any object ID
         name = f"o={name}"

@@ -7,9 +7,14 @@ an error row with a code, and the other rows go on. Nothing is dropped: rows in 
 from __future__ import annotations
 
 import math
+import os
+import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import apache_beam as beam
 import pyarrow as pa
@@ -39,6 +44,11 @@ class ManifestError(ValueError):
     """A problem with a whole manifest file: the run stops before any call."""
 
 
+class ManifestReadError(RuntimeError):
+    """A row group that a worker cannot read although the file passed the launch checks (garbled pages past the
+    first row group, a file changed or removed since): found late, so the run fails rather than stops."""
+
+
 @dataclass(frozen=True)
 class Piece:
     """One row group of a manifest file: the unit that workers read in parallel."""
@@ -54,15 +64,17 @@ class Manifest:
     schema: pa.Schema
     num_rows: int
     pieces: tuple[Piece, ...] = ()
+    key_object_id: str | None = None  # the first valid object_id of a first row group, for the key check
 
 
 def inspect_manifest(pattern: str) -> Manifest:
     """Match the files, check each one's schema (and float range columns' values), and unify them; raises
     ManifestError."""
-    files = _match(pattern)
-    schema, num_rows, pieces = None, 0, []
+    files = _match(local_pattern(pattern))
+    schema, num_rows, pieces, key_object_id = None, 0, [], None
     for path in files:
-        file_schema, rows, file_pieces = _inspect_file(path)
+        file_schema, rows, file_pieces, object_id = _inspect_file(path)
+        key_object_id = key_object_id or object_id
         try:  # int32 in one file and int64 in another is fine; int and string is not
             schema = (
                 file_schema if schema is None else pa.unify_schemas([schema, file_schema], promote_options="permissive")
@@ -71,7 +83,22 @@ def inspect_manifest(pattern: str) -> Manifest:
             raise ManifestError(f"manifest {path}: its column types disagree with {files[0]} ({e})") from None
         num_rows += rows
         pieces += file_pieces
-    return Manifest(tuple(files), schema, num_rows, tuple(pieces))
+    return Manifest(tuple(files), schema, num_rows, tuple(pieces), key_object_id)
+
+
+def local_pattern(pattern: str) -> str:
+    """A `file://` URI as the local path it names, and a relative glob with no folder ("cp-*.parquet") as
+    "./cp-*.parquet": Beam's local filesystem knows no scheme, and lists the folder of a glob's fixed part,
+    which "cp-" lacks. Any other pattern as it is."""
+    if FileSystems.get_scheme(pattern) == "file":
+        uri = urlparse(pattern)
+        if uri.netloc not in ("", "localhost"):
+            raise ManifestError(f"manifest {pattern}: a file:// URI must name a local path (file:///path)")
+        pattern = url2pathname(uri.path)
+    fixed = re.match(r"[^[*?]*", pattern).group(0)
+    if FileSystems.get_scheme(pattern) is None and fixed != pattern and not os.path.dirname(fixed):
+        return os.path.join(os.curdir, pattern)
+    return pattern
 
 
 def _match(pattern: str) -> list[str]:
@@ -84,8 +111,9 @@ def _match(pattern: str) -> list[str]:
     return sorted(m.path for m in matched)
 
 
-def _inspect_file(path: str) -> tuple[pa.Schema, int, list[Piece]]:
-    """One file's schema as its rows will be read, its row count and its row groups."""
+def _inspect_file(path: str) -> tuple[pa.Schema, int, list[Piece], str | None]:
+    """One file's schema as its rows will be read, its row count, its row groups and the first valid object_id
+    of its first row group. Its footer is parsed once, here."""
     try:
         with FileSystems.open(path, compression_type="uncompressed") as f:
             parquet = pq.ParquetFile(f)
@@ -93,12 +121,36 @@ def _inspect_file(path: str) -> tuple[pa.Schema, int, list[Piece]]:
             if set(schema.names) >= ERROR_ONLY:  # an errors table, fed back to retry its rows
                 schema = pa.schema([field for field in schema if field.name not in ERROR_ONLY])
             check_schema(path, schema)
+            object_id = check_first_row_group(path, parquet, schema.names)
             check_float_ranges(path, parquet)
-            return as_read(schema), parquet.metadata.num_rows, _pieces(path, parquet.metadata)
+            return as_read(schema), parquet.metadata.num_rows, _pieces(path, parquet.metadata), object_id
     except ManifestError:
         raise
     except Exception as e:
         raise ManifestError(f"manifest {path}: not a readable Parquet file ({e})") from None
+
+
+def check_first_row_group(path: str, parquet: pq.ParquetFile, columns: list[str]) -> str | None:
+    """Decode every page of the first row group, a column at a time: garbled pages behind a valid footer stop
+    the launch here, naming the file, rather than a worker mid-run. Only the first group, to stay cheap; a later
+    one that fails is named by ReadManifestRows. Returns the group's first valid object_id (None if none)."""
+    if parquet.metadata.num_row_groups == 0:
+        return None
+    object_id = None
+    for name in columns:
+        try:
+            values = parquet.read_row_group(0, columns=[name]).column(0)
+        except Exception as e:
+            raise ManifestError(f"manifest {path}: column '{name}' of row group 0 cannot be read ({e})") from None
+        if name == OBJECT_ID:
+            object_id = _first_valid_id(values)
+    return object_id
+
+
+def _first_valid_id(values: pa.ChunkedArray) -> str | None:
+    """The first value that is a valid object ID; None if none is. Stops there: usually the first row."""
+    ids = (scalar.as_py() for scalar in values)
+    return next((v for v in ids if v is not None and not object_id_problem(v)), None)
 
 
 def _pieces(path: str, meta: pq.FileMetaData) -> list[Piece]:
@@ -110,23 +162,19 @@ def _pieces(path: str, meta: pq.FileMetaData) -> list[Piece]:
 
 
 def first_object_id(manifest: Manifest) -> str | None:
-    """The object_id of the first row, for a cheap check of the key before the run."""
-    for path in manifest.files:
-        with FileSystems.open(path, compression_type="uncompressed") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=1, columns=[OBJECT_ID]):
-                for value in batch.column(0).to_pylist():
-                    if value:
-                        return value
-    return None
+    """A valid object_id of the manifest, for a cheap check of the key before the run: found while the launch
+    read the first row groups, so no footer is parsed again."""
+    return manifest.key_object_id
 
 
 def check_schema(path: str, schema: pa.Schema) -> None:
     """The columns a manifest must have, and the types they must be."""
+    check_unique_names(path, schema)
     names = set(schema.names)
     if OBJECT_ID not in names:
         raise ManifestError(f"manifest {path}: no column '{OBJECT_ID}' (columns: {', '.join(schema.names)})")
     for name in (OBJECT_ID, CLIP_ID):
-        if name in names and not _is_string(schema.field(name).type, null_ok=name == CLIP_ID):
+        if name in names and not _is_string(schema.field(name).type):
             raise ManifestError(f"manifest {path}: column '{name}' is {schema.field(name).type}, not a string")
     for name in RANGE_COLUMNS:
         if name in names and not _is_number(schema.field(name).type):
@@ -142,12 +190,20 @@ def check_schema(path: str, schema: pa.Schema) -> None:
         raise ManifestError(f"manifest {path}: column(s) {clash} clash with output columns; rename them")
 
 
-def _is_string(t: pa.DataType, null_ok: bool = False) -> bool:
+def check_unique_names(path: str, schema: pa.Schema) -> None:
+    """Parquet allows two columns of one name; the output tables do not, nor does picking a column by name: the
+    run would fetch every clip and then fail to write its tables."""
+    twice = [name for name, n in Counter(schema.names).items() if n > 1]
+    if twice:
+        names = ", ".join(f"'{name}'" for name in twice)
+        raise ManifestError(f"manifest {path}: more than one column is named {names}; rename or drop the copies")
+
+
+def _is_string(t: pa.DataType) -> bool:
     """pyarrow and pandas' object columns write string; polars and pandas 3 large_string; string_view is newer.
-    Every writer types a column of nulls only as null: fine for clip_id (every one derived)."""
-    if null_ok and pa.types.is_null(t):
-        return True
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    Every writer types a column of nulls only as null: fine (a null clip_id is derived, a null object_id is a
+    MISSING_VALUE row like any other)."""
+    return pa.types.is_null(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _is_number(t: pa.DataType) -> bool:
@@ -163,12 +219,12 @@ def float_ranges(schema: pa.Schema) -> list[str]:
 
 def as_read(schema: pa.Schema) -> pa.Schema:
     """The schema of the rows as ReadManifestRows gives them, which the output tables carry: float (and null)
-    range columns as int64, a null clip_id as string, string_view (an in-memory layout that older readers of
-    the tables lack) as large_string."""
+    range columns as int64, a null clip_id or object_id as string, string_view (an in-memory layout that older
+    readers of the tables lack) as large_string."""
     for i, field in enumerate(schema):
         if field.name in RANGE_COLUMNS and not pa.types.is_integer(field.type):
             schema = schema.set(i, field.with_type(pa.int64()))
-        elif field.name == CLIP_ID and pa.types.is_null(field.type):
+        elif field.name in (CLIP_ID, OBJECT_ID) and pa.types.is_null(field.type):
             schema = schema.set(i, field.with_type(pa.string()))
         elif pa.types.is_string_view(field.type):
             schema = schema.set(i, field.with_type(pa.large_string()))
@@ -215,20 +271,40 @@ def _as_integers(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 class ReadManifestRows(beam.DoFn):
-    """Reads one row group of a manifest file: (where, row) for each row, where = "file row N"."""
+    """Reads one row group of a manifest file: (where, row) for each row, where = "file row N".
+
+    Each file's footer is parsed once for the life of the DoFn, not once per row group: a file of 10,000 one-row
+    groups has a footer of megabytes (7.8 MB took 120 ms to parse), and parsing it for every group made each of
+    the job's two reads take 20 minutes."""
 
     def __init__(self, columns: list[str]):
         self.columns = columns  # the manifest's columns (an errors table's own are left out)
+        self._footers: dict[str, pq.FileMetaData] = {}  # path -> its parsed footer
+
+    def setup(self) -> None:
+        self._footers = {}
+
+    def teardown(self) -> None:
+        self._footers = {}
 
     def process(self, piece: Piece) -> Iterator[tuple[str, dict[str, Any]]]:
-        with FileSystems.open(piece.path, compression_type="uncompressed") as f:
-            parquet = pq.ParquetFile(f)
-            columns = [c for c in parquet.schema_arrow.names if c in self.columns]
-            index = piece.first_row
-            for batch in parquet.iter_batches(row_groups=[piece.row_group], columns=columns):
-                for row in _as_integers(batch).to_pylist():
-                    yield f"{piece.path} row {index}", row
-                    index += 1
+        index = piece.first_row
+        for batch in self._batches(piece):
+            for row in _as_integers(batch).to_pylist():
+                yield f"{piece.path} row {index}", row
+                index += 1
+
+    def _batches(self, piece: Piece) -> Iterator[pa.RecordBatch]:
+        """The row group's batches; a failure to read them as a ManifestReadError naming file and row group."""
+        try:
+            with FileSystems.open(piece.path, compression_type="uncompressed") as f:
+                parquet = pq.ParquetFile(f, metadata=self._footers.get(piece.path))
+                self._footers[piece.path] = parquet.metadata
+                columns = [c for c in parquet.schema_arrow.names if c in self.columns]
+                yield from parquet.iter_batches(row_groups=[piece.row_group], columns=columns)
+        except Exception as e:
+            where = f"row group {piece.row_group} (from file row {piece.first_row})"
+            raise ManifestReadError(f"manifest {piece.path}: {where} cannot be read ({e})") from None
 
 
 class ReadManifest(beam.PTransform):
@@ -257,11 +333,8 @@ def validate_row(item: tuple[str, dict[str, Any]]) -> el.ClipRequest | el.ClipEr
     object_id = row.get(OBJECT_ID)
     clip_id = row.get(CLIP_ID)
     segment, problem = _segment(row)
-    if object_id is None:
-        problem = (el.MISSING_VALUE, "object_id is null")
-    elif object_id_problem(object_id):
-        problem = (el.INVALID_OBJECT_ID, object_id_problem(object_id))
-    if clip_id is None and segment is not None and object_id is not None:
+    problem = _object_id_problem(object_id) or problem
+    if problem is None and clip_id is None:  # derived only from a valid object ID and range
         clip_id = derive_clip_id(object_id, el.segment_tag(segment))
     elif problem is None and clip_id_problem(clip_id):
         problem = (el.INVALID_CLIP_ID, clip_id_problem(clip_id))
@@ -269,6 +342,13 @@ def validate_row(item: tuple[str, dict[str, Any]]) -> el.ClipRequest | el.ClipEr
         code, message = problem
         return el.ClipError(clip_id, object_id, code, f"{where}: {message}", 0, row)
     return el.ClipRequest(clip_id, object_id, segment, row, where)
+
+
+def _object_id_problem(object_id: str | None) -> tuple[str, str] | None:
+    if object_id is None:
+        return el.MISSING_VALUE, "object_id is null"
+    problem = object_id_problem(object_id)
+    return (el.INVALID_OBJECT_ID, problem) if problem else None
 
 
 def _segment(row: dict[str, Any]) -> tuple[el.Segment | None, tuple[str, str] | None]:

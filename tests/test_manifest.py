@@ -17,14 +17,16 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import elements as el
-from pipeline.ids import clip_id_problem
+from pipeline.ids import clip_id_problem, derive_clip_id
 from pipeline.manifest import (
     Manifest,
     ManifestError,
+    ManifestReadError,
     Piece,
     ReadManifest,
     ReadManifestRows,
     ValidateRows,
+    first_object_id,
     inspect_manifest,
     validate_row,
 )
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.timeout(60)
 WHERE = "gs://bucket/manifest/part-7.parquet row 41"
 INT32_MAX = 2**31 - 1
 FLOAT64 = pa.float64()
+UNREADABLE = (OSError, pa.ArrowException)  # what pyarrow raises for garbled pages or footers
 
 
 def row(**values) -> dict:
@@ -168,6 +171,21 @@ def test_null_in_one_of_a_pair_is_missing_value(values, column):
 )
 def test_invalid_clip_ids(clip_id):
     assert_error(row(clip_id=clip_id), el.INVALID_CLIP_ID)
+
+
+@pytest.mark.parametrize("object_id", ["", " ", "\t"], ids=["empty", "space", "tab"])
+@pytest.mark.parametrize("values", [{}, {"start_ms": -1}], ids=["good-range", "bad-range"])
+def test_a_bad_object_id_without_clip_id_is_one_error(object_id, values):
+    """No clip ID is derived from an invalid object ID (deriving one from "" raised IndexError and killed the
+    run): the row is one INVALID_OBJECT_ID error, its clip_id left null."""
+    err = assert_error(row(object_id=object_id, clip_id=None, **values), el.INVALID_OBJECT_ID)
+    assert err.clip_id is None
+
+
+@pytest.mark.parametrize("object_id", ["", " ", "a/b"])
+def test_no_clip_id_is_derived_from_an_invalid_object_id(object_id):
+    with pytest.raises(ValueError, match="invalid object_id"):
+        derive_clip_id(object_id, "t0+1")
 
 
 def test_a_row_with_several_problems_is_one_error():
@@ -315,6 +333,19 @@ def test_whole_file_problems_name_file_and_column(tmp_path, columns, named):
     assert named in message.replace(str(tmp_path), ""), message  # (the test's folder name may hold it too)
 
 
+@pytest.mark.parametrize("name", ["object_id", "start_ms", "speaker"])
+def test_two_columns_of_one_name_stop_the_launch(tmp_path, name):
+    """Parquet (and pyarrow) allow it; the output tables do not, so it is found before any call."""
+    columns = good_columns(speaker=pa.array(["a", "b"]))
+    path = str(tmp_path / "m.parquet")
+    table = pa.Table.from_arrays([*columns.values(), columns[name]], names=[*columns, name])
+    pq.write_table(table, path)
+    assert pq.read_schema(path).names.count(name) == 2  # the file really has both
+    message = manifest_error(path)
+    assert message.startswith(f"manifest {path}: "), message
+    assert f"'{name}'" in message and "more than one column" in message, message
+
+
 def test_a_bad_file_among_good_ones_stops_the_run(tmp_path):
     write(tmp_path / "a.parquet", **good_columns())
     bad = write(tmp_path / "b.parquet", **good_columns(start_ms=pa.array([0.5, 1.0])))
@@ -338,6 +369,23 @@ def test_files_with_conflicting_types_name_a_file(tmp_path):
 def test_glob_matching_nothing(tmp_path):
     pattern = str(tmp_path / "nothing-*.parquet")
     assert pattern in manifest_error(pattern)
+
+
+def test_a_relative_glob_with_no_folder_matches_like_dot_slash(tmp_path, monkeypatch):
+    for name in ("cp-a", "cp-b", "other"):
+        write(tmp_path / f"{name}.parquet", **good_columns())
+    monkeypatch.chdir(tmp_path)
+    assert inspect_manifest("cp-*.parquet").files == inspect_manifest("./cp-*.parquet").files
+    assert inspect_manifest("cp-*.parquet").files == ("./cp-a.parquet", "./cp-b.parquet")
+    assert inspect_manifest("cp-a.parquet").files == ("cp-a.parquet",)  # no glob: as before
+
+
+@pytest.mark.parametrize("prefix", ["file://", "file://localhost"])
+def test_file_uris_read_the_local_files(tmp_path, prefix):
+    paths = [write(tmp_path / f"cp-{n}.parquet", **good_columns()) for n in "ab"]
+    assert inspect_manifest(f"{prefix}{tmp_path}/cp-*.parquet").files == tuple(paths)
+    assert inspect_manifest(f"{prefix}{paths[0]}").files == (paths[0],)
+    assert f"file://elsewhere{tmp_path}" in manifest_error(f"file://elsewhere{tmp_path}/cp-*.parquet")
 
 
 def test_zero_row_manifest_is_fine(tmp_path):
@@ -464,33 +512,137 @@ def test_the_smallest_int64_is_read_and_refused_as_a_range(tmp_path):
     assert validate_row((where, r)).error_code == el.INVALID_RANGE
 
 
-def zero_column_data(path: str, names: set[str]) -> None:
-    """Overwrite the pages of columns `names` with zeros, leaving the footer (the schema, the row counts) intact."""
+def garble(path: str, names: set[str] | None = None, groups: set[int] | None = None) -> None:
+    """Overwrite the middle of the pages of columns `names` (None: all) in row groups `groups` (None: all),
+    leaving the footer (the schema, the row counts) intact; check that those pages are really unreadable."""
     meta = pq.ParquetFile(path).metadata
     data = bytearray(Path(path).read_bytes())
-    for g in range(meta.num_row_groups):
+    for g in range(meta.num_row_groups) if groups is None else groups:
         for c in range(meta.num_columns):
             chunk = meta.row_group(g).column(c)
-            if chunk.path_in_schema in names:
+            if names is None or chunk.path_in_schema in names:
                 start = chunk.dictionary_page_offset or chunk.data_page_offset
-                data[start : start + chunk.total_compressed_size] = bytes(chunk.total_compressed_size)
+                size = chunk.total_compressed_size
+                data[start + size // 4 : start + size - size // 4] = b"\xa5" * (size - 2 * (size // 4))
     Path(path).write_bytes(bytes(data))
+    parquet = pq.ParquetFile(path)
+    for g in range(meta.num_row_groups) if groups is None else groups:
+        with pytest.raises(UNREADABLE):
+            parquet.read_row_group(g, columns=None if names is None else list(names))
 
 
-def test_only_float_range_columns_are_read_at_launch(tmp_path):
-    """Integer range columns are checked from the schema alone: their pages, zeroed here, are never read at
-    launch; the same pages of float range columns are (and fail)."""
-    ints = write(tmp_path / "ints.parquet", **good_columns(100))
+def test_only_float_range_columns_are_read_past_the_first_row_group_at_launch(tmp_path):
+    """Integer range columns are checked from the schema alone: their pages past the first row group, garbled
+    here, are never read at launch; the same pages of float range columns are (and fail)."""
+    ints = str(tmp_path / "ints.parquet")
+    pq.write_table(pa.table(good_columns(100)), ints, row_group_size=50)
     float_ranges = good_columns(100, start_ms=floats([float(i) for i in range(100)]))
     float_ranges["duration_ms"] = floats([100.0] * 100)
-    floats_path = write(tmp_path / "floats.parquet", **float_ranges)
+    floats_path = str(tmp_path / "floats.parquet")
+    pq.write_table(pa.table(float_ranges), floats_path, row_group_size=50)
     for path in (ints, floats_path):
-        zero_column_data(path, {"start_ms", "duration_ms"})
-        with pytest.raises(OSError):  # the pages are really unreadable
-            pq.read_table(path)
+        garble(path, {"start_ms", "duration_ms"}, {1})
     assert inspect_manifest(ints).num_rows == 100
     message = manifest_error(floats_path)
     assert message.startswith(f"manifest {floats_path}: not a readable Parquet file"), message
+
+
+@pytest.mark.parametrize("name", ["object_id", "duration_ms", "speaker"])
+def test_garbled_pages_in_the_first_row_group_stop_the_launch(tmp_path, name):
+    """A valid footer over garbled pages: the launch decodes the first row group and names file and column."""
+    path = str(tmp_path / "m.parquet")
+    columns = good_columns(300, speaker=pa.array([f"speaker {i}" for i in range(300)]))
+    pq.write_table(pa.table(columns), path, row_group_size=100)
+    garble(path, {name}, {0})
+    message = manifest_error(path)
+    assert message.startswith(f"manifest {path}: column '{name}' of row group 0 cannot be read"), message
+
+
+def test_a_garbled_later_row_group_is_named_when_read(tmp_path):
+    """Past the first row group, the worker that reads a garbled group names the file and the group."""
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table(good_columns(300)), path, row_group_size=100)
+    garble(path, groups={2})
+    manifest = inspect_manifest(path)  # only the first row group is read at launch
+    read = ReadManifestRows(manifest.schema.names)
+    assert len([item for piece in manifest.pieces[:2] for item in read.process(piece)]) == 200
+    with pytest.raises(ManifestReadError) as e:
+        list(read.process(manifest.pieces[2]))
+    assert str(e.value).startswith(f"manifest {path}: row group 2 (from file row 200) cannot be read"), e.value
+
+
+def test_the_key_check_gets_the_first_valid_object_id(tmp_path):
+    write(tmp_path / "a.parquet", **good_columns(3, object_id=pa.array([None, " ", ""], pa.string())))
+    write(tmp_path / "b.parquet", **good_columns(2, object_id=pa.array(["bad/id", "demo-stereo"])))
+    assert first_object_id(inspect_manifest(str(tmp_path / "*.parquet"))) == "demo-stereo"
+    assert first_object_id(inspect_manifest(str(tmp_path / "a.parquet"))) is None
+
+
+# -- one footer parse per file (a footer of 10,000 row groups is megabytes) ----------------------------------
+
+
+class CountingParquetFile(pq.ParquetFile):
+    """pq.ParquetFile, counting the footers it parses (those not handed to it as `metadata`)."""
+
+    parses = 0
+
+    def __init__(self, source, *args, metadata=None, **kwargs):
+        CountingParquetFile.parses += metadata is None
+        super().__init__(source, *args, metadata=metadata, **kwargs)
+
+
+@pytest.fixture
+def count_parses(monkeypatch) -> type[CountingParquetFile]:
+    monkeypatch.setattr(CountingParquetFile, "parses", 0)
+    monkeypatch.setattr(pq, "ParquetFile", CountingParquetFile)
+    return CountingParquetFile
+
+
+def many_groups(path: Path, groups: int) -> str:
+    """A manifest of `groups` one-row row groups, its object named for the file (so clip IDs differ by file)."""
+    columns = good_columns(groups, object_id=pa.array([path.stem] * groups))
+    pq.write_table(pa.table(columns), path, row_group_size=1)
+    return str(path)
+
+
+def test_the_launch_parses_each_footer_once(tmp_path, count_parses):
+    files = [many_groups(tmp_path / f"{n}.parquet", 200) for n in "ab"]
+    manifest = inspect_manifest(str(tmp_path / "*.parquet"))
+    assert first_object_id(manifest) == "a"
+    assert len(manifest.pieces) == 400 and manifest.files == tuple(files)
+    assert count_parses.parses == 2
+
+
+def test_a_reader_parses_each_footer_once(tmp_path, count_parses):
+    """A reader keeps each file's footer for its life: with the footer destroyed after the first row group
+    was read, the rest still read."""
+    path = many_groups(tmp_path / "m.parquet", 200)
+    manifest = inspect_manifest(path)
+    read = ReadManifestRows(manifest.schema.names)
+    first = list(read.process(manifest.pieces[0]))
+    size = pq.ParquetFile(path).metadata.serialized_size
+    data = bytearray(Path(path).read_bytes())
+    data[-8 - size : -8] = bytes(size)  # the footer; its length and the magic bytes kept
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(UNREADABLE):
+        pq.ParquetFile(path)
+    count_parses.parses = 0
+    rest = [item for piece in manifest.pieces[1:] for item in read.process(piece)]
+    assert [where for where, _ in first + rest] == [f"{path} row {i}" for i in range(200)]
+    assert [r["start_ms"] for _, r in first + rest] == list(range(200))
+    assert count_parses.parses == 0
+
+
+def test_a_job_parses_each_footer_once_per_reader(tmp_path, count_parses):
+    """On Beam, both reads of ValidateRows (the clip-ID pass and the full one) parse each footer once per
+    instance of their reader (the in-process runner makes one of each), not once per row group (400 here)."""
+    files = [many_groups(tmp_path / f"{n}.parquet", 100) for n in "ab"]
+    manifest = inspect_manifest(str(tmp_path / "*.parquet"))
+    count_parses.parses = 0
+    with BeamPipeline() as p:
+        out = p | ValidateRows(lambda columns: ReadManifest(manifest, columns))
+        assert_that(out["requests"] | beam.combiners.Count.Globally(), equal_to([200]))
+    assert count_parses.parses == 2 * len(files)
 
 
 @pytest.mark.parametrize("type_", [pa.string(), pa.large_string(), pa.string_view()], ids=str)
@@ -526,8 +678,21 @@ def test_columns_of_nulls_only_are_accepted(tmp_path):
     assert manifest.schema.field("token_start").type == manifest.schema.field("token_end").type == pa.int64()
     checked = [validate_row(item) for item in read_rows(manifest)]
     assert [c.segment for c in checked] == [el.TimeRange(0, 100), el.TimeRange(1, 100)]
-    message = manifest_error(write(tmp_path / "no-ids.parquet", **good_columns(object_id=nulls)))
-    assert "column 'object_id' is null, not a string" in message, message
+
+
+def test_an_object_id_column_of_nulls_only_gives_an_error_per_row(tmp_path):
+    """One bad row is one error row, whatever its values: a file whose object_ids are all null (typed null by
+    every writer) among good ones runs, each of its rows a MISSING_VALUE."""
+    good = write(tmp_path / "a.parquet", **good_columns())
+    nulls = write(tmp_path / "b.parquet", **good_columns(object_id=pa.nulls(2), clip_id=pa.nulls(2)))
+    manifest = inspect_manifest(str(tmp_path / "*.parquet"))
+    assert manifest.schema.field("object_id").type == pa.string()
+    checked = [validate_row(item) for item in read_rows(manifest)]
+    assert [type(c) for c in checked] == [el.ClipRequest] * 2 + [el.ClipError] * 2
+    assert [(c.error_code, c.error_message) for c in checked[2:]] == [
+        (el.MISSING_VALUE, f"{nulls} row {i}: object_id is null") for i in range(2)
+    ]
+    assert first_object_id(inspect_manifest(nulls)) is None and first_object_id(inspect_manifest(good))
 
 
 # -- ValidateRows on Beam -------------------------------------------------------------------------
