@@ -19,6 +19,18 @@ class LaunchError(RuntimeError):
     """The run cannot start as asked: it stops before anything is fetched or written (exit 2)."""
 
 
+class RunError(RuntimeError):
+    """The run failed after it started, for a reason one line says (exit 3, no traceback): Beam's logged
+    traceback of it is dropped too."""
+
+
+def caused_by(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The `kind` exception behind `error` (Beam re-raises what a step raised as a RuntimeError naming it)."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """--help shows each option's default (where it has a value and the help does not already say it) and
     marks the required ones, so a user need not read the code to know what a run will do."""
@@ -65,8 +77,11 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
 
 
 class _DropNoise(logging.Filter):
+    """Library lines that say nothing about this run, and tracebacks of a RunError, which says it in one line."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(NOISE)
+        reported = record.exc_info is not None and caused_by(record.exc_info[1], RunError) is not None
+        return not (reported or str(record.msg).startswith(NOISE))
 
 
 def configure_logging(argv: list[str]) -> list[str]:
@@ -82,6 +97,7 @@ def configure_logging(argv: list[str]) -> list[str]:
     root = logging.getLogger()
     root.setLevel(libraries)
     logging.getLogger("pipeline").setLevel(own)
-    if not any(isinstance(f, _DropNoise) for f in root.filters):
-        root.addFilter(_DropNoise())
+    for where in (root, *root.handlers):  # a logger's filter sees only its own records; a handler's, all
+        if not any(isinstance(f, _DropNoise) for f in where.filters):
+            where.addFilter(_DropNoise())
     return rest

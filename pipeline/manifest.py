@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import elements as el
+from pipeline.cli import RunError
 from pipeline.ids import clip_id_problem, derive_clip_id, object_id_problem
 from pipeline.tables import (
     CLIP_ID,
@@ -44,7 +45,7 @@ class ManifestError(ValueError):
     """A problem with a whole manifest file: the run stops before any call."""
 
 
-class ManifestReadError(RuntimeError):
+class ManifestReadError(RunError):
     """A row group that a worker cannot read although the file passed the launch checks (garbled pages past the
     first row group, a file changed or removed since): found late, so the run fails rather than stops."""
 

@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline import manifest as mf
 from pipeline import tables
-from pipeline.cli import LaunchError, Parser, add_logging_options
+from pipeline.cli import LaunchError, Parser, RunError, add_logging_options, caused_by
 from pipeline.client import DEFAULT_API_HOST
 from pipeline.clips import CLIPS_DIR
 from pipeline.elements import ClipError, ClipRecord, ClipRequest
@@ -262,8 +262,11 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # Python's own exit code, 1, would read as "ran, too many errors"
-        traceback.print_exc()
-        print(f"error: the run failed ({type(e).__name__}, above); the run record was not written", file=sys.stderr)
+        late = caused_by(e, RunError)
+        if late is None:  # a bug or a runner error: the traceback is the report
+            traceback.print_exc()
+        reason = str(late) if late else f"{type(e).__name__}, above"
+        print(f"error: the run failed ({reason}); the run record was not written", file=sys.stderr)
         sys.exit(3)
     opts = launch.opts
     if summary is None:  # --detach
