@@ -226,3 +226,24 @@ def test_a_missing_bucket_stops_the_launch(kind, server, s3_server, gcs_server, 
     expect_exit(done, 2)
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: --output {out}: "), explain(done)
     assert "Traceback" not in done.stderr and not server.calls
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_refused_storage_credentials_stop_the_launch(kind, server, s3_server, gcs_server, tmp_path) -> None:
+    """Every storage request answered 403 (as for wrong credentials): exit 2 naming the output, no call; before,
+    a traceback and exit 3."""
+    from tests.storage_proxy import KINDS, StorageProxy
+
+    storage = s3_server if kind == "s3" else gcs_server
+    with StorageProxy(storage.endpoint_url) as proxy:
+        proxy.fail_kinds, proxy.fail_status, proxy.fail_fraction = KINDS, 403, 1.0
+        if kind == "s3":
+            flags, env = [f"--s3_endpoint_url={proxy.endpoint_url}", *storage.flags[1:]], storage.env
+        else:
+            flags, env = [], {**storage.env, "STORAGE_EMULATOR_HOST": proxy.endpoint_url}
+        out = f"{storage.bucket_url}refused"
+        manifest = demo_manifest(tmp_path / "m.parquet", 2)
+        done = run_cli("run", *run_argv(server, manifest, out, *flags), env=child_env(**env))
+    expect_exit(done, 2)
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: --output {out}: "), explain(done)
+    assert "Traceback" not in done.stderr and not server.calls
