@@ -8,13 +8,14 @@ audio is sample-identical to an unbroken call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -33,7 +34,7 @@ from pipeline.messages import (
     StreamInfo,
     TimeRange,
 )
-from pipeline.throttle import AdaptiveThrottler
+from pipeline.throttle import AdaptiveThrottler, WaitClock
 from pipeline.wire import speech_service_pb2 as pb
 from pipeline.wire import speech_service_pb2_grpc as pb_grpc
 
@@ -98,19 +99,49 @@ def open_channel(target: str, tls: bool) -> grpc.Channel:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter over a set of retryable codes.
+    """Exponential backoff with full jitter over a set of retryable codes, and a time floor under the budget.
 
     `max_attempts` bounds the attempts in a row that bring no new audio; a resumed stream that made
     progress starts the count again, so a long clip is not lost to a network that breaks it often.
+
+    The last attempt of such a streak is not made before the streak has lasted `min_budget_s`, so that the
+    budget measures the service, not the channel. While a server restarts every attempt fails at once
+    (connection refused, then failed fast while gRPC's reconnect backoff runs): six attempts went in about 2 s,
+    and a 2 s restart lost rows. Not counting attempts made while the channel reconnects would also need a time
+    limit (for a server that never comes back), and the channel's state says nothing behind a proxy or load
+    balancer, which stays connected while the service behind it answers UNAVAILABLE. Only the last attempt
+    waits: a sporadic failure is still retried within a second, and `max_attempts` still counts every attempt.
+    10 s covers a restart of a few seconds plus the channel's reconnect backoff (at most 5 s, `open_channel`);
+    a service that stays down costs each row those 10 s before its error.
     """
 
     max_attempts: int = 6
     retry_codes: frozenset[grpc.StatusCode] = RETRYABLE
     backoff_base_s: float = 0.25
     backoff_max_s: float = 20.0
+    min_budget_s: float = 10.0
 
     def backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
+
+    def delay(self, failures: int, streak_s: float) -> float:
+        """The wait after `failures` attempts in a row without progress, the first of them `streak_s` ago."""
+        delay = self.backoff(failures)
+        if failures == self.max_attempts - 1:  # the next attempt is the last
+            delay = max(delay, self.min_budget_s - streak_s)
+        return delay
+
+
+@dataclass(frozen=True)
+class CallHooks:
+    """What a caller adds around the client's calls without the client knowing of it (the Beam step's job-wide
+    rate limit and throttling signal: the client knows nothing of Beam)."""
+
+    # Called before every GetAudio attempt, retries included; it may block (a rate limit's go-ahead), and the
+    # time it takes counts as waiting.
+    before_attempt: Callable[[], object] | None = None
+    # Every wait of every call (held back, backing off, in `before_attempt`), shown while it lasts.
+    clock: WaitClock | None = None
 
 
 class GetAudioClient:
@@ -135,6 +166,7 @@ class GetAudioClient:
         self.rpc_timeout_s = rpc_timeout_s
         self.timeout_per_audio_s = timeout_per_audio_s
         self.throttler = AdaptiveThrottler()
+        self.hooks = CallHooks()  # set by the caller before its first call
         self._call = threading.local()  # the seconds the current thread's call has waited
 
     def __repr__(self) -> str:
@@ -151,7 +183,7 @@ class GetAudioClient:
         self, object_id: str, segment: Segment, sink: AudioSink, audio_format: str = "pcm_s16le"
     ) -> AudioResult:
         """Stream one clip into `sink`; raises GetAudioError when it cannot be had. Both say how long the
-        call waited (held back or backing off), for a runner's throttling signal."""
+        call waited (held back, backing off, or in `hooks.before_attempt`), for the run's record."""
         self._call.waited_s = 0.0
         try:
             result = self._get_audio(object_id, segment, sink, audio_format)
@@ -164,14 +196,16 @@ class GetAudioClient:
         started = time.monotonic()
         stream = _Stream(sink, audio_format)
         attempt = failures = held = 0  # failures: consecutive attempts that brought no audio
+        streak_started = started  # when the first of those failed
         seen: list[str] = []
         while True:
             attempt += 1
             frames_before = stream.frames_done
             request = self._request(object_id, segment, stream, audio_format)
             duration = stream.remaining_ms if stream.info else getattr(segment, "duration_ms", None)
+            held += self._throttle_wait(attempt)
+            self._before_attempt()  # outside the try: a rate limit service's own RpcError is not GetAudio's
             try:
-                held += self._throttle_wait(attempt)
                 call = self._stub.GetAudio(request, timeout=self._deadline(duration))
                 stream.consume(call)
                 self.throttler.accepted()
@@ -186,7 +220,10 @@ class GetAudioClient:
             if stream.complete:  # every frame arrived before the error
                 return stream.result(attempt, time.monotonic() - started, held, seen)
             failures = 1 if stream.frames_done > frames_before else failures + 1
-            self._after_failure(code, details, failures, object_id, attempt, tuple(seen))
+            if failures == 1:
+                streak_started = time.monotonic()
+            streak_s = time.monotonic() - streak_started
+            self._after_failure(code, details, failures, object_id, attempt, tuple(seen), streak_s)
 
     def _request(self, object_id: str, segment: Segment, stream: _Stream, fmt: str) -> pb.GetAudioRequest:
         request = pb.GetAudioRequest(api_key=self._key.reveal(), object_id=object_id, audio_bytes_format=fmt)
@@ -208,9 +245,24 @@ class GetAudioClient:
             self._wait(self.retry.backoff(attempt))
         return held
 
+    def _before_attempt(self) -> None:
+        if self.hooks.before_attempt is not None:
+            with self._waiting():
+                self.hooks.before_attempt()
+
     def _wait(self, seconds: float) -> None:
-        self._call.waited_s = getattr(self._call, "waited_s", 0.0) + seconds
-        time.sleep(seconds)
+        with self._waiting():
+            time.sleep(seconds)
+
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """The block's time is the current call's waiting, and on the hooks' clock while it lasts."""
+        started = time.monotonic()
+        try:
+            with self.hooks.clock.waiting() if self.hooks.clock else contextlib.nullcontext():
+                yield
+        finally:
+            self._call.waited_s = getattr(self._call, "waited_s", 0.0) + time.monotonic() - started
 
     def _after_failure(
         self,
@@ -220,18 +272,20 @@ class GetAudioClient:
         object_id: str,
         attempt: int | None = None,
         seen: tuple[str, ...] = (),
+        streak_s: float = 0.0,
     ) -> None:
         """Raise when the failure is final; otherwise back off before the next attempt.
 
-        `failures` counts consecutive attempts that brought no audio: a long clip on a flaky network
-        keeps going while each attempt makes progress, and `attempt` is the total for the record.
+        `failures` counts consecutive attempts that brought no audio, the first of them `streak_s` ago: a long
+        clip on a flaky network keeps going while each attempt makes progress, and `attempt` is the total for
+        the record.
         """
         attempt = attempt or failures
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             self.throttler.rejected()
         if code not in self.retry.retry_codes or failures >= self.retry.max_attempts:
             raise self._error(code.name, details, attempt, seen, object_id)
-        delay = self.retry.backoff(failures)
+        delay = self.retry.delay(failures, streak_s)
         log.debug("GetAudio %s: %s on attempt %d, retrying in %.2fs", object_id, code.name, attempt, delay)
         self._wait(delay)
 
@@ -244,7 +298,7 @@ class GetAudioClient:
     def get_object(self, object_id: str) -> ObjectInfo:
         """An object's duration, channels and transcript tokens, with the same retries as GetAudio."""
         request = pb.GetObjectRequest(api_key=self._key.reveal(), object_id=object_id)
-        attempt = 0
+        attempt, first_failure = 0, None
         while True:
             attempt += 1
             try:
@@ -253,7 +307,9 @@ class GetAudioClient:
                 self.throttler.accepted()
                 break
             except grpc.RpcError as e:
-                self._after_failure(e.code(), e.details() or "", attempt, object_id)
+                first_failure = first_failure or time.monotonic()
+                streak_s = time.monotonic() - first_failure
+                self._after_failure(e.code(), e.details() or "", attempt, object_id, streak_s=streak_s)
         return ObjectInfo(obj.object_id, obj.duration_ms, obj.num_audio_channels, _tokens(obj))
 
 

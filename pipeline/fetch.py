@@ -28,17 +28,20 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
+from pipeline.client import CallHooks
 from pipeline.clips import FinishedClip, WrittenClip, clip_file, clip_path, existing_clip, relative_path
 from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import ShardWriter, shard_path
 from pipeline.storage import open_store
+from pipeline.throttle import WaitClock
 from pipeline.transcripts import clip_tokens, tokens_for
 
 log = logging.getLogger(__name__)
 NAMESPACE = "clips"
 FAILED_ATTEMPTS = "failed_attempts"  # one counter per status code of a failed (and maybe retried) attempt
+SIGNAL_EVERY_S = 1.0  # while calls are in flight, their waiting reaches Beam's throttling counter this often
 COUNTERS = ("written", "skipped", "retries", "throttled", "bytes", "audio_ms", "get_object_calls")
 
 
@@ -57,6 +60,9 @@ class _Resources:
     def __init__(self, client: Fetcher, max_in_flight: int, total_rows: int, limiter=None):
         self.client = client
         self.limiter = limiter  # Beam's RateLimiter, or None
+        self.clock = WaitClock()  # every call's waiting, read by the steps for Beam's throttling counter
+        if hasattr(client, "hooks"):  # GetAudioClient (a test's fake takes none): the limit is asked per attempt
+            client.hooks = CallHooks(limiter.allow if limiter else None, self.clock)
         self.pool = futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="getaudio")
         self.progress = Progress(total_rows)
         self.users = 0
@@ -146,7 +152,6 @@ class _Fetch(_Step):
         super().setup()
         self.pool = self.resources.pool
         self.store = open_store(self.settings.output, self.settings.store)
-        self.waited_s = 0.0  # not yet signalled: the counter takes whole seconds
 
     def teardown(self) -> None:
         self.pool = None
@@ -157,10 +162,7 @@ class _Fetch(_Step):
         threads cannot update them."""
         stats = out.stats
         self.resources.progress.tick()
-        self.waited_s += stats.waited_s
-        if self.waited_s >= 1:
-            self.throttling.signal_throttled(int(self.waited_s))
-            self.waited_s -= int(self.waited_s)
+        self._signal_waits()
         self.counters["retries"].inc(max(0, out.attempts - 1))
         self.counters["throttled"].inc(stats.held)
         for code in stats.failures:
@@ -190,7 +192,6 @@ class _Fetch(_Step):
                 existing = None
             if existing is not None:
                 return _Done(_record(request, existing, attempts=0, stats=CallStats(), settings=s))
-        limited_s = self._wait_for_limit()
         sink = clip_file(self.store, path, request.fingerprint, s.clip_format)
         try:
             result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
@@ -202,7 +203,7 @@ class _Fetch(_Step):
                 written = WrittenClip(path, sink.info, sink.info.num_frames, finished.num_bytes, finished.sha256)
         except GetAudioError as e:
             sink.discard()
-            stats = CallStats(time.monotonic() - started, 0, e.waited_s + limited_s, e.failures)
+            stats = CallStats(time.monotonic() - started, 0, e.waited_s, e.failures)
             return _Done(_error(request, e.code, e.message, e.attempts, stats))
         except OSError as e:  # a full disk, the FLAC encoder's error, or a StorageError (its retries spent)
             sink.discard()
@@ -211,17 +212,26 @@ class _Fetch(_Step):
         except BaseException:  # anything else fails the bundle; its scratch file goes first
             sink.discard()
             raise
-        stats = CallStats(time.monotonic() - started, result.throttled, result.waited_s + limited_s, result.failures)
+        stats = CallStats(time.monotonic() - started, result.throttled, result.waited_s, result.failures)
         return _Done(_record(request, written, result.attempts, stats, s), finished)
 
-    def _wait_for_limit(self) -> float:
-        """Wait until the job-wide rate limit (if any) allows a call; the seconds waited count as throttled
-        (the limiter's own throttling counter would be lost: it runs in a pool thread)."""
-        if self.resources.limiter is None:
-            return 0.0
-        started = time.monotonic()
-        self.resources.limiter.allow()
-        return time.monotonic() - started
+    def _signal_waits(self) -> None:
+        """Add the whole seconds this process's calls have waited (waits under way included) to Beam's throttling
+        counter, so an autoscaler hears of a long backoff while it lasts. In the DoFn's thread: Beam's metrics
+        are per thread, and the limiter's own counter, in a pool thread, is lost."""
+        seconds = self.resources.clock.unreported()
+        if seconds:
+            self.throttling.signal_throttled(seconds)
+
+    def _next(self, done: queue.SimpleQueue[futures.Future], block: bool = True) -> futures.Future | None:
+        """The next finished call (None when none has and not `block`), signalling waits every second meanwhile."""
+        while True:
+            self._signal_waits()
+            try:
+                return done.get(block=block, timeout=SIGNAL_EVERY_S if block else None)
+            except queue.Empty:
+                if not block:
+                    return None
 
 
 class FetchClips(_Fetch):
@@ -244,9 +254,8 @@ class FetchClips(_Fetch):
     def _collect(self, block: bool) -> Iterator[ClipRecord | ClipError]:
         """Emit the results of finished calls (waiting for one if `block`)."""
         while self.pending:
-            try:
-                future = self.done.get(block=block)
-            except queue.Empty:
+            future = self._next(self.done, block)
+            if future is None:
                 return
             block = False
             self.pending -= 1
@@ -270,10 +279,10 @@ class FetchShard(_Fetch):
                 pending += 1
                 while pending >= self.settings.max_in_flight or (pending and not done.empty()):
                     pending -= 1
-                    results.append(self._add(writer, done.get().result()))
+                    results.append(self._add(writer, self._next(done).result()))
             while pending:
                 pending -= 1
-                results.append(self._add(writer, done.get().result()))
+                results.append(self._add(writer, self._next(done).result()))
         except BaseException:  # an unexpected error fails the bundle, which is retried: leave no scratch behind
             writer.discard()
             _discard_spilled(done, pending)

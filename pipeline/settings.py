@@ -51,8 +51,8 @@ class FetchSettings:
     store: StoreSettings = field(default_factory=StoreSettings)
 
     def rate_limiter(self):
-        """Beam's EnvoyRateLimiter for --rate_limit_service (None without one): it blocks a call until the
-        service allows it, so the limit holds across every worker of the job."""
+        """Beam's EnvoyRateLimiter for --rate_limit_service (None without one): it blocks each GetAudio attempt,
+        retries included, until the service allows it, so the limit holds across every worker of the job."""
         if not self.rate_limit_service:
             return None
         from apache_beam.io.components.rate_limiter import EnvoyRateLimiter

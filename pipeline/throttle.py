@@ -1,4 +1,5 @@
-"""Client-side adaptive throttling (Google SRE book, "Handling Overload"), without Beam.
+"""Client-side adaptive throttling (Google SRE book, "Handling Overload"), and a clock of time spent waiting;
+without Beam.
 
 When the server answers RESOURCE_EXHAUSTED, every retry adds load it has just refused. The client
 therefore holds back a share of new calls: p = max(0, (requests - K * accepts) / (requests + 1))
@@ -8,9 +9,12 @@ over a sliding window, so the call rate drops while the server pushes back and r
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import random
 import threading
 import time
+from collections.abc import Iterator
 
 
 class AdaptiveThrottler:
@@ -49,3 +53,38 @@ class AdaptiveThrottler:
 
     def rejected(self) -> None:
         self._record(False)
+
+
+class WaitClock:
+    """Seconds that any number of threads have spent waiting (held back, backing off, waiting for a rate limit),
+    readable while they still wait: a runner's throttling signal then hears of a long wait as it happens, not
+    when it ends. Shared by the calls of one worker process; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ended_s = 0.0  # waits that have ended
+        self._started: dict[int, float] = {}  # waits under way: their monotonic start
+        self._ids = itertools.count()
+        self._reported = 0
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The block's time counts as waiting, from its first moment."""
+        token = next(self._ids)
+        with self._lock:
+            self._started[token] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._ended_s += time.monotonic() - self._started.pop(token)
+
+    def unreported(self) -> int:
+        """Whole seconds waited so far (waits under way included) not yet reported; they count as reported from
+        now, so that threads reporting in turn never report a second twice."""
+        with self._lock:
+            now = time.monotonic()
+            total = self._ended_s + sum(now - t for t in self._started.values())
+            new = int(total) - self._reported
+            self._reported += new
+        return new

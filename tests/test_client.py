@@ -22,7 +22,7 @@ from pipeline.wire import speech_service_pb2 as pb
 from pipeline.wire import speech_service_pb2_grpc as pb_grpc
 from tests.conftest import source_frames
 
-FAST_RETRY = RetryPolicy(max_attempts=4, backoff_base_s=0.01, backoff_max_s=0.05)
+FAST_RETRY = RetryPolicy(max_attempts=4, backoff_base_s=0.01, backoff_max_s=0.05, min_budget_s=0)
 
 
 class CollectSink:
@@ -156,9 +156,10 @@ def test_retryable_failures_then_success(make_server, store):
 
 def test_a_hung_call_ends_at_its_deadline(make_server):
     server = make_server(Faults(slow_fraction=1.0, slow_s=60))
+    retry = RetryPolicy(2, backoff_base_s=0.01, min_budget_s=0)
     started = time.monotonic()
     with pytest.raises(GetAudioError) as err:
-        fetch(server, "demo-mono", TimeRange(0, 100), rpc_timeout_s=0.2, retry=RetryPolicy(2, backoff_base_s=0.01))
+        fetch(server, "demo-mono", TimeRange(0, 100), rpc_timeout_s=0.2, retry=retry)
     assert (err.value.code, err.value.attempts) == ("DEADLINE_EXCEEDED", 2)
     assert time.monotonic() - started < 30  # two 0.2 s deadlines, not the server's 60 s stall
 

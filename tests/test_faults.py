@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import threading
 import time
 
+import apache_beam as beam
 import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
 import soundfile as sf
+from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
+from apache_beam.metrics.metric import MetricsFilter
 
+from pipeline import fetch
 from pipeline.client import GetAudioClient, RetryPolicy
+from pipeline.elements import ClipRequest
 from pipeline.local.server import Faults, LocalServer, ServerSettings
 from pipeline.messages import GetAudioError, TimeRange
+from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.throttle import AdaptiveThrottler
 from tests.conftest import source_frames
 from tests.helpers import (
@@ -195,6 +202,44 @@ def test_time_held_back_reaches_beams_throttling_counter(make_server, tmp_path):
     assert seconds[0.0] == 0 and seconds[0.6] >= 1, seconds
 
 
+@dataclasses.dataclass(frozen=True)
+class SteadyBackoff(RetryPolicy):
+    """The same backoff after every failure: one long, known wait to watch."""
+
+    def backoff(self, attempt: int) -> float:
+        return self.backoff_base_s
+
+
+def steady_backoff_client(settings: ClientSettings) -> GetAudioClient:
+    retry = SteadyBackoff(max_attempts=settings.max_attempts, backoff_base_s=3.0, min_budget_s=0.0)
+    return GetAudioClient(settings.api_host, retry=retry, rpc_timeout_s=settings.rpc_timeout_s)
+
+
+def test_the_throttling_counter_moves_while_a_call_backs_off(make_server, tmp_path, monkeypatch):
+    """Issue 23, case 11: Beam's throttling counter moved only when a clip ended, so an autoscaler saw nothing of a
+    long backoff until it was over. One call, failed once, backs off 3 s: the counter grows before its retry."""
+    server = make_server(Faults(fail_fraction=1.0))
+    signalled: list[tuple[int, int]] = []  # (seconds, GetAudio attempts the server had seen by then)
+    signal = ThrottlingSignaler.signal_throttled
+
+    def watch(self, seconds: int) -> None:
+        signalled.append((seconds, sum(server.calls.values())))
+        signal(self, seconds)
+
+    monkeypatch.setattr(ThrottlingSignaler, "signal_throttled", watch)
+    client = ClientSettings(server.address, None, max_attempts=2, rpc_timeout_s=5)
+    settings = FetchSettings(str(tmp_path), client, "pcm_s16le", max_in_flight=4, skip_existing=False)
+    request = ClipRequest("c", "demo-mono", TimeRange(0, 200), {}, source="m.parquet, row c")
+    p = beam.Pipeline(runner="FnApiRunner")
+    _ = p | beam.Create([request]) | beam.ParDo(fetch.FetchClips(settings, steady_backoff_client))
+    result = p.run()
+    result.wait_until_finish()
+    assert server.calls["demo-mono"] == 2
+    assert [calls for _, calls in signalled][:1] == [1], signalled  # signalled before the retry was made
+    counters = result.metrics().query(MetricsFilter().with_name("cumulativeThrottlingSeconds"))["counters"]
+    assert sum(c.committed for c in counters) == sum(s for s, _ in signalled) >= 3, (counters, signalled)
+
+
 @pytest.mark.parametrize("code", ["NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED"])
 def test_permanent_errors_are_tried_exactly_once(make_server, tmp_path, code):
     server = make_server(Faults(fail_fraction=1.0, fail_code=grpc.StatusCode[code]))
@@ -250,6 +295,33 @@ def test_a_server_gone_mid_run_and_back_damages_nothing(store_dir, store, tmp_pa
     assert not list(clips_dir.glob("*[!v]")), "only finished .wav clips at final paths"
     record = json.loads((out / "_RUN.json").read_text())
     assert sum(record["failed_attempts_by_code"].values()) >= 1, record  # the server was gone for a while
+
+
+@pytest.mark.parametrize("round_", [1, 2, 3])
+def test_a_two_second_restart_loses_no_row_at_the_defaults(store_dir, store, tmp_path, failed_attempts, round_):
+    """Issue 23, case 7: a server stopped for 2 s mid-run and started on the same port cost 7, 0 and 2 of 120 rows
+    (UNAVAILABLE: the 6 attempts were spent while the channel reconnected). At the default retry settings, three
+    runs in a row now lose nothing."""
+    port = free_port()
+    rows = fault_manifest(tmp_path / "m.parquet", 120)
+    out = tmp_path / "out"
+    server = LocalServer(store_dir, ServerSettings(faults=Faults(latency_s=1.0)), port=port).start()
+    started = start(tmp_path / "m.parquet", out, server.address)  # --max_attempts and the backoff as shipped
+    clips_dir = out / "clips"
+    wait_until(
+        lambda: clips_dir.exists() and len(list(clips_dir.glob("*.wav"))) >= 10, "10 clips", 120, started=started
+    )
+    failed = len(failed_attempts)
+    stopped = time.monotonic()
+    server.stop()  # calls in flight break, new ones find nobody
+    wait_until(lambda: len(failed_attempts) > failed, "a call failed with the server gone", started=started)
+    time.sleep(max(0.0, 2.0 - (time.monotonic() - stopped)))
+    with LocalServer(store_dir, ServerSettings(), port=port):
+        done = started.wait()
+    errors = rows_of(out, "errors") if (out / "metadata").exists() else []
+    assert done.returncode == 0 and errors == [], (explain(done), [(e["clip_id"], e["error_code"]) for e in errors])
+    assert len(assert_clips_match_source(out, rows, store)) == len(rows)
+    assert {"UNAVAILABLE", "CANCELLED"} & set(failed_attempts[failed:]), failed_attempts  # the server was gone
 
 
 def test_a_service_that_answers_the_key_check_then_fails_every_call_ends_with_errors(make_server, tmp_path):
