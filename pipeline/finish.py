@@ -23,6 +23,7 @@ import pyarrow as pa
 from pipeline.card import ClipStats, Layout, write_card
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.export import export_dataset
+from pipeline.lease import release_for
 from pipeline.record import now, write_record
 from pipeline.storage import TMP_DIR, StoreSettings, open_store
 from pipeline.table_files import remove_stale, write_empty
@@ -129,12 +130,13 @@ class RunInfo:
     exports: tuple[str, ...] = ()  # --export: the manifests to write from the clips table
     with_transcripts: bool = False
     edge_words: str = MOSTLY_INSIDE
+    lease_run_id: str | None = None  # a detached run's: its launcher is gone, so this step releases the lease
 
 
 class WriteRunFiles(beam.DoFn):
     """The last step, once: each table is exactly this run's files (another run's or an abandoned bundle's
-    removed, an empty file for a table with no rows), the card, the record (last), and the local scratch
-    folder removed."""
+    removed, an empty file for a table with no rows), the card, the record (last), the local scratch
+    folder removed, and a detached run's lease released."""
 
     def __init__(self, info: RunInfo, schemas: dict[str, pa.Schema]):
         self.info = info
@@ -173,6 +175,8 @@ class WriteRunFiles(beam.DoFn):
         write_record(store, info.output, record)
         if store.local:  # empty by now: the record went through it too
             shutil.rmtree(os.path.join(info.output, TMP_DIR), ignore_errors=True)
+        if info.lease_run_id:  # after the scratch is gone: a next run may start at once
+            release_for(store, info.output, info.lease_run_id)
         yield record
 
 

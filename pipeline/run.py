@@ -41,6 +41,7 @@ from pipeline.launch import (
     stream_bound,
     workers_share_environment,
 )
+from pipeline.lease import Holder, Lease, current_holder, new_run_id, refusal, take
 from pipeline.options import REQUIRED, ClipOptions, add_dry_run, check_flags, check_values, expand_config, take_dry_run
 from pipeline.record import Summary, now, record_path, safe_options
 from pipeline.settings import ClientSettings, FetchSettings
@@ -136,12 +137,17 @@ class Launch:
     store: Store
     manifest: mf.Manifest
     dry_run: bool
+    lease: Lease | None = None  # taken last in prepare (not in a dry run), released by execute or `stopped`
+    in_use: Holder | None = None  # a dry run's finding: the run holding the output, which a real run would meet
 
 
 def prepare(argv: list[str]) -> Launch:
-    """Check the options, the manifest's footers, the output and the key, then build the graph.
+    """Check the options, the manifest's footers, the output and the key, build the graph, then take the
+    output's lease (pipeline/lease.py): last, so that no check can fail with it taken, and before execute
+    deletes a killed run's leftovers, which would be a running run's scratch.
 
-    Raises ManifestError or LaunchError before anything is fetched, written or deleted."""
+    Raises ManifestError or LaunchError (LeaseHeld when another run holds the output) before anything is
+    fetched, written or deleted."""
     dry_run, flags = take_dry_run(expand_config(argv))
     check_flags(flags)
     options = PipelineOptions(flags)
@@ -169,6 +175,7 @@ def prepare(argv: list[str]) -> Launch:
     preflight(settings, manifest)
     if not dry_run:  # the one check that writes, so the last; a dry run only looked at the output
         probe_output(store, opts.output)
+    run_id = new_run_id()
     info = RunInfo(
         output=opts.output,
         store=store_settings,
@@ -181,12 +188,17 @@ def prepare(argv: list[str]) -> Launch:
         exports=parse_exports(opts.export),
         with_transcripts=opts.with_transcripts,
         edge_words=opts.edge_words,
+        lease_run_id=run_id if opts.detach else None,  # the launcher will be gone: the job releases it
     )
     # Dataflow's own dry run builds the Dataflow job (no submission, no staging); no other runner has one.
     options.view_as(TestOptions).dry_run = dry_run and runner_name(options) == "DataflowRunner"
     p = beam.Pipeline(runner=runner, options=options)
-    build(p, settings, manifest, info, spread=not workers_share_environment(options))
-    return Launch(p, opts, store, manifest, dry_run)
+    in_process = workers_share_environment(options)
+    build(p, settings, manifest, info, spread=not in_process)
+    if dry_run:  # takes none: it writes nothing, and must not stop a real run that starts meanwhile
+        return Launch(p, opts, store, manifest, dry_run, in_use=current_holder(store, opts.output))
+    lease = take(store, opts.output, run_id, detached=opts.detach, job_in_process=in_process)
+    return Launch(p, opts, store, manifest, dry_run, lease=lease)
 
 
 def dry_run(launch: Launch) -> str:
@@ -204,15 +216,24 @@ def dry_run(launch: Launch) -> str:
 
 def execute(launch: Launch) -> Summary | None:
     """Clear what a killed run left in the output, run the job, and wait for it (unless --detach): the
-    summary read back from the record the job wrote (None when detached)."""
+    summary read back from the record the job wrote (None when detached).
+
+    The lease is released here, however the run ends: after the record is read (a next run deletes the
+    record at its start), or on a failure. A detached job, once submitted, keeps it and releases it itself."""
     opts = launch.opts
-    remove_leftovers(launch.store, opts.output)
-    result = launch.pipeline.run()
-    if opts.detach:
-        log.info("submitted; %s appears when the job is done", record_path(opts.output))
-        return None
-    result.wait_until_finish()
-    return Summary.from_record(json.loads(launch.store.read(record_path(opts.output))))
+    handed_to_job = False
+    try:
+        remove_leftovers(launch.store, opts.output)
+        result = launch.pipeline.run()
+        if opts.detach:
+            handed_to_job = True
+            log.info("submitted; %s appears when the job is done", record_path(opts.output))
+            return None
+        result.wait_until_finish()
+        return Summary.from_record(json.loads(launch.store.read(record_path(opts.output))))
+    finally:
+        if launch.lease is not None and not handed_to_job:
+            launch.lease.release()
 
 
 def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
@@ -256,6 +277,8 @@ def main(argv: list[str]) -> None:
             launch = prepare(argv)
             if launch.dry_run:
                 print(dry_run(launch), flush=True)
+                if launch.in_use is not None:  # exit 0 all the same: see README, "One run per output"
+                    print(f"note: a run now would stop (exit 2): {refusal(launch.opts.output, launch.in_use)}")
                 return
             summary = execute(launch)
     except (mf.ManifestError, LaunchError) as e:
@@ -282,13 +305,16 @@ def main(argv: list[str]) -> None:
 
 
 def stopped(launch: Launch | None, scratch: str) -> str:
-    """Remove a stopped run's scratch; what it leaves and how to go on, in one line."""
+    """Remove a stopped run's scratch, then release its lease (not before: a next run's scratch would go
+    too); what it leaves and how to go on, in one line."""
     shutil.rmtree(scratch, ignore_errors=True)
     if launch is None:
         return "the run had not started; nothing was written"
     opts, store = launch.opts, launch.store
     if store.local:
         shutil.rmtree(os.path.join(opts.output, TMP_DIR), ignore_errors=True)
+    if launch.lease is not None:
+        launch.lease.release()
     if opts.shards:
         return f"no run record was written; run the same command again to build {opts.output} (shards are rebuilt)"
     try:

@@ -15,6 +15,8 @@ of times; whatever still fails is raised as `StorageError`, which the fetch step
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import itertools
 import os
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 TMP_DIR = "_tmp"  # local disk only: readers ignore names starting with "_"
+LEASE_NAME = "_LEASE.json"  # the run holding the output (pipeline/lease.py); readers ignore it too
 S3_SINGLE_PUT_LIMIT = 256 << 20  # larger uploads (long shards) go as multipart uploads
 CONNECTIONS = 128  # per process: above the default 64 streams, so no thread waits for a connection
 ATTEMPTS = 5  # of each storage request, the libraries' own retries with backoff
@@ -32,6 +35,11 @@ ATTEMPTS = 5  # of each storage request, the libraries' own retries with backoff
 
 class StorageError(OSError):
     """A write or listing that failed after the library's retries."""
+
+
+class Precondition(StorageError):
+    """A conditional write or delete was refused: the object exists (create), or is no longer the version
+    given (replaced or gone). Not retried: the caller reads the object again and decides."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,21 @@ class Store(Protocol):
 
     def scratch_file(self, suffix: str) -> str:
         """A fresh local file name (or an empty file) for bytes on their way to `put(file=...)`."""
+
+    # Conditional writes of one small object (the lease): each is one request, decided by the store itself,
+    # so of two processes racing for the same object exactly one succeeds. A version is an opaque string.
+
+    def create(self, path: str, data: bytes) -> str:
+        """Write `data` only where nothing is at `path` (else Precondition); the version written."""
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """A small object's bytes and version, or None."""
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        """Overwrite the object only while it is `version` (else Precondition); the new version."""
+
+    def delete_version(self, path: str, version: str) -> None:
+        """Delete the object only while it is `version` (else Precondition, also when it is gone)."""
 
 
 def is_local(path: str) -> bool:
@@ -198,12 +221,80 @@ class LocalStore:
     def abort_uploads(self, prefix: str) -> int:
         return 0
 
+    def create(self, path: str, data: bytes) -> str:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with _folder_lock(path):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                raise Precondition(f"{path}: exists") from None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return _local_version(data)
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        if not os.path.isdir(os.path.dirname(path) or "."):
+            return None
+        with _folder_lock(path):
+            data = _read_if_there(path)
+        return None if data is None else (data, _local_version(data))
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        with _folder_lock(path):
+            _check_version(path, version)
+            staged = f"{path}.{uuid.uuid4().hex}"  # renamed over it: a reader without the lock sees old or new
+            _write_file(staged, data)
+            os.replace(staged, path)
+        return _local_version(data)
+
+    def delete_version(self, path: str, version: str) -> None:
+        with _folder_lock(path):
+            _check_version(path, version)
+            os.remove(path)
+
     def scratch_file(self, suffix: str) -> str:
         if not self._tmp_made:
             os.makedirs(self.tmp, exist_ok=True)
             self._tmp_made = True
         # Not created here: one open per clip, not two.
         return os.path.join(self.tmp, f"{self._prefix}-{next(self._count)}{suffix}")
+
+
+@contextlib.contextmanager
+def _folder_lock(path: str) -> Iterator[None]:
+    """An exclusive flock on the folder holding `path`, for one conditional operation: O_EXCL makes a creation
+    atomic, but a compare-then-replace or compare-then-delete is two steps, and the lock makes them one
+    among processes and threads (each open of the folder is its own lock holder). The folder, not a lock
+    file, so nothing is left behind. On a filesystem without flock (some network mounts) only the creation
+    stays atomic."""
+    import fcntl
+
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _local_version(data: bytes) -> str:
+    """A local file's version is its content's hash: every lease written differs (run id, expiry)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_if_there(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _check_version(path: str, version: str) -> None:
+    data = _read_if_there(path)
+    if data is None or _local_version(data) != version:
+        raise Precondition(f"{path}: {'gone' if data is None else 'replaced'}")
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -349,6 +440,53 @@ class S3Store(_BucketStore):
                 aborted += 1
         return aborted
 
+    # S3's conditional requests (2024-25): If-None-Match "*" creates only, If-Match an ETag replaces or deletes
+    # only that version; a refused one is 412 PreconditionFailed, a missing object 404 NoSuchKey, and a
+    # conditional write racing another on the same key 409 ConditionalRequestConflict (lost: read again).
+
+    def create(self, path: str, data: bytes) -> str:
+        return self._put_if(path, data, IfNoneMatch="*")
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        return self._put_if(path, data, IfMatch=version)
+
+    def _put_if(self, path: str, data: bytes, **condition: str) -> str:
+        bucket, key = split_bucket(path)
+        try:
+            put = self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json", **condition)
+        except Exception as e:
+            raise _s3_error(path, e) from e
+        return put["ETag"]
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        bucket, key = split_bucket(path)
+        try:
+            found = self.client.get_object(Bucket=bucket, Key=key)
+            return found["Body"].read(), found["ETag"]
+        except Exception as e:
+            error = _s3_error(path, e)
+            if isinstance(error, Precondition):  # 404: nothing there
+                return None
+            raise error from e
+
+    def delete_version(self, path: str, version: str) -> None:
+        bucket, key = split_bucket(path)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key, IfMatch=version)
+        except Exception as e:
+            raise _s3_error(path, e) from e
+
+
+_S3_REFUSED = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "409", "412")
+
+
+def _s3_error(path: str, e: Exception) -> StorageError:
+    """A refused condition (or a missing object) as Precondition; anything else as StorageError."""
+    response = getattr(e, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    kind = Precondition if code in _S3_REFUSED else StorageError
+    return kind(f"{path}: {type(e).__name__}: {e}")
+
 
 # GCS, through google-cloud-storage (what Beam's [gcp] extra installs).
 
@@ -412,6 +550,51 @@ class GcsStore(_BucketStore):
 
     def abort_uploads(self, prefix: str) -> int:
         return 0  # an unfinished resumable upload is never visible and expires by itself
+
+    # GCS's preconditions: ifGenerationMatch=0 creates only, =N replaces or deletes only generation N; a refused
+    # one is 412, a missing object 404. The library retries a conditional request (it is idempotent).
+
+    def create(self, path: str, data: bytes) -> str:
+        return self._upload_if(path, data, 0)
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        return self._upload_if(path, data, int(version))
+
+    def _upload_if(self, path: str, data: bytes, generation: int) -> str:
+        blob = self._blob(path)
+        try:
+            blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
+        except Exception as e:
+            raise _gcs_error(path, e) from e
+        return str(blob.generation)
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """Its generation (a metadata request), then that generation's bytes: a download alone does not say
+        which generation it read on every server (the emulator sends no x-goog-generation)."""
+        bucket, name = split_bucket(path)
+        for _ in range(ATTEMPTS):  # replaced between the two requests: read the new one
+            try:
+                blob = self.client.bucket(bucket).get_blob(name)
+                if blob is None:
+                    return None
+                generation = blob.generation  # before the download, which sets it from its headers
+                return blob.download_as_bytes(if_generation_match=generation), str(generation)
+            except Exception as e:
+                if not isinstance(_gcs_error(path, e), Precondition):
+                    raise _gcs_error(path, e) from e
+        raise StorageError(f"{path}: replaced on every one of {ATTEMPTS} reads")
+
+    def delete_version(self, path: str, version: str) -> None:
+        try:
+            self._blob(path).delete(if_generation_match=int(version))
+        except Exception as e:
+            raise _gcs_error(path, e) from e
+
+
+def _gcs_error(path: str, e: Exception) -> StorageError:
+    """412 (precondition failed) or 404 (not found) as Precondition; anything else as StorageError."""
+    kind = Precondition if getattr(e, "code", None) in (404, 412) else StorageError
+    return kind(f"{path}: {type(e).__name__}: {e}")
 
 
 def _remove(file: str | None) -> None:

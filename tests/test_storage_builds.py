@@ -43,10 +43,10 @@ from tests.test_builds import (
     write_local_manifest,
 )
 
-# Per run: the launch's probe of the output (written, then deleted), the two tables (one file each), the card and
-# its histogram, the run record.
-FIXED_WRITES = 6
-PROBE_DELETES = 1
+# Per run: the launch's probe of the output (written, then deleted), the lease (created, then released), the two
+# tables (one file each), the card and its histogram, the run record.
+FIXED_WRITES = 7
+PROBE_DELETES = 2
 
 
 class Target:
