@@ -46,7 +46,7 @@ from tests.test_builds import (
 # Per run: the launch's probe of the output (written, then deleted), the lease (created, then released), the two
 # tables (one file each), the card and its histogram, the run record.
 FIXED_WRITES = 7
-PROBE_DELETES = 2
+FIXED_DELETES = 2
 
 
 class Target:
@@ -105,7 +105,7 @@ def test_one_write_per_clip_and_a_rerun_reads_no_audio(target: Target, make_serv
     expect_exit(target.run(server, manifest), 0)
     counts = target.proxy.counts()
     assert writes(counts) == counts["PUT"] == 12 + FIXED_WRITES, counts
-    assert (counts.get("COPY", 0), counts.get("DELETE", 0)) == (0, PROBE_DELETES), counts
+    assert (counts.get("COPY", 0), counts.get("DELETE", 0)) == (0, FIXED_DELETES), counts
     clip_reads = [r for r in target.proxy.log if r.kind == "GET" and "/clips/" in r.path]
     assert clip_reads == [], "a clip was read back"
     table = clips_table(target.output).to_pylist()
@@ -135,7 +135,7 @@ def test_a_shard_is_one_upload(target: Target, make_server, store, tmp_path: Pat
     expect_exit(target.run(server, manifest, "--shards=2", "--clip_format=flac"), 0)
     counts = target.proxy.counts()
     assert writes(counts) == counts["PUT"] == 2 + FIXED_WRITES, counts
-    assert (counts.get("COPY", 0), counts.get("DELETE", 0)) == (0, PROBE_DELETES), counts
+    assert (counts.get("COPY", 0), counts.get("DELETE", 0)) == (0, FIXED_DELETES), counts
     assert [name for name in target.objects() if name.startswith("shards/")] == [
         "shards/shard-00000.tar",
         "shards/shard-00001.tar",
