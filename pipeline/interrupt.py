@@ -84,3 +84,14 @@ def _state(pid: int) -> bytes:
     with contextlib.suppress(OSError, IndexError), open(f"/proc/{pid}/stat", "rb") as f:
         return f.read().rsplit(b")", 1)[1].split()[0]
     return b"X"
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of that pid runs on this machine (in this pid namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

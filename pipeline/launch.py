@@ -28,6 +28,7 @@ from pipeline import manifest as mf
 from pipeline.api_key import key_source, read_api_key
 from pipeline.cli import LaunchError
 from pipeline.client import DEFAULT_API_HOST, resolve_host
+from pipeline.interrupt import alive
 from pipeline.messages import GetAudioError
 from pipeline.options import ClipOptions
 from pipeline.record import remove_record
@@ -310,16 +311,6 @@ def remove_dead_tempdirs(parent: str) -> None:
     """Remove the run folders in `parent` whose process is gone."""
     for entry in os.scandir(parent):
         match = re.fullmatch(rf"{TEMPDIR_PREFIX}(\d+)-\w+", entry.name)
-        if match and entry.is_dir(follow_symlinks=False) and not _alive(int(match.group(1))):
+        if match and entry.is_dir(follow_symlinks=False) and not alive(int(match.group(1))):
             shutil.rmtree(entry.path, ignore_errors=True)
             log.info("removed %s, left by a run that was killed", entry.path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

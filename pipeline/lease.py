@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from pipeline.cli import LaunchError
+from pipeline.interrupt import alive
 from pipeline.storage import LEASE_NAME, Precondition, Store
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,6 @@ def _process_space() -> str | None:
             return f"{f.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -140,7 +131,7 @@ class Holder:
 
     def dead(self) -> bool:
         """Its process is gone, seen from the same machine and pid namespace, and its job went with it."""
-        return self.process_space is not None and self.process_space == _process_space() and not _alive(self.pid)
+        return self.process_space is not None and self.process_space == _process_space() and not alive(self.pid)
 
     def stale(self) -> bool:
         return self.expired() or self.dead()

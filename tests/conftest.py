@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ import soundfile as sf
 
 from pipeline.local.samples import write_sample_store
 from pipeline.local.server import Faults, LocalServer, ServerSettings
-from tests.helpers import finish_started_runs
+from tests.helpers import child_env, finish_started_runs, free_port
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401  (every module may use them)
 
 
@@ -29,8 +33,6 @@ def store(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def store_dir(store) -> str:
-    import os
-
     return os.path.dirname(next(iter(store.values())))
 
 
@@ -60,3 +62,22 @@ def source_frames(path: str, start_ms: int, duration_ms: int) -> np.ndarray:
     audio, rate = sf.read(path, dtype="int16", always_2d=True)
     assert rate == 16_000
     return audio[start_ms * 16 : (start_ms + duration_ms) * 16]
+
+
+@pytest.fixture
+def worker_pool() -> Iterator[list[str]]:
+    """An external SDK worker pool; the portable runner's flags that use it."""
+    port = free_port()
+    env = child_env(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield [
+            "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
+            f"--environment_config=localhost:{port}",
+        ]  # fmt: skip
+    finally:
+        pool.kill()
+        pool.wait()

@@ -23,7 +23,7 @@ from pipeline.options import ClipOptions
 from pipeline.record import now
 from pipeline.run import build, fetch_settings
 from pipeline.storage import StoreSettings
-from tests.helpers import Result, child_env, expect_exit, free_port, run_argv, run_cli
+from tests.helpers import Result, child_env, expect_exit, run_argv, run_cli
 from tests.test_builds import check_clips_table, local_files, run_build
 from tests.test_builds import write_local_manifest as write_manifest
 
@@ -185,33 +185,17 @@ def test_a_one_file_manifest_is_read_by_more_than_one_worker(multi_processing_ru
 
 
 @pytest.mark.latest
-def test_portable_runner_with_an_external_worker_pool(make_server, store, tmp_path: Path) -> None:
+def test_portable_runner_with_an_external_worker_pool(make_server, store, worker_pool, tmp_path: Path) -> None:
     """The portable runner (an embedded job service) with an external SDK worker pool, as Dataflow and other
     portable runners run workers: the key comes from --api_key_file, and the clips, tables, card and record
     are the job's own."""
-    import subprocess
-    import sys
-
-    port = free_port()
-    env = child_env(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
-    pool = subprocess.Popen(
-        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        server = make_server(api_key="pool-key")
-        key_file = tmp_path / "key"
-        key_file.write_text("pool-key")
-        manifest = write_manifest(tmp_path / "m.parquet", rows(6))
-        out = tmp_path / "out"
-        flags = [
-            "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
-            f"--environment_config=localhost:{port}", f"--api_key_file={key_file}", "--max_error_ratio=1",
-        ]  # fmt: skip
-        expect_exit(run_cli("run", *run_argv(server, manifest, out, *flags), env={**env, "SONIOX_API_KEY": ""}), 0)
-    finally:
-        pool.kill()
-        pool.wait()
+    server = make_server(api_key="pool-key")
+    key_file = tmp_path / "key"
+    key_file.write_text("pool-key")
+    manifest = write_manifest(tmp_path / "m.parquet", rows(6))
+    out = tmp_path / "out"
+    flags = [*worker_pool, f"--api_key_file={key_file}", "--max_error_ratio=1"]
+    expect_exit(run_cli("run", *run_argv(server, manifest, out, *flags), env=child_env(SONIOX_API_KEY="")), 0)
     record = json.loads((out / "_RUN.json").read_text())
     assert (record["rows"], record["clips"], record["errors_by_code"]) == (7, 6, {"NOT_FOUND": 1})
     check_clips_table(pq.read_table(record["clips_table"]).to_pylist(), store, out)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -35,25 +34,6 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
             st = os.stat(path)
             found[os.path.relpath(path, root)] = (st.st_size if name in files else 0, st.st_mtime_ns)
     return found
-
-
-@pytest.fixture
-def worker_pool() -> Iterator[list[str]]:
-    """An external SDK worker pool; the portable runner's flags that use it."""
-    port = free_port()
-    env = child_env(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
-    pool = subprocess.Popen(
-        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        yield [
-            "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
-            f"--environment_config=localhost:{port}",
-        ]  # fmt: skip
-    finally:
-        pool.kill()
-        pool.wait()
 
 
 def dry_run(server: LocalServer, manifest: str, out: Path, *flags: str, dry: str = "--dry_run"):
