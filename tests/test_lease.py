@@ -46,7 +46,7 @@ from pipeline.record import now
 from pipeline.run import build, fetch_settings
 from pipeline.storage import Precondition, Store, StoreSettings, open_store
 from tests.helpers import CHILD_TIMEOUT_S, Result, child_env, expect_exit, explain, run_argv, run_cli, start_cli
-from tests.storage_servers import StorageServer
+from tests.storage_servers import StorageServer, gcs_bucket
 from tests.test_builds import (
     CARD,
     TABLES,
@@ -121,6 +121,7 @@ class Target:
     path: str
     flags: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    server: StorageServer | None = None
 
     def store(self) -> Store:
         """The pipeline's store for it (what takes and releases the lease)."""
@@ -131,12 +132,18 @@ class Target:
         path = lease_path(self.path)
         if self.kind == "local":
             return json.loads(Path(path).read_bytes()) if os.path.exists(path) else None
+        if self.kind == "gcs":  # by the emulator's endpoint: this process's environment may name another
+            blob = gcs_bucket(self.server).blob(path.split("/", 3)[3])
+            return json.loads(blob.download_as_bytes()) if blob.exists() else None
         return json.loads(read_bytes(path)) if FileSystems.exists(path) else None
 
     def names(self) -> list[str]:
         """Every object under the output, relative to it, each table file as its table's glob."""
         if self.kind == "local":
             found = local_files(self.path) if os.path.isdir(self.path) else set()
+        elif self.kind == "gcs":
+            prefix = self.path.split("/", 3)[3] + "/"
+            found = {b.name[len(prefix) :] for b in gcs_bucket(self.server).list_blobs(prefix=prefix)}
         else:
             (matched,) = FileSystems.match([f"{self.path}/**"])
             found = {m.path[len(self.path) + 1 :] for m in matched.metadata_list}
@@ -147,12 +154,15 @@ class Target:
 
 
 @pytest.fixture(params=["local", "s3", "gcs"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+def target(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Target:
     if request.param == "local":
         return Target("local", str(tmp_path / "out"))
     server: StorageServer = request.getfixturevalue(f"{request.param}_server")
+    if request.param == "gcs":  # this process's reads: an earlier test may have left the environment elsewhere
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
     FileSystems.set_options(PipelineOptions(server.flags))  # global: this test's own reads
-    return Target(request.param, f"{server.bucket_url}{uuid.uuid4().hex}/out", server.flags, server.env)
+    return Target(request.param, f"{server.bucket_url}{uuid.uuid4().hex}/out", server.flags, server.env, server)
 
 
 def manifest_rows(n: int) -> list[dict[str, Any]]:
