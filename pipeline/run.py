@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -304,6 +305,18 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
 
 
+STOP_COUNT_S = 2.0  # a stop must end within seconds: 10M clips on a bucket are 10,000 LIST pages
+
+
+def count_within(items: Iterable[object], seconds: float) -> str:
+    """How many `items` there are, or "more than N" when counting them takes longer than `seconds`."""
+    deadline, n = time.monotonic() + seconds, 0
+    for n, _ in enumerate(items, 1):
+        if time.monotonic() > deadline:
+            return f"more than {n}"
+    return str(n)
+
+
 def stopped(launch: Launch | None, scratch: str) -> str:
     """Remove a stopped run's scratch, then release its lease (not before: a next run's scratch would go
     too); what it leaves and how to go on, in one line."""
@@ -318,7 +331,7 @@ def stopped(launch: Launch | None, scratch: str) -> str:
     if opts.shards:
         return f"no run record was written; run the same command again to build {opts.output} (shards are rebuilt)"
     try:
-        written = sum(1 for _ in store.list(f"{opts.output.rstrip('/')}/{CLIPS_DIR}/"))
+        written = count_within(store.list(f"{opts.output.rstrip('/')}/{CLIPS_DIR}/"), STOP_COUNT_S)
     except Exception as e:  # a listing that fails must not hide the line
         written = f"? ({type(e).__name__})"
     return (

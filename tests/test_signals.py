@@ -110,3 +110,17 @@ def test_the_next_run_removes_what_a_killed_run_left(make_server, store, tmp_pat
     assert not list((tmp_path / "tmpdir").iterdir()), explain(done)
     assert len(assert_clips_match_source(out, rows, store)) == ROWS
     assert os.path.exists(out / "_RUN.json")
+
+
+def test_the_stop_line_counts_for_seconds_at_most() -> None:
+    """A stopped run lists its clips to count them: over 10M clips on a bucket (10,000 LIST pages) the count
+    must give up within its seconds, or the stop would take minutes."""
+    from pipeline.run import count_within
+
+    def slow_listing():
+        for i in range(1_000_000):
+            time.sleep(0.001)
+            yield i
+
+    assert count_within(range(3), 1.0) == "3" and count_within([], 1.0) == "0"
+    assert count_within(slow_listing(), 0.2).startswith("more than ")  # the whole listing would take 1,000 s
