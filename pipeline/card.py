@@ -14,13 +14,23 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.export import LHOTSE, LHOTSE_DIR, NEMO, NEMO_MANIFEST
+from pipeline.export import LHOTSE, NEMO
+from pipeline.layout import (
+    CARD_NAME,
+    CLIPS_DIR,
+    HISTOGRAM_NAME,
+    LHOTSE_DIR,
+    NEMO_MANIFEST,
+    RECORD_NAME,
+    SHARDS_DIR,
+    name_of,
+    path_of,
+    root_of,
+    table_prefix,
+)
 from pipeline.storage import Store, is_local
-from pipeline.table_files import table_prefix
 from pipeline.transcripts import ALL, MOSTLY_INSIDE
 
-CARD_NAME = "README.md"
-HISTOGRAM_NAME = "duration_histogram.png"
 BINS = 20
 SIZE = (640, 360)  # the PNG, in pixels
 MARGINS = (64, 40, 20, 48)  # left, top, right, bottom: room for the title and tick labels
@@ -66,11 +76,10 @@ def write_card(
     clips") when there are none, so a previous run's histogram never outlives its data; the card embeds
     it only when there are clips.
     """
-    root = output.rstrip("/")
-    store.put(f"{root}/{HISTOGRAM_NAME}", histogram_png(stats), content_type="image/png")
+    store.put(path_of(output, HISTOGRAM_NAME), histogram_png(stats), content_type="image/png")
     clips_glob, errors_glob = table_prefix(output, "clips") + "*.parquet", table_prefix(output, "errors") + "*.parquet"
     text = card_text(output, summary, stats, errors, clips_glob, errors_glob, layout or Layout())
-    path = f"{root}/{CARD_NAME}"
+    path = path_of(output, CARD_NAME)
     store.put(path, text.encode(), content_type="text/markdown")
     return path
 
@@ -127,7 +136,7 @@ def card_text(
 
 
 def _header(output: str, layout: Layout) -> str:
-    name = output.rstrip("/").rsplit("/", 1)[-1] or output
+    name = root_of(output).rsplit("/", 1)[-1] or output
     stored = " in WebDataset tar shards" if layout.sharded else ""
     return (
         f"# Audio clips: {name}\n\n"
@@ -196,21 +205,23 @@ def _errors(errors: dict[str, int]) -> str:
 
 def _relative(output: str, path: str) -> str:
     """`path` under `output` as a relative name, else as given."""
-    root = output.rstrip("/") + "/"
-    return path[len(root) :] if path.startswith(root) else path
+    try:
+        return name_of(output, path)
+    except ValueError:
+        return path
 
 
 def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) -> str:
     fmt = layout.clip_format
     clips = (
-        ("shards/shard-NNNNN.tar", f"tar shards: {{key}}.{fmt} and {{key}}.json per clip (key: clip_id, . as ~)")
+        (f"{SHARDS_DIR}/shard-NNNNN.tar", f"tar shards: {{key}}.{fmt} and {{key}}.json per clip (key: clip_id, . as ~)")
         if layout.sharded
-        else (f"clips/{{clip_id}}.{fmt}", f"one clip per file: {FORMATS[fmt]}")
+        else (f"{CLIPS_DIR}/{{clip_id}}.{fmt}", f"one clip per file: {FORMATS[fmt]}")
     )
     entries = [
         (CARD_NAME, "this card"),
         (HISTOGRAM_NAME, "the clip duration histogram"),
-        ("_RUN.json", "the run record: counts, timings, options (written last)"),
+        (RECORD_NAME, "the run record: counts, timings, options (written last)"),
         clips,
         (_relative(output, clips_table), "one row per clip: path, times, channels, samples, sha256, manifest columns"),
         (_relative(output, errors_table), "one row per manifest row that gave no clip: error_code, error_message"),
@@ -255,7 +266,7 @@ def _loading(output: str, layout: Layout) -> str:
     object-store paths go through Beam's FileSystems, which soundfile cannot open itself, and a shard's member
     is read out of its tar."""
     local = is_local(output)
-    root = "." if local else output.rstrip("/")
+    root = "." if local else root_of(output)
     where = "this dataset's folder (run from it), or its path" if local else "the dataset's URI, or a local copy"
     head = ["import glob"] if local else ["import io"]
     head += ["import tarfile"] if layout.sharded else []
@@ -341,7 +352,7 @@ def _hf_load(output: str) -> tuple[str, list[str], str, str]:
         return intro, ["import os", ""], root, 'datasets.load_dataset(root, split="train")'
     fs = "s3fs" if output.startswith("s3://") else "gcsfs"
     intro = f"`load_dataset` reads the clips table's files on the bucket with fsspec: `pip install {fs}`"
-    root = f"root = {output.rstrip('/')!r}  # the dataset's URI, or a local copy's path"
+    root = f"root = {root_of(output)!r}  # the dataset's URI, or a local copy's path"
     files = 'data_files=f"{root}/metadata/clips-*.parquet"'
     return intro, [], root, f'datasets.load_dataset("parquet", {files}, split="train")'
 

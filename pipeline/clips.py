@@ -28,23 +28,9 @@ from pipeline.audio import BYTES_PER_SAMPLE, SAMPLE_RATE, SAMPLES_PER_MS, parse_
 from pipeline.messages import StreamInfo
 from pipeline.storage import Store, StoredObject
 
-CLIPS_DIR = "clips"
 SPILL_BYTES = 1 << 20  # audio held in memory per clip before it goes to a scratch file
 _READ_BLOCK = 1 << 20
 _MIME = {"wav": "audio/wav", "flac": "audio/flac"}
-
-
-def clip_path(output: str, clip_id: str, clip_format: str = "wav") -> str:
-    return f"{output.rstrip('/')}/{CLIPS_DIR}/{clip_id}.{clip_format}"
-
-
-def relative_path(output: str, path: str) -> str:
-    """A path under `output` as the dataset's tables name it: relative to its root (`clips/a.wav`), so that
-    a copied or uploaded dataset still resolves (a full URI is f"{root}/{path}")."""
-    root = output.rstrip("/") + "/"
-    if not path.startswith(root):
-        raise ValueError(f"{path} is not under the output {output}")
-    return path[len(root) :]
 
 
 @dataclass(frozen=True)

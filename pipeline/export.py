@@ -32,14 +32,11 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.cli import LaunchError, Parser, add_logging_options
-from pipeline.storage import TMP_DIR, Store, open_store
-from pipeline.table_files import table_prefix
+from pipeline.layout import LHOTSE_FILES, NEMO_MANIFEST, lhotse_name, path_of, shard_index, table_prefix, tmp_path
+from pipeline.storage import Store, open_store
 
 LHOTSE, NEMO = "lhotse", "nemo"
 EXPORTS = (LHOTSE, NEMO)
-NEMO_MANIFEST = "nemo_manifest.jsonl"
-LHOTSE_DIR = "lhotse"
-LHOTSE_FILES = ("recordings", "supervisions", "cuts")
 
 
 def parse_exports(value: str | None, option: str = "--export") -> tuple[str, ...]:
@@ -75,13 +72,12 @@ def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: l
     sharded = _sharded(store, files)
     if LHOTSE in formats and sharded:
         raise LaunchError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
-    root = output.rstrip("/")
     lines: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {}  # manifest path -> a row's lines
     if NEMO in formats:
-        lines[f"{root}/{NEMO_MANIFEST}"] = lambda row: [nemo_line(row, sharded)]
+        lines[path_of(output, NEMO_MANIFEST)] = lambda row: [nemo_line(row, sharded)]
     if LHOTSE in formats:
         for name in LHOTSE_FILES:
-            lines[f"{root}/{LHOTSE_DIR}/{name}.jsonl.gz"] = functools.partial(lhotse_lines, name=name)
+            lines[path_of(output, lhotse_name(name))] = functools.partial(lhotse_lines, name=name)
     scratch = {path: store.scratch_file(".jsonl.gz" if path.endswith(".gz") else ".jsonl") for path in lines}
     with contextlib.ExitStack() as stack:
         out = {
@@ -107,7 +103,7 @@ def nemo_line(row: dict[str, Any], sharded: bool = False) -> dict[str, Any]:
     if row.get("transcript_text") is not None:
         line["text"] = row["transcript_text"]
     if sharded:
-        line["shard_id"] = int(row["path"].rsplit("-", 1)[-1].split(".")[0])
+        line["shard_id"] = shard_index(row["path"])
     return line
 
 
@@ -205,4 +201,4 @@ def main(argv: list[str]) -> None:
             print(path, flush=True)
     finally:
         if store.local:  # the scratch files went into place, or are of no use
-            shutil.rmtree(os.path.join(output, TMP_DIR), ignore_errors=True)
+            shutil.rmtree(tmp_path(output), ignore_errors=True)

@@ -29,11 +29,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
 from pipeline.client import CallHooks
-from pipeline.clips import FinishedClip, WrittenClip, clip_file, clip_path, existing_clip, relative_path
+from pipeline.clips import FinishedClip, WrittenClip, clip_file, existing_clip
 from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
+from pipeline.layout import clip_path, name_of
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
 from pipeline.settings import ClientSettings, FetchSettings
-from pipeline.shards import ShardWriter, shard_path
+from pipeline.shards import ShardWriter
 from pipeline.storage import open_store
 from pipeline.throttle import WaitClock
 from pipeline.transcripts import clip_tokens, tokens_for
@@ -270,7 +271,7 @@ class FetchShard(_Fetch):
 
     def process(self, item: tuple[int, Iterable[ClipRequest]]) -> Iterator[ClipRecord | ClipError]:
         shard, requests = item
-        writer = ShardWriter(self.store, shard_path(self.settings.output, shard))
+        writer = ShardWriter(self.store, self.settings.output, shard)
         done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
         pending, results = 0, []
         try:
@@ -339,7 +340,7 @@ def _record(
     return ClipRecord(
         clip_id=request.clip_id,
         object_id=request.object_id,
-        path=relative_path(settings.output, clip.path),
+        path=name_of(settings.output, clip.path),
         clip_start_ms=info.start_ms,
         clip_duration_ms=info.duration_ms,
         object_duration_ms=info.total_duration_ms,

@@ -9,7 +9,6 @@ a row group at a time, to write its manifests).
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections import Counter
@@ -23,9 +22,10 @@ import pyarrow as pa
 from pipeline.card import ClipStats, Layout, write_card
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.export import export_dataset
+from pipeline.layout import tmp_path
 from pipeline.lease import release_for
 from pipeline.record import now, write_record
-from pipeline.storage import TMP_DIR, StoreSettings, open_store
+from pipeline.storage import StoreSettings, open_store
 from pipeline.table_files import remove_stale, write_empty
 from pipeline.transcripts import MOSTLY_INSIDE
 
@@ -174,7 +174,7 @@ class WriteRunFiles(beam.DoFn):
         }
         write_record(store, info.output, record)
         if store.local:  # empty by now: the record went through it too
-            shutil.rmtree(os.path.join(info.output, TMP_DIR), ignore_errors=True)
+            shutil.rmtree(tmp_path(info.output), ignore_errors=True)
         if info.lease_run_id:  # after the scratch is gone: a next run may start at once
             release_for(store, info.output, info.lease_run_id)
         yield record

@@ -29,11 +29,12 @@ from pipeline.api_key import key_source, read_api_key
 from pipeline.cli import LaunchError
 from pipeline.client import DEFAULT_API_HOST, resolve_host
 from pipeline.interrupt import alive
+from pipeline.layout import CLIPS_DIR, METADATA_DIR, SHARDS_DIR, TMP_DIR, path_of, root_of, tmp_path
 from pipeline.messages import GetAudioError
 from pipeline.options import ClipOptions
 from pipeline.record import remove_record
 from pipeline.settings import ClientSettings, FetchSettings
-from pipeline.storage import TMP_DIR, Store
+from pipeline.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def local_form(output: str) -> str:
 def probe_output(store: Store, output: str) -> None:
     """Write and delete a marker in the output's scratch folder: a read-only folder, a missing bucket or refused
     credentials stop the launch here, before any call, not after every clip was fetched."""
-    marker = f"{output.rstrip('/')}/{TMP_DIR}/probe-{uuid.uuid4().hex}"
+    marker = path_of(output, f"{TMP_DIR}/probe-{uuid.uuid4().hex}")
     try:
         store.put(marker, b"")
         store.delete([marker])
@@ -119,14 +120,14 @@ def check_output(store: Store, output: str) -> None:
         _check_local_output(output)
         return
     try:
-        next(iter(store.list(output.rstrip("/") + "/")), None)
+        next(iter(store.list(root_of(output) + "/")), None)
     except Exception as e:  # botocore, google-cloud or OS errors: the bucket or the credentials
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise LaunchError(f"--output {output}: cannot list it ({type(e).__name__}: {reason})") from None
 
 
 def _check_local_output(output: str) -> None:
-    for name in ("", TMP_DIR, "metadata", "clips", "shards"):
+    for name in ("", TMP_DIR, METADATA_DIR, CLIPS_DIR, SHARDS_DIR):
         path = os.path.join(output, name)
         if os.path.exists(path) and not os.path.isdir(path):
             raise LaunchError(f"--output {output}: {path} is a file, not a folder")
@@ -260,13 +261,13 @@ def remove_leftovers(store: Store, output: str) -> None:
     """What a killed run left: scratch files, unfinished multipart uploads, the old run record.
 
     Older versions also staged clips and Beam's table files under `_tmp/` and `metadata/beam-temp-*`."""
-    root = output.rstrip("/")
+    root = root_of(output)
     if store.local:
-        for folder in [os.path.join(root, TMP_DIR), *_beam_temp_folders(root)]:
+        for folder in [tmp_path(root), *_beam_temp_folders(root)]:
             shutil.rmtree(folder, ignore_errors=True)
     else:
-        left = [o.path for o in store.list(f"{root}/{TMP_DIR}/")]
-        left += [o.path for o in store.list(f"{root}/metadata/beam-temp-")]
+        left = [o.path for o in store.list(tmp_path(root) + "/")]
+        left += [o.path for o in store.list(path_of(root, f"{METADATA_DIR}/beam-temp-"))]
         if left:
             store.delete(left)
         aborted = store.abort_uploads(f"{root}/")
@@ -276,7 +277,7 @@ def remove_leftovers(store: Store, output: str) -> None:
 
 
 def _beam_temp_folders(root: str) -> list[str]:
-    metadata = os.path.join(root, "metadata")
+    metadata = os.path.join(root, METADATA_DIR)
     return (
         [os.path.join(metadata, d) for d in os.listdir(metadata) if d.startswith("beam-temp-")]
         if os.path.isdir(metadata)

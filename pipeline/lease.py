@@ -48,7 +48,8 @@ from datetime import datetime, timedelta, timezone
 
 from pipeline.cli import LaunchError
 from pipeline.interrupt import alive
-from pipeline.storage import LEASE_NAME, Precondition, Store
+from pipeline.layout import lease_path
+from pipeline.storage import Precondition, Store
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,6 @@ TAKE_ATTEMPTS = 5  # reads and writes of a lease that keeps changing hands, befo
 
 class LeaseHeld(LaunchError):
     """Another run holds the output: this one stops before it fetches a clip or deletes anything (exit 2)."""
-
-
-def lease_path(output: str) -> str:
-    return f"{output.rstrip('/')}/{LEASE_NAME}"
 
 
 def lease_seconds() -> float:

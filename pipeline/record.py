@@ -15,17 +15,12 @@ from typing import Any
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import __version__
+from pipeline.layout import CARD_NAME, path_of, record_path, table_prefix
 from pipeline.options import option_names
 from pipeline.storage import Store
-from pipeline.table_files import table_prefix
 
-RECORD_NAME = "_RUN.json"
 _SECRET = re.compile(r"secret|password|passwd|token|credential|key", re.IGNORECASE)
 _SAFE = re.compile(r"_file$|_path$|^api_key_file$")
-
-
-def record_path(output: str) -> str:
-    return f"{output.rstrip('/')}/{RECORD_NAME}"
 
 
 def safe_options(options: PipelineOptions) -> dict[str, Any]:
@@ -123,4 +118,4 @@ class Summary:
         yield f"wall time       {self.seconds:>10.1f} s   ({rate})"
         yield f"clips table     {table_prefix(output, 'clips')}*.parquet"
         yield f"errors table    {table_prefix(output, 'errors')}*.parquet"
-        yield f"dataset card    {output.rstrip('/')}/README.md"
+        yield f"dataset card    {path_of(output, CARD_NAME)}"

@@ -22,7 +22,6 @@ from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.cli import LaunchError, Parser, RunError, add_logging_options, caused_by
 from pipeline.client import DEFAULT_API_HOST
-from pipeline.clips import CLIPS_DIR
 from pipeline.elements import ClipError, ClipRecord, ClipRequest
 from pipeline.export import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
@@ -42,12 +41,13 @@ from pipeline.launch import (
     stream_bound,
     workers_share_environment,
 )
+from pipeline.layout import CLIPS_DIR, path_of, record_path, tmp_path
 from pipeline.lease import Holder, Lease, current_holder, new_run_id, refusal, take
 from pipeline.options import REQUIRED, ClipOptions, add_dry_run, check_flags, check_values, expand_config, take_dry_run
-from pipeline.record import Summary, now, record_path, safe_options
+from pipeline.record import Summary, now, safe_options
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import shard_of
-from pipeline.storage import TMP_DIR, Store, StoreSettings, open_store
+from pipeline.storage import Store, StoreSettings, open_store
 from pipeline.table_files import WriteTable
 
 log = logging.getLogger(__name__)
@@ -325,13 +325,13 @@ def stopped(launch: Launch | None, scratch: str) -> str:
         return "the run had not started; nothing was written"
     opts, store = launch.opts, launch.store
     if store.local:
-        shutil.rmtree(os.path.join(opts.output, TMP_DIR), ignore_errors=True)
+        shutil.rmtree(tmp_path(opts.output), ignore_errors=True)
     if launch.lease is not None:
         launch.lease.release()
     if opts.shards:
         return f"no run record was written; run the same command again to build {opts.output} (shards are rebuilt)"
     try:
-        written = count_within(store.list(f"{opts.output.rstrip('/')}/{CLIPS_DIR}/"), STOP_COUNT_S)
+        written = count_within(store.list(path_of(opts.output, CLIPS_DIR + "/")), STOP_COUNT_S)
     except Exception as e:  # a listing that fails must not hide the line
         written = f"? ({type(e).__name__})"
     return (

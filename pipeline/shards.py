@@ -19,10 +19,9 @@ from typing import BinaryIO
 
 from pipeline.clips import FinishedClip
 from pipeline.elements import ClipRecord
+from pipeline.layout import path_of, shard_name
 from pipeline.storage import Store
 from pipeline.tables import to_row
-
-SHARDS_DIR = "shards"
 
 
 def shard_of(clip_id: str, shards: int) -> int:
@@ -36,17 +35,13 @@ def sample_key(clip_id: str) -> str:
     return clip_id.replace(".", "~")
 
 
-def shard_path(output: str, shard: int) -> str:
-    return f"{output.rstrip('/')}/{SHARDS_DIR}/shard-{shard:05d}.tar"
-
-
 class ShardWriter:
     """One tar shard, built in a local scratch file and published whole."""
 
-    def __init__(self, store: Store, path: str):
+    def __init__(self, store: Store, output: str, shard: int):
         self.store = store
-        self.path = path
-        self.name = f"{SHARDS_DIR}/{path.rsplit('/', 1)[-1]}"  # as the tables name it: relative to the root
+        self.name = shard_name(shard)  # as the tables name it: relative to the root
+        self.path = path_of(output, self.name)
         self.failure: OSError | None = None  # once set, clips are dropped and the shard is not published
         self._scratch: str | None = None
         self._file: BinaryIO | None = None

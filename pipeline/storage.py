@@ -26,8 +26,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-TMP_DIR = "_tmp"  # local disk only: readers ignore names starting with "_"
-LEASE_NAME = "_LEASE.json"  # the run holding the output (pipeline/lease.py); readers ignore it too
+from pipeline.layout import TMP_DIR
+
 S3_SINGLE_PUT_LIMIT = 256 << 20  # larger uploads (long shards) go as multipart uploads
 CONNECTIONS = 128  # per process: above the default 64 streams, so no thread waits for a connection
 ATTEMPTS = 5  # of each storage request, the libraries' own retries with backoff

@@ -22,15 +22,10 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from pipeline.layout import table_prefix
 from pipeline.storage import Store, StoreSettings, open_store
 
-METADATA_DIR = "metadata"
 _BATCH = 10_000  # rows per Parquet row group
-
-
-def table_prefix(output: str, name: str) -> str:
-    """What every file of the table starts with (a glob is this plus `*.parquet`)."""
-    return f"{output.rstrip('/')}/{METADATA_DIR}/{name}-"
 
 
 def table_path(output: str, name: str, scratch: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.export import LHOTSE_FILES
+from pipeline.layout import LHOTSE_FILES
 from tests.helpers import Result, read_bytes, read_table_file, run_cli, run_pipeline
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 from tests.test_builds import run_build

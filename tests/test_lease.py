@@ -39,7 +39,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import manifest as mf
 from pipeline.finish import RunInfo
-from pipeline.lease import DETACHED_LEASE_S, LEASE_S_ENV, Holder, Lease, LeaseHeld, lease_path, take
+from pipeline.layout import lease_path
+from pipeline.lease import DETACHED_LEASE_S, LEASE_S_ENV, Holder, Lease, LeaseHeld, take
 from pipeline.local.server import Faults, LocalServer
 from pipeline.options import ClipOptions
 from pipeline.record import now

@@ -36,11 +36,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import clips
 from pipeline.elements import WRITE_FAILED
+from pipeline.layout import CLIPS_DIR, clip_path, table_prefix
 from pipeline.local.samples import sample_audio, write_sample_store
 from pipeline.local.server import LocalServer
 from pipeline.messages import StreamInfo
 from pipeline.storage import Store, StoreSettings, open_store
-from pipeline.table_files import table_prefix
 from tests.conftest import source_frames
 from tests.helpers import Result, explain, run_argv, run_pipeline, write_manifest
 
@@ -181,7 +181,7 @@ def test_a_clip_is_published_whole_or_not_at_all_however_little_space_is_left(
         scratch_on(disk, monkeypatch)
     store = open_store(output, settings)
     audio = sample_audio(1.0, 2, seed=5)
-    path = clips.clip_path(output, "c1", clip_format)
+    path = clip_path(output, "c1", clip_format)
     outcomes = {}
     for free in range(0, 2 * len(audio.tobytes()), PAGE):
         sink = clips.clip_file(store, path, "obj/t0+1000", clip_format)
@@ -284,7 +284,7 @@ def test_a_run_short_of_space_writes_complete_clips_and_write_failed_rows(
     run_short_of_space(disk, long_server, tmp_path, output, *flags)
     store = open_store(output, settings)
     written, _ = check_rows(store, output)
-    at_final_paths = {o.path for o in store.list(f"{output}/{clips.CLIPS_DIR}/")}
+    at_final_paths = {o.path for o in store.list(f"{output}/{CLIPS_DIR}/")}
     assert at_final_paths == {f"{output}/{r['path']}" for r in written}, "only the table's clips are there"
     for row in written:
         check_audio(store.read(f"{output}/{row['path']}"), row, long_store)

@@ -1,0 +1,102 @@
+"""The dataset on disk, defined once: the name of everything a dataset holds, and its path under the root.
+
+A name is relative to the dataset's root (`clips/a.wav`, `metadata/clips-0f3a.parquet`); the tables, the record
+and the exports hold names, never full paths, so a copied or uploaded dataset still resolves. A path is the
+root (`--output`: a folder, gs://bucket/prefix or s3://bucket/prefix) joined with a name.
+
+    {root}/clips/{clip_id}.wav | .flac       one clip per file (the `files` layout)
+    {root}/shards/shard-NNNNN.tar            or WebDataset tar shards (`--shards N`)
+    {root}/metadata/clips-{hash}.parquet     the clips table, one file per bundle
+    {root}/metadata/errors-{hash}.parquet    the errors table
+    {root}/README.md, duration_histogram.png the dataset card
+    {root}/nemo_manifest.jsonl, lhotse/      exports (`--export`)
+    {root}/_RUN.json                         the run record, written last
+    {root}/_LEASE.json                       the run holding the output (pipeline/lease.py)
+    {root}/_tmp/                             a local run's scratch files
+"""
+
+from __future__ import annotations
+
+import re
+
+CLIPS_DIR = "clips"
+SHARDS_DIR = "shards"
+METADATA_DIR = "metadata"
+TABLES = ("clips", "errors")
+CARD_NAME = "README.md"
+HISTOGRAM_NAME = "duration_histogram.png"
+NEMO_MANIFEST = "nemo_manifest.jsonl"
+LHOTSE_DIR = "lhotse"
+LHOTSE_FILES = ("recordings", "supervisions", "cuts")
+RECORD_NAME = "_RUN.json"
+LEASE_NAME = "_LEASE.json"
+TMP_DIR = "_tmp"  # local disk only: readers ignore names starting with "_"
+_SHARD = re.compile(r"shard-(\d+)\.tar$")
+
+
+def root_of(output: str) -> str:
+    return output.rstrip("/")
+
+
+def path_of(output: str, name: str) -> str:
+    """The path of a dataset's file from its name."""
+    return f"{root_of(output)}/{name}"
+
+
+def name_of(output: str, path: str) -> str:
+    """A path under `output` as the dataset names it: relative to its root."""
+    root = root_of(output) + "/"
+    if not path.startswith(root):
+        raise ValueError(f"{path} is not under the output {output}")
+    return path[len(root) :]
+
+
+def clip_name(clip_id: str, clip_format: str = "wav") -> str:
+    return f"{CLIPS_DIR}/{clip_id}.{clip_format}"
+
+
+def shard_name(shard: int) -> str:
+    return f"{SHARDS_DIR}/shard-{shard:05d}.tar"
+
+
+def shard_index(name: str) -> int:
+    """The number of the shard a table row's `path` names."""
+    found = _SHARD.search(name)
+    if found is None:
+        raise ValueError(f"{name} is not a shard's name")
+    return int(found.group(1))
+
+
+def table_prefix(output: str, table: str) -> str:
+    """What every file of a table starts with (a glob is this plus `*.parquet`)."""
+    return path_of(output, f"{METADATA_DIR}/{table}-")
+
+
+def lhotse_name(part: str) -> str:
+    return f"{LHOTSE_DIR}/{part}.jsonl.gz"
+
+
+def export_names(formats: tuple[str, ...]) -> list[str]:
+    """The files an export writes, by format name ("nemo", "lhotse")."""
+    names = {"nemo": [NEMO_MANIFEST], "lhotse": [lhotse_name(part) for part in LHOTSE_FILES]}
+    return [name for f in formats for name in names[f]]
+
+
+def clip_path(output: str, clip_id: str, clip_format: str = "wav") -> str:
+    return path_of(output, clip_name(clip_id, clip_format))
+
+
+def shard_path(output: str, shard: int) -> str:
+    return path_of(output, shard_name(shard))
+
+
+def record_path(output: str) -> str:
+    return path_of(output, RECORD_NAME)
+
+
+def lease_path(output: str) -> str:
+    return path_of(output, LEASE_NAME)
+
+
+def tmp_path(output: str) -> str:
+    return path_of(output, TMP_DIR)
