@@ -28,6 +28,7 @@ from pipeline.layout import (
     root_of,
     table_prefix,
 )
+from pipeline.record import RunRecord
 from pipeline.storage import Store, is_local
 from pipeline.transcripts import ALL, MOSTLY_INSIDE
 
@@ -64,21 +65,21 @@ class ClipStats:
 def write_card(
     store: Store,
     output: str,
-    summary: dict,
+    record: RunRecord,
     stats: ClipStats,
     errors: dict[str, int],
     layout: Layout | None = None,
 ) -> str:
     """Write the card and its histogram under `output`; return the card's path.
 
-    `summary` is the run record's numbers (for rows in, and written vs already there); `errors` the rows
+    `record` is the run's record (rows in, written vs already there); `errors` the rows
     per error code, most common first. The histogram PNG is always written, an empty-state image ("no
     clips") when there are none, so a previous run's histogram never outlives its data; the card embeds
     it only when there are clips.
     """
     store.put(path_of(output, HISTOGRAM_NAME), histogram_png(stats), content_type="image/png")
     clips_glob, errors_glob = table_prefix(output, "clips") + "*.parquet", table_prefix(output, "errors") + "*.parquet"
-    text = card_text(output, summary, stats, errors, clips_glob, errors_glob, layout or Layout())
+    text = card_text(output, record, stats, errors, clips_glob, errors_glob, layout or Layout())
     path = path_of(output, CARD_NAME)
     store.put(path, text.encode(), content_type="text/markdown")
     return path
@@ -114,7 +115,7 @@ configs:
 
 def card_text(
     output: str,
-    summary: dict,
+    record: RunRecord,
     stats: ClipStats,
     errors: dict[str, int],
     clips_table: str,
@@ -125,7 +126,7 @@ def card_text(
     sections = [
         FRONT_MATTER,
         _header(output, layout),
-        _contents(summary, stats, errors),
+        _contents(record, stats, errors),
         _durations(stats),
         _errors(errors),
         _layout(output, clips_table, errors_table, layout),
@@ -146,19 +147,23 @@ def _header(output: str, layout: Layout) -> str:
     )
 
 
-def _contents(summary: dict, stats: ClipStats, errors: dict[str, int]) -> str:
-    written, skipped = summary.get("clips_written", 0), summary.get("clips_skipped", 0)
+def _contents(record: RunRecord, stats: ClipStats, errors: dict[str, int]) -> str:
+    last_run = f"{record.clips_written:,} written by the last run, {record.clips_skipped:,} already there"
+    if record.clips_kept:
+        last_run += f", {record.clips_kept:,} kept from earlier runs (--append)"
     lines = [
         "## Contents",
         "",
-        f"- Manifest rows in: {summary.get('rows', 0):,}",
-        f"- Clips: {stats.clips:,} ({written:,} written by the last run, {skipped:,} already there)",
+        f"- Manifest rows in the last run: {record.rows:,}",
+        f"- Clips: {stats.clips:,} ({last_run})",
         f"- Errors: {sum(errors.values()):,}",
         f"- Distinct objects: {stats.objects:,}",
         f"- Audio: {stats.hours:,.3f} h ({stats.seconds:,.3f} s)",
         f"- Size of the clips: {_size(stats.num_bytes)} ({stats.num_bytes:,} bytes)",
         f"- Channels: {_channels(stats.channels)}",
     ]
+    if record.clips_removed:
+        lines.append(f"- Removed by the last run: {record.clips_removed:,} clip files or shards that no row lists")
     return "\n".join(lines)
 
 

@@ -66,6 +66,7 @@ class ClipRequest:
     columns: dict[str, Any] = field(compare=False)  # the manifest row, unchanged
     source: str = ""  # "file, row N" for messages
     tokens: tuple[ObjectToken, ...] | None = field(default=None, compare=False)  # --with_transcripts: this clip's
+    listed: bool = field(default=False, compare=False)  # a file is at its path that no table row describes
 
     @property
     def fingerprint(self) -> str:

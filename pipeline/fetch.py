@@ -185,11 +185,11 @@ class _Fetch(_Step):
         started = time.monotonic()
         s = self.settings
         path = clip_path(s.output, request.clip_id, s.clip_format)
-        if s.skip_existing:
+        if request.listed:  # a file no table row describes (a stopped run's): one look at it may spare the fetch
             try:
                 existing = existing_clip(self.store, path, request.fingerprint, s.clip_format)
             except OSError as e:  # the check failed (StorageError among them): fetch the clip again
-                log.warning("skip_existing: cannot check %s (%s); fetching it", path, e)
+                log.warning("cannot check %s (%s); fetching it", path, e)
                 existing = None
             if existing is not None:
                 return _Done(_record(request, existing, attempts=0, stats=CallStats(), settings=s))

@@ -22,9 +22,9 @@ import pyarrow as pa
 from pipeline.card import ClipStats, Layout, write_card
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.export import export_dataset
-from pipeline.layout import tmp_path
+from pipeline.layout import export_names, name_of, tmp_path
 from pipeline.lease import release_for
-from pipeline.record import now, write_record
+from pipeline.record import RunRecord, now, write_record
 from pipeline.storage import StoreSettings, open_store
 from pipeline.table_files import remove_stale, write_empty
 from pipeline.transcripts import MOSTLY_INSIDE
@@ -47,6 +47,21 @@ class RunStats:
     held: int = 0
     waited_s: float = 0.0
     failed_attempts: Counter = field(default_factory=Counter)
+    earlier: int = 0  # --append: earlier clips that this manifest does not name, kept in the tables
+    earlier_errors: Counter = field(default_factory=Counter)  # and earlier errors it does not retry
+
+    def add_earlier(self, out: ClipRecord | ClipError) -> None:
+        """An earlier row kept in the tables: part of the dataset (the card counts it), not of this run's rows."""
+        if isinstance(out, ClipError):
+            self.earlier_errors[out.error_code] += 1
+            return
+        self.earlier += 1
+        self._describe(out)
+
+    def _describe(self, out: ClipRecord) -> None:
+        self.clip_bytes += out.num_bytes
+        self.durations_ms[out.clip_duration_ms] += 1
+        self.channels[out.num_channels] += 1
 
     def add(self, out: ClipRecord | ClipError) -> None:
         self.rows += 1
@@ -57,9 +72,7 @@ class RunStats:
         if isinstance(out, ClipError):
             self.errors_by_code[out.error_code] += 1
             return
-        self.clip_bytes += out.num_bytes
-        self.durations_ms[out.clip_duration_ms] += 1
-        self.channels[out.num_channels] += 1
+        self._describe(out)
         if out.attempts == 0:
             self.skipped += 1
         else:
@@ -76,33 +89,45 @@ class RunStats:
                 setattr(self, name, mine + value)
         return self
 
-    def numbers(self, wall_seconds: float) -> dict[str, Any]:
-        """The record's numbers (the launcher's summary prints them)."""
-        clips, errors = self.written + self.skipped, sum(self.errors_by_code.values())
-        return {
-            "rows": self.rows,
-            "clips": clips,
-            "clips_written": self.written,
-            "clips_skipped": self.skipped,
-            "errors": errors,
-            "errors_by_code": dict(sorted(self.errors_by_code.items())),
-            "error_ratio": round(errors / self.rows, 6) if self.rows else 0.0,
-            "bytes": self.bytes_written,
-            "audio_seconds": self.audio_ms_written / 1000,
-            "retries": self.retries,
-            "throttled": self.held,
-            "throttled_seconds": round(self.waited_s, 3),
-            "failed_attempts_by_code": dict(sorted(self.failed_attempts.items())),
-            "wall_seconds": round(wall_seconds, 3),
-        }
+    def record(self, info: RunInfo, removed: int, clips_table: list[str], errors_table: list[str]) -> RunRecord:
+        """The run record of a run that ends now (table and export names relative to the root)."""
+        return RunRecord(
+            rows=self.rows,
+            clips_written=self.written,
+            clips_skipped=self.skipped,
+            clips_kept=self.earlier,
+            clips_removed=removed,
+            errors_by_code=dict(sorted(self.errors_by_code.items())),
+            errors_kept=sum(self.earlier_errors.values()),
+            bytes=self.bytes_written,
+            audio_seconds=self.audio_ms_written / 1000,
+            retries=self.retries,
+            throttled=self.held,
+            throttled_seconds=round(self.waited_s, 3),
+            failed_attempts_by_code=dict(sorted(self.failed_attempts.items())),
+            wall_seconds=round(time.time() - info.started_epoch, 3),
+            mode=info.mode,
+            started_at=info.started_at,
+            finished_at=now(),
+            manifest=list(info.manifest),
+            clips_table=[name_of(info.output, f) for f in clips_table],
+            errors_table=[name_of(info.output, f) for f in errors_table],
+            exports=export_names(info.exports),
+            options=info.options,
+        )
 
 
 class CountRun(beam.CombineFn):
+    """This run's outcomes, or (`earlier`) the earlier rows that --append keeps."""
+
+    def __init__(self, earlier: bool = False):
+        self.earlier = earlier
+
     def create_accumulator(self) -> RunStats:
         return RunStats()
 
     def add_input(self, stats: RunStats, out: ClipRecord | ClipError) -> RunStats:
-        stats.add(out)
+        (stats.add_earlier if self.earlier else stats.add)(out)
         return stats
 
     def merge_accumulators(self, accumulators: Iterable[RunStats]) -> RunStats:
@@ -131,6 +156,7 @@ class RunInfo:
     with_transcripts: bool = False
     edge_words: str = MOSTLY_INSIDE
     lease_run_id: str | None = None  # a detached run's: its launcher is gone, so this step releases the lease
+    mode: str = "new"  # the way over the output (pipeline/existing.py)
 
 
 class WriteRunFiles(beam.DoFn):
@@ -143,35 +169,27 @@ class WriteRunFiles(beam.DoFn):
         self.schemas = schemas
 
     def process(
-        self, _: Any, clip_stats: RunStats, error_stats: RunStats, objects: int, clip_files: list, error_files: list
-    ) -> Iterator[dict[str, Any]]:
+        self, _: Any, counted: list[RunStats], objects: int, clip_files: list, error_files: list, removed: list[int]
+    ) -> Iterator[RunRecord]:
         info = self.info
-        stats = RunStats().merge(clip_stats).merge(error_stats)
+        stats = RunStats()
+        for part in counted:
+            stats.merge(part)
         store = open_store(info.output, info.store)
         files = {"clips": sorted(clip_files), "errors": sorted(error_files)}
         for name, written in files.items():
             remove_stale(store, info.output, name, written)
             if not written:
                 written.append(write_empty(store, info.output, name, self.schemas[name]))
-        clip_files, error_files = files["clips"], files["errors"]
-        numbers = stats.numbers(time.time() - info.started_epoch)
-        clip_stats = ClipStats(
-            stats.written + stats.skipped, objects, stats.clip_bytes, dict(stats.channels), dict(stats.durations_ms)
-        )
-        errors = dict(sorted(stats.errors_by_code.items(), key=lambda kv: (-kv[1], kv[0])))
+        record = stats.record(info, sum(removed), files["clips"], files["errors"])
+        clips = record.clips
+        clip_stats = ClipStats(clips, objects, stats.clip_bytes, dict(stats.channels), dict(stats.durations_ms))
+        every_error = stats.errors_by_code + stats.earlier_errors
+        errors = dict(sorted(every_error.items(), key=lambda kv: (-kv[1], kv[0])))
         layout = Layout(info.clip_format, info.sharded, info.with_transcripts, info.edge_words, info.exports)
-        write_card(store, info.output, numbers, clip_stats, errors, layout)
+        write_card(store, info.output, record, clip_stats, errors, layout)
         if info.exports:
-            export_dataset(store, info.output, info.exports, clip_files)
-        record = {
-            "started_at": info.started_at,
-            "finished_at": now(),
-            **numbers,
-            "manifest": list(info.manifest),
-            "clips_table": clip_files,
-            "errors_table": error_files,
-            "options": info.options,
-        }
+            export_dataset(store, info.output, info.exports, files["clips"])
         write_record(store, info.output, record)
         if store.local:  # empty by now: the record went through it too
             shutil.rmtree(tmp_path(info.output), ignore_errors=True)
@@ -181,10 +199,11 @@ class WriteRunFiles(beam.DoFn):
 
 
 class FinishRun(beam.PTransform):
-    """(clips, errors, clips table files, errors table files) -> the run record, written with the card.
+    """{clips, errors, earlier, clip_files, error_files, removed} -> the run record, written with the card.
 
-    Clips and errors are counted apart and merged at the end: a Flatten of the two would make the
-    in-process runner hold every record in memory between stages, where a combine holds one accumulator."""
+    `earlier` holds the rows --append carries over from earlier runs, `removed` the counts of orphans removed.
+    Each input is counted apart and merged at the end: a Flatten of them would make the in-process runner
+    hold every record in memory between stages, where a combine holds one accumulator."""
 
     def __init__(self, info: RunInfo, schemas: dict[str, pa.Schema]):
         super().__init__()
@@ -192,28 +211,31 @@ class FinishRun(beam.PTransform):
         self.schemas = schemas
 
     def expand(self, inputs):
-        clips, errors, clip_files, error_files = inputs
+        side = beam.pvalue
         # Without defaults: an empty input's default comes from the side input instead, which spares each
         # combine the four steps that would make one (built and run at every start).
-        clip_stats = clips | "CountClips" >> beam.CombineGlobally(CountRun()).without_defaults()
-        error_stats = errors | "CountErrors" >> beam.CombineGlobally(CountRun()).without_defaults()
+        counted = [
+            inputs[name]
+            | f"Count{name.title()}" >> beam.CombineGlobally(CountRun(name == "earlier")).without_defaults()
+            for name in ("clips", "errors", "earlier")
+        ]
         objects = (
-            clips
+            (inputs["clips"], inputs["earlier"] | "EarlierClips" >> beam.Filter(lambda r: isinstance(r, ClipRecord)))
+            | "EveryClip" >> beam.Flatten()
             | "ObjectIds" >> beam.Map(lambda r: r.object_id)
             | "DistinctObjects" >> beam.Distinct()
             | "CountObjects" >> beam.CombineGlobally(beam.combiners.CountCombineFn()).without_defaults()
         )
-        side = beam.pvalue
         return (
-            clips.pipeline
+            inputs["clips"].pipeline
             | "Once" >> beam.Create([None])
             | "WriteCardAndRecord"
             >> beam.ParDo(
                 WriteRunFiles(self.info, self.schemas),
-                side.AsSingleton(clip_stats, default_value=RunStats()),
-                side.AsSingleton(error_stats, default_value=RunStats()),
+                side.AsList(counted | "Counts" >> beam.Flatten()),
                 side.AsSingleton(objects, default_value=0),
-                side.AsList(clip_files),
-                side.AsList(error_files),
+                side.AsList(inputs["clip_files"]),
+                side.AsList(inputs["error_files"]),
+                side.AsList(inputs["removed"]),
             )
         )

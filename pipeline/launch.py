@@ -128,7 +128,7 @@ def check_output(store: Store, output: str) -> None:
 
 def _check_local_output(output: str) -> None:
     for name in ("", TMP_DIR, METADATA_DIR, CLIPS_DIR, SHARDS_DIR):
-        path = os.path.join(output, name)
+        path = os.path.join(output, name) if name else output
         if os.path.exists(path) and not os.path.isdir(path):
             raise LaunchError(f"--output {output}: {path} is a file, not a folder")
     existing = os.path.dirname(os.path.abspath(output))

@@ -86,7 +86,22 @@ class ClipOptions(PipelineOptions):
         g.add_argument(
             "--skip_existing",
             **_FLAG,
-            help="make no call for a clip already complete at its path for the same request",
+            help="over an existing dataset: make it match this manifest, fetching only the clips it lacks or holds "
+            "stale (decided from its tables and one listing, no request per clip); clip files and shards no row "
+            "lists are removed at the end",
+        )
+        g.add_argument(
+            "--append",
+            **_FLAG,
+            help="over an existing dataset: add this manifest's rows and keep the earlier ones; a row whose clip_id "
+            "the dataset holds replaces it (so metadata/errors-*.parquet as the manifest retries the failures)",
+        )
+        g.add_argument("--overwrite", **_FLAG, help="over an existing dataset: replace it")
+        g.add_argument(
+            "--verify_existing",
+            **_FLAG,
+            help="with --skip_existing or --append: also read every existing clip and check its sha256 against "
+            "the clips table (reads every byte); a clip that differs is fetched again",
         )
         g.add_argument(
             "--max_error_ratio",
@@ -211,8 +226,12 @@ def check_values(opts: ClipOptions) -> None:
     problems = [
         (opts.shards < 0, "--shards takes a number of tar shards (0: clip files)"),
         (
-            opts.shards > 0 and opts.skip_existing,
-            "--skip_existing works on clip files, not with --shards (shards are rebuilt)",
+            sum(map(bool, (opts.skip_existing, opts.append, opts.overwrite))) > 1,
+            "--skip_existing, --append and --overwrite are different ways over an existing dataset: give one",
+        ),
+        (
+            opts.verify_existing and not (opts.skip_existing or opts.append),
+            "--verify_existing checks the clips that --skip_existing or --append keep: give one of them",
         ),
         (opts.max_in_flight < 1, "--max_in_flight takes a number of streams from 1 up"),
         (opts.max_attempts < 1, "--max_attempts takes a number of attempts from 1 up"),

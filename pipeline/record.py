@@ -5,7 +5,9 @@ It holds the options with anything secret-looking redacted (the API key is never
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from pipeline.layout import CARD_NAME, path_of, record_path, table_prefix
 from pipeline.options import option_names
 from pipeline.storage import Store
 
+log = logging.getLogger(__name__)
 _SECRET = re.compile(r"secret|password|passwd|token|credential|key", re.IGNORECASE)
 _SAFE = re.compile(r"_file$|_path$|^api_key_file$")
 
@@ -34,11 +37,21 @@ def safe_options(options: PipelineOptions) -> dict[str, Any]:
     }
 
 
-def write_record(store: Store, output: str, record: dict[str, Any]) -> str:
+def write_record(store: Store, output: str, record: RunRecord) -> str:
     """Write the record in one write (a bucket publishes it whole; a local disk renames it into place)."""
-    body = dict(record, version=__version__)
-    store.put(record_path(output), json.dumps(body, indent=2, default=str).encode(), content_type="application/json")
+    store.put(record_path(output), record.to_bytes(), content_type="application/json")
     return record_path(output)
+
+
+def read_record(store: Store, output: str) -> RunRecord | None:
+    """The output's record, or None when it has none (a new output, or a run that did not finish)."""
+    try:
+        return RunRecord.from_bytes(store.read(record_path(output)))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, AttributeError) as e:  # not ours, or cut short: the tables still say what is there
+        log.warning("%s cannot be read (%s); going by the tables", record_path(output), e)
+        return None
 
 
 def remove_record(store: Store, output: str) -> None:
@@ -51,71 +64,87 @@ def now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-@dataclass
-class Summary:
-    """The run in numbers, as the job recorded them."""
+@dataclass(frozen=True)
+class RunRecord:
+    """`_RUN.json`, typed: written by the job's last step, read back by the launcher (its summary) and by the
+    next run over the same output (which tables the dataset has). Table and export names are relative to
+    the dataset's root, so the record still holds after a copy."""
 
-    rows: int
-    written: int = 0
-    skipped: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+    rows: int = 0
+    clips_written: int = 0
+    clips_skipped: int = 0  # already in the dataset and current: no call made
+    clips_removed: int = 0  # files or shards no row of the dataset lists any more (--skip_existing)
+    clips_kept: int = 0  # earlier rows that --append left in the tables (this manifest did not name them)
+    errors_by_code: dict[str, int] = field(default_factory=dict)  # this run's rows
+    errors_kept: int = 0  # earlier errors that --append left in the errors table (no row retried them)
     bytes: int = 0
-    audio_ms: int = 0
+    audio_seconds: float = 0.0
     retries: int = 0
     throttled: int = 0
     throttled_seconds: float = 0.0
-    failed_attempts: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    failed_attempts_by_code: dict[str, int] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    mode: str = "new"  # new, skip_existing, append or overwrite
+    started_at: str = ""
+    finished_at: str = ""
+    manifest: list[str] = field(default_factory=list)
+    clips_table: list[str] = field(default_factory=list)
+    errors_table: list[str] = field(default_factory=list)
+    exports: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    version: str = __version__
 
     @property
     def clips(self) -> int:
-        return self.written + self.skipped
+        return self.clips_written + self.clips_skipped + self.clips_kept
 
     @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
+    def errors(self) -> int:
+        return sum(self.errors_by_code.values())
 
     @property
     def error_ratio(self) -> float:
-        return self.error_count / self.rows if self.rows else 0.0
+        return self.errors / self.rows if self.rows else 0.0
+
+    def to_bytes(self) -> bytes:
+        derived = {"clips": self.clips, "errors": self.errors, "error_ratio": round(self.error_ratio, 6)}
+        return json.dumps({**derived, **dataclasses.asdict(self)}, indent=2, default=str).encode()
 
     @classmethod
-    def from_record(cls, record: dict) -> Summary:
-        """The numbers the job's last step wrote into `_RUN.json`."""
-        return cls(
-            rows=record["rows"],
-            written=record["clips_written"],
-            skipped=record["clips_skipped"],
-            errors=record["errors_by_code"],
-            bytes=record["bytes"],
-            audio_ms=round(record["audio_seconds"] * 1000),
-            retries=record["retries"],
-            throttled=record["throttled"],
-            throttled_seconds=record["throttled_seconds"],
-            failed_attempts=record["failed_attempts_by_code"],
-            seconds=record["wall_seconds"],
-        )
+    def from_bytes(cls, data: bytes) -> RunRecord:
+        """The record's own fields (the derived ones, and those of another version, are left out)."""
+        body = json.loads(data)
+        return cls(**{f.name: body[f.name] for f in dataclasses.fields(cls) if f.name in body})
 
     def lines(self, output: str) -> Iterator[str]:
+        already = f"{self.clips_skipped:,} already there"
+        if self.clips_kept:
+            already += f", {self.clips_kept:,} kept from earlier runs"
         yield f"rows in         {self.rows:>10,}"
-        yield f"clips           {self.clips:>10,}   ({self.written:,} written, {self.skipped:,} already there)"
-        yield f"errors          {self.error_count:>10,}"
-        for code, n in sorted(self.errors.items(), key=lambda kv: -kv[1]):
+        yield f"clips           {self.clips:>10,}   ({self.clips_written:,} written, {already})"
+        if self.errors_kept:
+            yield f"errors kept     {self.errors_kept:>10,}   (earlier errors no row of this run retried)"
+        if self.clips_removed:
+            yield f"removed         {self.clips_removed:>10,}   (clip files or shards no row lists any more)"
+        yield f"errors          {self.errors:>10,}"
+        for code, n in sorted(self.errors_by_code.items(), key=lambda kv: -kv[1]):
             yield f"  {code:<22}{n:>8,}"
-        yield f"audio           {self.audio_ms / 3_600_000:>10.3f} h written"
+        yield f"audio           {self.audio_seconds / 3600:>10.3f} h written"
         yield f"bytes           {self.bytes:>10,}"
         yield (
             f"retries         {self.retries:>10,}   ({self.throttled:,} calls held back by throttling; "
             f"{self.throttled_seconds:,} s held or backing off)"
         )
-        if self.failed_attempts:
-            by_code = ", ".join(f"{c} {n:,}" for c, n in sorted(self.failed_attempts.items(), key=lambda kv: -kv[1]))
-            yield f"failed attempts {sum(self.failed_attempts.values()):>10,}   ({by_code})"
-        if self.written:
-            rate = f"{self.written / max(self.seconds, 1e-9):.1f} clips/s"
+        failed = self.failed_attempts_by_code
+        if failed:
+            by_code = ", ".join(f"{c} {n:,}" for c, n in sorted(failed.items(), key=lambda kv: -kv[1]))
+            yield f"failed attempts {sum(failed.values()):>10,}   ({by_code})"
+        seconds = max(self.wall_seconds, 1e-9)
+        if self.clips_written:
+            rate = f"{self.clips_written / seconds:.1f} clips/s"
         else:  # a rerun that found every clip there: how fast the rows were checked is the rate that means something
-            rate = f"nothing fetched; {self.rows / max(self.seconds, 1e-9):,.1f} rows/s checked"
-        yield f"wall time       {self.seconds:>10.1f} s   ({rate})"
+            rate = f"nothing fetched; {self.rows / seconds:,.1f} rows/s checked"
+        yield f"wall time       {self.wall_seconds:>10.1f} s   ({rate})"
         yield f"clips table     {table_prefix(output, 'clips')}*.parquet"
         yield f"errors table    {table_prefix(output, 'errors')}*.parquet"
         yield f"dataset card    {path_of(output, CARD_NAME)}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -14,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
@@ -23,6 +23,7 @@ from pipeline import tables
 from pipeline.cli import LaunchError, Parser, RunError, add_logging_options, caused_by
 from pipeline.client import DEFAULT_API_HOST
 from pipeline.elements import ClipError, ClipRecord, ClipRequest
+from pipeline.existing import APPEND, NEW, choose_mode, exports_after, read_existing, table_schema
 from pipeline.export import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
 from pipeline.finish import FinishRun, RunInfo
@@ -44,7 +45,8 @@ from pipeline.launch import (
 from pipeline.layout import CLIPS_DIR, path_of, record_path, tmp_path
 from pipeline.lease import Holder, Lease, current_holder, new_run_id, refusal, take
 from pipeline.options import REQUIRED, ClipOptions, add_dry_run, check_flags, check_values, expand_config, take_dry_run
-from pipeline.record import Summary, now, safe_options
+from pipeline.reconcile import Over, Plan, RemoveOrphans, reconcile
+from pipeline.record import RunRecord, now, safe_options
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import shard_of
 from pipeline.storage import Store, StoreSettings, open_store
@@ -76,13 +78,27 @@ def fetch_settings(opts: ClipOptions, manifest: mf.Manifest, store: StoreSetting
     )
 
 
-def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info: RunInfo, spread: bool = True) -> None:
+def build(
+    p: beam.Pipeline,
+    settings: FetchSettings,
+    manifest: mf.Manifest,
+    info: RunInfo,
+    spread: bool = True,
+    over: Over | None = None,
+    schemas: dict[str, pa.Schema] | None = None,
+) -> None:
     """The graph: read and validate the rows, spread them over the workers (`spread`: not on the in-process
-    runner, where a shuffle would hold every request in memory), fetch, write the tables, then count the
-    run and write the card and the record."""
+    runner, where a shuffle would hold every request in memory), decide each against the dataset already
+    there (`over`, pipeline/reconcile.py), fetch, write the tables (`schemas`: default, this manifest's),
+    then remove what no row lists, count the run and write the card and the record."""
     rows = p | "ValidateRows" >> mf.ValidateRows(lambda columns: mf.ReadManifest(manifest, columns, spread))
     requests, errors = rows["requests"], [rows["errors"]]
-    if spread:  # on a cluster the rows of a row group would stay with the worker that read them
+    kept, earlier, orphans = [], [], None
+    if over is not None:  # the join spreads the requests too
+        decided = reconcile(requests, over, spread)
+        requests, kept, orphans = decided.fetch, [decided.kept], decided.orphans
+        earlier = [decided.earlier, decided.earlier_errors]
+    elif spread:  # on a cluster the rows of a row group would stay with the worker that read them
         requests = requests | "SpreadRequests" >> beam.Reshuffle()
     if settings.with_transcripts:
         requests, no_transcript = _attach_transcripts(requests, settings)
@@ -100,21 +116,45 @@ def build(p: beam.Pipeline, settings: FetchSettings, manifest: mf.Manifest, info
     fetched = fetched | "SplitFailed" >> mf.split_errors(ClipRecord, "clips")
     errors.append(fetched.errors)
     out, store = settings.output, settings.store
-    clips_schema = tables.clips_schema(manifest.schema, settings.with_transcripts, settings.shards > 0)
-    errors_schema = tables.errors_schema(manifest.schema)
+    schemas = schemas or table_schemas(manifest, settings)
+    clips = [fetched.clips, *kept] | "AllClips" >> beam.Flatten() if kept else fetched.clips
     clip_files = (
-        fetched.clips
+        [clips, *earlier[:1]]
+        | "TableClips" >> beam.Flatten()
         | "ClipRows" >> beam.Map(tables.to_row)
-        | "WriteClips" >> WriteTable(out, "clips", clips_schema, store)
+        | "WriteClips" >> WriteTable(out, "clips", schemas["clips"], store)
     )
     all_errors = errors | "AllErrors" >> beam.Flatten() | "CountErrors" >> beam.Map(_count_error)
     error_files = (
-        all_errors
+        [all_errors, *earlier[1:]]
+        | "TableErrors" >> beam.Flatten()
         | "ErrorRows" >> beam.Map(tables.to_row)
-        | "WriteErrors" >> WriteTable(out, "errors", errors_schema, store)
+        | "WriteErrors" >> WriteTable(out, "errors", schemas["errors"], store)
     )
-    schemas = {"clips": clips_schema, "errors": errors_schema}
-    _ = (fetched.clips, all_errors, clip_files, error_files) | "Finish" >> FinishRun(info, schemas)
+    done = beam.pvalue.AsList(clip_files), beam.pvalue.AsList(error_files)  # orphans go once the tables are there
+    removed = (
+        orphans | "RemoveOrphans" >> beam.ParDo(RemoveOrphans(over.plan), *done)
+        if orphans is not None
+        else p | "NoneRemoved" >> beam.Create([])
+    )
+    finish = {
+        "clips": clips,
+        "errors": all_errors,
+        "earlier": earlier | "AllEarlier" >> beam.Flatten() if earlier else p | "NoEarlier" >> beam.Create([]),
+        "clip_files": clip_files,
+        "error_files": error_files,
+        "removed": removed,
+    }
+    _ = finish | "Finish" >> FinishRun(info, schemas)
+
+
+def table_schemas(manifest: mf.Manifest, settings: FetchSettings) -> dict[str, pa.Schema]:
+    """The clips and errors tables' columns for this manifest and these settings."""
+    sharded = settings.shards > 0
+    return {
+        "clips": tables.clips_schema(manifest.schema, settings.with_transcripts, sharded),
+        "errors": tables.errors_schema(manifest.schema),
+    }
 
 
 def _attach_transcripts(requests, settings: FetchSettings):
@@ -170,7 +210,15 @@ def prepare(argv: list[str]) -> Launch:
     manifest = mf.inspect_manifest(opts.manifest)
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
     check_output(store, opts.output)
+    existing = read_existing(store, opts.output)
+    mode = choose_mode(opts, existing, opts.output)
     settings = fetch_settings(opts, manifest, store_settings)
+    schemas = table_schemas(manifest, settings)
+    if mode == APPEND:  # the tables keep the earlier rows, with their columns
+        schemas = {
+            "clips": table_schema(store, existing.clips_tables, schemas["clips"], opts.output),
+            "errors": table_schema(store, existing.errors_tables, schemas["errors"], opts.output),
+        }
     host = settings.client.api_host or DEFAULT_API_HOST
     log.info("GetAudio at %s; concurrency: %s", host, stream_bound(options, opts.max_in_flight))
     preflight(settings, manifest)
@@ -186,16 +234,21 @@ def prepare(argv: list[str]) -> Launch:
         options=safe_options(options),
         clip_format=opts.clip_format,
         sharded=opts.shards > 0,
-        exports=parse_exports(opts.export),
+        exports=exports_after(parse_exports(opts.export), existing, mode),
         with_transcripts=opts.with_transcripts,
         edge_words=opts.edge_words,
         lease_run_id=run_id if opts.detach else None,  # the launcher will be gone: the job releases it
+        mode=mode,
     )
+    over = None
+    if mode != NEW:
+        plan = Plan(opts.output, mode, opts.clip_format, opts.shards, opts.verify_existing, store_settings)
+        over = Over(plan, existing.clips_tables, existing.errors_tables)
     # Dataflow's own dry run builds the Dataflow job (no submission, no staging); no other runner has one.
     options.view_as(TestOptions).dry_run = dry_run and runner_name(options) == "DataflowRunner"
     p = beam.Pipeline(runner=runner, options=options)
     in_process = workers_share_environment(options)
-    build(p, settings, manifest, info, spread=not in_process)
+    build(p, settings, manifest, info, spread=not in_process, over=over, schemas=schemas)
     if dry_run:  # takes none: it writes nothing, and must not stop a real run that starts meanwhile
         return Launch(p, opts, store, manifest, dry_run, in_use=current_holder(store, opts.output))
     lease = take(store, opts.output, run_id, detached=opts.detach, job_in_process=in_process)
@@ -215,7 +268,7 @@ def dry_run(launch: Launch) -> str:
     )
 
 
-def execute(launch: Launch) -> Summary | None:
+def execute(launch: Launch) -> RunRecord | None:
     """Clear what a killed run left in the output, run the job, and wait for it (unless --detach): the
     summary read back from the record the job wrote (None when detached).
 
@@ -231,13 +284,13 @@ def execute(launch: Launch) -> Summary | None:
             log.info("submitted; %s appears when the job is done", record_path(opts.output))
             return None
         result.wait_until_finish()
-        return Summary.from_record(json.loads(launch.store.read(record_path(opts.output))))
+        return RunRecord.from_bytes(launch.store.read(record_path(opts.output)))
     finally:
         if launch.lease is not None and not handed_to_job:
             launch.lease.release()
 
 
-def run(argv: list[str]) -> tuple[Summary | None, ClipOptions]:
+def run(argv: list[str]) -> tuple[RunRecord | None, ClipOptions]:
     """Run the pipeline over argv (Beam flags included): the summary (None for a dry run or a detached
     launch) and the options. Raises ManifestError or LaunchError before any clip is fetched."""
     launch = prepare(argv)

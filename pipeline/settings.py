@@ -40,7 +40,6 @@ class FetchSettings:
     client: ClientSettings
     audio_format: str
     max_in_flight: int
-    skip_existing: bool
     with_transcripts: bool = False
     clip_format: str = "wav"
     shards: int = 0

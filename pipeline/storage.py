@@ -37,6 +37,10 @@ class StorageError(OSError):
     """A write or listing that failed after the library's retries."""
 
 
+class NotFound(StorageError, FileNotFoundError):
+    """A read of an object that is not there (a local store raises FileNotFoundError itself)."""
+
+
 class Precondition(StorageError):
     """A conditional write or delete was refused: the object exists (create), or is no longer the version
     given (replaced or gone). Not retried: the caller reads the object again and decides."""
@@ -97,7 +101,7 @@ class Store(Protocol):
         """Every object whose path starts with `prefix` (sizes only)."""
 
     def read(self, path: str) -> bytes:
-        """A whole small object (the run record, for the launcher's summary)."""
+        """A whole small object (the run record, a table file); FileNotFoundError when it is not there."""
 
     def delete(self, paths: Iterable[str]) -> None: ...
 
@@ -413,7 +417,12 @@ class S3Store(_BucketStore):
 
     def read(self, path: str) -> bytes:
         bucket, key = split_bucket(path)
-        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as e:
+            code = str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", ""))
+            kind = NotFound if code in ("NoSuchKey", "404") else StorageError
+            raise kind(f"{path}: {type(e).__name__}: {e}") from e
 
     def delete(self, paths: Iterable[str]) -> None:
         by_bucket: dict[str, list[str]] = {}
@@ -542,7 +551,11 @@ class GcsStore(_BucketStore):
             yield StoredObject(f"gs://{bucket}/{blob.name}", blob.size)
 
     def read(self, path: str) -> bytes:
-        return self._blob(path).download_as_bytes()
+        try:
+            return self._blob(path).download_as_bytes()
+        except Exception as e:
+            kind = NotFound if getattr(e, "code", None) == 404 else StorageError
+            raise kind(f"{path}: {type(e).__name__}: {e}") from e
 
     def delete(self, paths: Iterable[str]) -> None:
         for path in paths:

@@ -12,6 +12,8 @@ tables always exist.
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline.layout import table_prefix
 from pipeline.storage import Store, StoreSettings, open_store
 
+log = logging.getLogger(__name__)
 _BATCH = 10_000  # rows per Parquet row group
 
 
@@ -101,3 +104,39 @@ def remove_stale(store: Store, output: str, name: str, written: Iterable[str]) -
     if stale:
         store.delete(stale)
     return stale
+
+
+class ReadTable(beam.PTransform):
+    """pbegin -> the rows (dicts) of the given table files, a row group at a time, the files spread over the
+    workers first (`spread`: not on the in-process runner)."""
+
+    def __init__(
+        self, output: str, files: Iterable[str], store: StoreSettings, columns: Iterable[str] | None, spread: bool
+    ):
+        super().__init__()
+        self.output, self.files, self.store, self.spread = output, list(files), store, spread
+        self.columns = None if columns is None else list(columns)
+
+    def expand(self, pbegin):
+        files = pbegin | "Files" >> beam.Create(self.files)
+        if self.spread:
+            files = files | "Spread" >> beam.Reshuffle()
+        return files | "ReadRows" >> beam.ParDo(_ReadRows(self.output, self.store, self.columns))
+
+
+class _ReadRows(beam.DoFn):
+    def __init__(self, output: str, store: StoreSettings, columns: list[str] | None):
+        self.output, self.settings, self.columns = output, store, columns
+
+    def setup(self) -> None:
+        self.store = open_store(self.output, self.settings)
+
+    def process(self, path: str) -> Iterator[dict[str, Any]]:
+        try:
+            table = pq.ParquetFile(io.BytesIO(self.store.read(path)))
+        except (OSError, pa.ArrowException) as e:  # its clips are then looked at, or fetched, again
+            log.warning("%s cannot be read as a table (%s); the rows it held are not used", path, e)
+            return
+        columns = None if self.columns is None else [c for c in self.columns if c in table.schema_arrow.names]
+        for group in range(table.num_row_groups):
+            yield from table.read_row_group(group, columns=columns).to_pylist()

@@ -257,6 +257,11 @@ def read_table(output: str | Path, name: str) -> pa.Table:
     return pa.concat_tables(pq.read_table(f) for f in files)
 
 
+def recorded_table(output: str | Path, record: dict[str, Any], name: str) -> pa.Table:
+    """Table `name` as the run record lists it: its files' names, relative to the dataset's root."""
+    return pa.concat_tables(pq.read_table(os.path.join(str(output), file)) for file in record[f"{name}_table"])
+
+
 _bucket_io: dict[tuple[str, int], tuple[PipelineOptions, object]] = {}
 
 

@@ -362,7 +362,10 @@ def test_killed_run_then_rerun_completes_dataset(make_server, store: dict[str, s
     clips_dir = out / "clips"
     with open(tmp_path / "killed.log", "w") as log:  # a child: SIGKILL needs a process of its own
         proc = start_cli(
-            "run", *run_argv(server, manifest, out, "--max_in_flight=4"), stdout=log, stderr=subprocess.STDOUT
+            "run",
+            *run_argv(server, manifest, out, "--max_in_flight=4", "--overwrite"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             deadline = time.monotonic() + 120

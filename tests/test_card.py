@@ -27,6 +27,7 @@ from PIL import Image
 from pipeline.card import BACKGROUND, SIZE, ClipStats, write_card
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.finish import RunStats
+from pipeline.record import RunRecord
 from pipeline.storage import StoreSettings, open_store
 from pipeline.tables import clips_schema, errors_schema
 from tests.helpers import CHILD_TIMEOUT_S, expect_exit, read_bytes, read_table_file
@@ -41,9 +42,9 @@ ERRORS = [("d", "obj-3", "NOT_FOUND"), ("e", "obj-3", "NOT_FOUND"), ("f", "obj-1
 STORE_VARIABLES = ("AWS_", "GOOGLE_", "STORAGE_EMULATOR_HOST")  # what a child must not inherit from this process
 
 
-def summary(rows: int, written: int, skipped: int) -> dict:
-    """A `Summary.as_dict()` (the card uses rows, clips_written and clips_skipped)."""
-    return {"rows": rows, "clips": written + skipped, "clips_written": written, "clips_skipped": skipped}
+def summary(rows: int, written: int, skipped: int) -> RunRecord:
+    """A run record with the numbers the card shows (rows, clips written and already there)."""
+    return RunRecord(rows=rows, clips_written=written, clips_skipped=skipped)
 
 
 def join(root: str, *parts: str) -> str:
@@ -161,7 +162,7 @@ def test_card_numbers_match_the_tables(local: tuple[str, str, str]) -> None:
     seconds = table.column("clip_duration_ms").to_numpy().sum() / 1000
     sizes = sum(table.column("num_bytes").to_pylist())
     for line in [
-        "- Manifest rows in: 6",
+        "- Manifest rows in the last run: 6",
         "- Clips: 3 (2 written by the last run, 1 already there)",
         "- Errors: 3",
         "- Distinct objects: 2",
@@ -219,7 +220,7 @@ def test_a_rerun_replaces_the_card(local: tuple[str, str, str]) -> None:
     output, clips_table, errors_table = local
     make_card(output, summary(6, 3, 0), clips_table, errors_table)
     card = Path(make_card(output, summary(7, 0, 3), clips_table, errors_table)).read_text()
-    assert "- Manifest rows in: 7" in card and "(0 written by the last run, 3 already there)" in card
+    assert "- Manifest rows in the last run: 7" in card and "(0 written by the last run, 3 already there)" in card
 
 
 @dataclasses.dataclass(frozen=True)

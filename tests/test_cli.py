@@ -19,7 +19,7 @@ import pytest
 from pipeline.__main__ import main
 from pipeline.cli import LaunchError, configure_logging
 from pipeline.options import check_flags, expand_config
-from pipeline.record import Summary
+from pipeline.record import RunRecord
 from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, explain, write_manifest
 
 SCHEMA = pa.schema(
@@ -144,7 +144,7 @@ def test_beam_options_and_the_shipped_configs_are_known():
         (["--output=OUT"], "error: --manifest is required"),
         (["--manifest=M"], "error: --output is required"),
         (["--manifest=M", "--output=OUT", "--shards", "-1"], "error: --shards takes a number of tar shards"),
-        (["--manifest=M", "--output=OUT", "--shards=2", "--skip_existing"], "error: --skip_existing works on clip"),
+        (["--manifest=M", "--output=OUT", "--skip_existing", "--overwrite"], "error: --skip_existing, --append and"),
         (["--manifest=M", "--output=OUT", "--shards=x"], "error: argument --shards: invalid int value: 'x'"),
         (["--manifest=M", "--output=OUT", "--audio_format=mp3"], "error: argument --audio_format: invalid choice"),
         (["--manifest=M", "--output=OUT", "--max_in_flight=0"], "error: --max_in_flight takes a number"),
@@ -280,9 +280,9 @@ def test_builds_exit_0_or_1_quietly_and_leave_no_temporary_folder(make_server, t
 
 
 def test_summary_rate_of_a_run_that_fetched_nothing():
-    lines = list(Summary(rows=7, skipped=6, errors={"NOT_FOUND": 1}, seconds=0.5).lines("out"))
+    lines = list(RunRecord(rows=7, clips_skipped=6, errors_by_code={"NOT_FOUND": 1}, wall_seconds=0.5).lines("out"))
     assert "(nothing fetched; 14.0 rows/s checked)" in next(x for x in lines if x.startswith("wall time"))
-    lines = list(Summary(rows=7, written=6, seconds=2.0).lines("out"))
+    lines = list(RunRecord(rows=7, clips_written=6, wall_seconds=2.0).lines("out"))
     assert "(3.0 clips/s)" in next(x for x in lines if x.startswith("wall time"))
 
 

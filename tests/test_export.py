@@ -85,7 +85,7 @@ def test_export_of_a_dataset_in_a_bucket(make_server, tmp_path, request, kind) -
     )
     FileSystems.set_options(PipelineOptions(server.flags))
     record = json.loads(read_bytes(f"{output}/_RUN.json"))
-    clips = [row for path in record["clips_table"] for row in read_table_file(path).to_pylist()]
+    clips = [row for name in record["clips_table"] for row in read_table_file(f"{output}/{name}").to_pylist()]
     assert len(clips) == record["clips"] > 0
     lines = [json.loads(line) for line in read_bytes(f"{output}/nemo_manifest.jsonl").splitlines()]
     assert sorted(line["audio_filepath"] for line in lines) == sorted(c["path"] for c in clips)

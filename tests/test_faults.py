@@ -228,7 +228,7 @@ def test_the_throttling_counter_moves_while_a_call_backs_off(make_server, tmp_pa
 
     monkeypatch.setattr(ThrottlingSignaler, "signal_throttled", watch)
     client = ClientSettings(server.address, None, max_attempts=2, rpc_timeout_s=5)
-    settings = FetchSettings(str(tmp_path), client, "pcm_s16le", max_in_flight=4, skip_existing=False)
+    settings = FetchSettings(str(tmp_path), client, "pcm_s16le", max_in_flight=4)
     request = ClipRequest("c", "demo-mono", TimeRange(0, 200), {}, source="m.parquet, row c")
     p = beam.Pipeline(runner="FnApiRunner")
     _ = p | beam.Create([request]) | beam.ParDo(fetch.FetchClips(settings, steady_backoff_client))

@@ -55,7 +55,7 @@ def ramp(segment: TimeRange) -> np.ndarray:
 
 def settings(output: str) -> FetchSettings:
     client = ClientSettings(api_host="http://fake:1", api_key_file=None, max_attempts=3, rpc_timeout_s=5)
-    return FetchSettings(output, client, "pcm_s16le", max_in_flight=4, skip_existing=False, total_rows=4)
+    return FetchSettings(output, client, "pcm_s16le", max_in_flight=4, total_rows=4)
 
 
 def request(clip_id: str, object_id: str, start_ms: int = 0) -> ClipRequest:

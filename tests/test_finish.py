@@ -23,7 +23,7 @@ from pipeline.options import ClipOptions
 from pipeline.record import now
 from pipeline.run import build, fetch_settings
 from pipeline.storage import StoreSettings
-from tests.helpers import Result, child_env, expect_exit, run_argv, run_cli
+from tests.helpers import Result, child_env, expect_exit, recorded_table, run_argv, run_cli
 from tests.test_builds import check_clips_table, local_files, run_build
 from tests.test_builds import write_local_manifest as write_manifest
 
@@ -50,7 +50,7 @@ def test_the_job_writes_its_own_card_and_record(server, store, tmp_path: Path) -
     record = json.loads(Path(out, "_RUN.json").read_text())
     assert (record["rows"], record["clips"], record["errors"]) == (13, 12, 1)
     assert record["errors_by_code"] == {"NOT_FOUND": 1} and record["options"] == {"note": "test"}
-    clips = pq.read_table(record["clips_table"]).to_pylist()
+    clips = recorded_table(out, record, "clips").to_pylist()
     assert len(clips) == 12
     check_clips_table(clips, store, out)
     assert record["bytes"] == sum(c["num_bytes"] for c in clips)
@@ -77,16 +77,17 @@ def test_each_table_is_exactly_this_runs_files(make_server, store, tmp_path: Pat
     abandoned.write_bytes(b"PAR1 a retried bundle's file")
     expect_exit(run_build(server, manifest, str(out), "--skip_existing"), 0)
     record = json.loads((out / "_RUN.json").read_text())
-    files = sorted(str(p) for p in (out / "metadata").iterdir())
+    files = sorted(str(p.relative_to(out)) for p in (out / "metadata").iterdir())
     assert files == sorted(record["clips_table"] + record["errors_table"])
     assert not set(files) & set(first["clips_table"]) and not abandoned.exists()  # the clips changed: attempts 0
     assert record["errors_table"] == first["errors_table"]  # the same (empty) content, so the same name
-    for path in files:  # each file is named for its content: a retried bundle rewrites, never adds
-        assert Path(path).name.split("-")[1] == hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] + ".parquet"
-    clips = pq.read_table(record["clips_table"]).to_pylist()
+    for name in files:  # each file is named for its content: a retried bundle rewrites, never adds
+        content = (out / name).read_bytes()
+        assert Path(name).name.split("-")[1] == hashlib.sha256(content).hexdigest()[:16] + ".parquet"
+    clips = recorded_table(out, record, "clips").to_pylist()
     assert sorted(c["clip_id"] for c in clips) == [f"c{i:03d}" for i in range(20)]
     assert all(c["attempts"] == 0 for c in clips)
-    errors = pq.read_table(record["errors_table"])
+    errors = recorded_table(out, record, "errors")
     assert errors.num_rows == 0 and "error_code" in errors.schema.names
 
 
@@ -166,7 +167,7 @@ def test_multi_processing_runner(multi_processing_run: MultiProcessingRun, store
     expect_exit(run.proc, 0)
     record = json.loads((run.out / "_RUN.json").read_text())
     assert (record["rows"], record["clips"], record["errors"]) == (41, 40, 1)
-    clips = pq.read_table(record["clips_table"]).to_pylist()
+    clips = recorded_table(run.out, record, "clips").to_pylist()
     check_clips_table(clips, store, run.out)
     assert "2 process(es) x --max_in_flight 64 = 128 streams" in run.proc.stderr
 
@@ -198,4 +199,4 @@ def test_portable_runner_with_an_external_worker_pool(make_server, store, worker
     expect_exit(run_cli("run", *run_argv(server, manifest, out, *flags), env=child_env(SONIOX_API_KEY="")), 0)
     record = json.loads((out / "_RUN.json").read_text())
     assert (record["rows"], record["clips"], record["errors_by_code"]) == (7, 6, {"NOT_FOUND": 1})
-    check_clips_table(pq.read_table(record["clips_table"]).to_pylist(), store, out)
+    check_clips_table(recorded_table(out, record, "clips").to_pylist(), store, out)

@@ -339,10 +339,13 @@ def test_a_second_run_stops_at_launch_and_the_first_completes_untouched(
     rows = manifest_rows(int((gap_s + 10) * IN_FLIGHT / LATENCY_S))  # fetching outlasts the other's launch
     manifest = write_local_manifest(tmp_path / "m.parquet", rows)
     secret = f"sk-{uuid.uuid4().hex}"
-    runs = [start_child(target, servers[0], manifest, tmp_path / "run0", env={"SONIOX_API_KEY": secret})]
+    flags = ["--skip_existing"]  # a scheduled command: so a dataset already in place is no reason to stop
+    runs = [start_child(target, servers[0], manifest, tmp_path / "run0", *flags, env={"SONIOX_API_KEY": secret})]
     try:
         time.sleep(gap_s)
-        runs.append(start_child(target, servers[1], manifest, tmp_path / "run1", env={"SONIOX_API_KEY": secret}))
+        runs.append(
+            start_child(target, servers[1], manifest, tmp_path / "run1", *flags, env={"SONIOX_API_KEY": secret})
+        )
         wait_for(lambda: any(run.poll() is not None for run in runs), "one of the runs ends", timeout_s=120)
         ended = next(i for i, run in enumerate(runs) if run.poll() is not None)
         assert runs[1 - ended].poll() is None, "both runs ended: make them longer"
@@ -394,7 +397,7 @@ def test_a_killed_runs_lease_expires_and_is_then_taken_over(target: Target, make
     assert holder is not None and holder["pid"] == 1, "the killed run's lease is left, from its own namespace"
 
     other = make_server()
-    refused = run_build(other, manifest, target.path, *target.flags, env=target.env)
+    refused = run_build(other, manifest, target.path, "--skip_existing", *target.flags, env=target.env)
     expect_exit(refused, 2)
     assert re.fullmatch(refusal_pattern(target.path, holder["run_id"], 1), last_line(refused)), explain(refused)
     assert not other.calls
@@ -475,7 +478,7 @@ def test_a_dry_run_takes_no_lease_and_says_the_output_is_in_use(server, tmp_path
     try:
         before = tree(Path(target.path))
         time.sleep(0.05)  # a write in the dry run would show a later mtime
-        done = run_cli("run", *run_argv(server, manifest, target.path, "--dry_run"))
+        done = run_cli("run", *run_argv(server, manifest, target.path, "--dry_run", "--skip_existing"))
         expect_exit(done, 0)
         assert "nothing was fetched, written or deleted" in done.stdout
         note = done.stdout.strip().splitlines()[-1]
@@ -484,7 +487,7 @@ def test_a_dry_run_takes_no_lease_and_says_the_output_is_in_use(server, tmp_path
         assert tree(Path(target.path)) == before
     finally:
         holding.release()
-    done = run_cli("run", *run_argv(server, manifest, target.path, "--dry_run"))
+    done = run_cli("run", *run_argv(server, manifest, target.path, "--dry_run", "--skip_existing"))
     expect_exit(done, 0)
     assert "note:" not in done.stdout and target.lease() is None
 

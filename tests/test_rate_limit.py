@@ -59,7 +59,7 @@ def test_retries_ask_the_rate_limit_service_too(make_server, tmp_path: Path) -> 
                 "--max_error_ratio=1",
             ]
         )
-    assert summary.clips + summary.error_count == len(rows)
+    assert summary.clips + summary.errors == len(rows)
     attempts = sum(server.calls.values())
     assert server.servicer.outcomes["RESOURCE_EXHAUSTED"] > 0  # some attempts were retried
     assert attempts > len(rows) and len(limits.allowed) == attempts

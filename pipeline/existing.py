@@ -1,0 +1,102 @@
+"""What an output already holds, read once at launch, and the way a run goes over it.
+
+A run into an output that holds a dataset must say what to do with it (`--skip_existing`, `--append` or
+`--overwrite`): a scheduled rerun that silently replaced a dataset's tables with another manifest's rows
+lost them. What the dataset holds is read from its record, its tables' file list and one look at its
+clip and shard folders; nothing per clip.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.cli import LaunchError
+from pipeline.export import EXPORTS
+from pipeline.layout import CLIPS_DIR, SHARDS_DIR, export_names, path_of, table_prefix
+from pipeline.record import RunRecord, read_record
+from pipeline.storage import Store
+
+NEW, SKIP_EXISTING, APPEND, OVERWRITE = "new", "skip_existing", "append", "overwrite"
+MODES = (SKIP_EXISTING, APPEND, OVERWRITE)
+
+
+@dataclass(frozen=True)
+class Existing:
+    """The dataset at an output when a run starts (all empty for a new output)."""
+
+    record: RunRecord | None = None
+    clips_tables: tuple[str, ...] = ()  # paths of the table files
+    errors_tables: tuple[str, ...] = ()
+    has_clips: bool = False  # clips/ holds a file
+    has_shards: bool = False  # shards/ holds a file
+
+    @property
+    def empty(self) -> bool:
+        return not (self.record or self.clips_tables or self.errors_tables or self.has_clips or self.has_shards)
+
+
+def read_existing(store: Store, output: str) -> Existing:
+    """The record, every table file (a stopped run's too: its rows describe clips it wrote) and whether the clip
+    and shard folders hold anything: a few requests, whatever the dataset's size."""
+    tables = [
+        tuple(sorted(o.path for o in store.list(table_prefix(output, name)) if o.path.endswith(".parquet")))
+        for name in ("clips", "errors")
+    ]
+    holds = [next(iter(store.list(path_of(output, f"{d}/"))), None) is not None for d in (CLIPS_DIR, SHARDS_DIR)]
+    return Existing(read_record(store, output), *tables, *holds)
+
+
+def choose_mode(opts, existing: Existing, output: str) -> str:
+    """The run's way over the output: NEW for an empty one, else the mode the options give; none is a LaunchError."""
+    if existing.empty:
+        return NEW
+    given = [mode for mode in MODES if getattr(opts, mode)]
+    if not given:
+        raise LaunchError(
+            f"--output {output} already holds a dataset; say what to do with it: --skip_existing (make it match this "
+            "manifest, fetching only what it lacks), --append (add this manifest's rows to it) or --overwrite "
+            "(replace it)"
+        )
+    mode = given[0]
+    if mode == APPEND:
+        _check_same_layout(opts, existing, output)
+    return mode
+
+
+def _check_same_layout(opts, existing: Existing, output: str) -> None:
+    """--append keeps the earlier clips as they are, so the new ones must be written the same way."""
+    if existing.record is None:
+        return
+    before = existing.record.options
+    was = (before.get("clip_format") or "wav", int(before.get("shards") or 0))
+    now = (opts.clip_format, opts.shards)
+    if was != now:
+        raise LaunchError(
+            f"--output {output} was built with --clip_format {was[0]} --shards {was[1]}; --append adds clips the same "
+            f"way (this run: --clip_format {now[0]} --shards {now[1]}): use those, or --skip_existing or --overwrite"
+        )
+
+
+def exports_after(asked: tuple[str, ...], existing: Existing, mode: str) -> tuple[str, ...]:
+    """The exports a run writes: those asked for, and those the dataset has (kept current), unless replaced."""
+    had = existing.record.exports if existing.record and mode in (SKIP_EXISTING, APPEND) else []
+    found = [f for f in EXPORTS if set(export_names((f,))) & set(had)]
+    return tuple(dict.fromkeys([*asked, *found]))
+
+
+def table_schema(store: Store, files: tuple[str, ...], schema: pa.Schema, output: str) -> pa.Schema:
+    """This run's table schema widened with the columns of the dataset's earlier rows, which --append keeps."""
+    if not files:
+        return schema
+    earlier = pq.read_schema(io.BytesIO(store.read(files[0])))
+    try:
+        return pa.unify_schemas([schema, earlier])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise LaunchError(
+            f"--append: this manifest's columns do not match the dataset's at {output} ({e}); "
+            "use --skip_existing or --overwrite"
+        ) from None

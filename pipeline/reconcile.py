@@ -1,0 +1,279 @@
+"""A run over an existing dataset: each clip decided from the dataset's earlier table rows and one listing.
+
+The manifest's requests, the earlier clips and errors tables' rows and the listing of `clips/` (or `shards/`)
+meet by clip_id (or shard), and each group is decided in one place:
+
+- a request whose earlier row names the same request, at the same path, with the size the listing gives,
+  is kept as it is: no call, no request to the store, no audio byte read (`--verify_existing` reads and
+  hashes it first);
+- a request with no such row is fetched (a file the listing holds but no row describes, a stopped run's,
+  is looked at first: one metadata request, or the file's header);
+- with `--append`, an earlier row no request names stays in the tables (its clip fetched again if its
+  file is gone), and an earlier error stays until a request retries its clip;
+- with `--skip_existing` and `--overwrite`, a file or shard that no request names is an orphan, removed once
+  the new tables are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from pipeline import tables
+from pipeline.elements import NOT_COLUMNS, ClipError, ClipRecord, ClipRequest
+from pipeline.existing import APPEND, OVERWRITE
+from pipeline.layout import CLIPS_DIR, SHARDS_DIR, clip_name, name_of, path_of, shard_index
+from pipeline.manifest import validate_row
+from pipeline.shards import shard_of
+from pipeline.storage import StoreSettings, open_store
+from pipeline.table_files import ReadTable
+
+KEPT, EARLIER, EARLIER_ERRORS, ORPHANS = "kept", "earlier", "earlier_errors", "orphans"
+VERIFY, REFETCH = "verify", "refetch"
+_RECORD_FIELDS = [f.name for f in dataclasses.fields(ClipRecord) if f.name not in NOT_COLUMNS]
+_ERROR_FIELDS = [f.name for f in dataclasses.fields(ClipError) if f.name not in NOT_COLUMNS]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the run goes over the dataset: picklable, for the steps that decide."""
+
+    output: str
+    mode: str
+    clip_format: str
+    shards: int
+    verify: bool
+    store: StoreSettings
+
+
+def manifest_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's columns of a table row (what a ClipRequest's `columns` holds)."""
+    return {k: v for k, v in row.items() if k not in tables.RESERVED}
+
+
+def request_of(row: dict[str, Any], where: str) -> ClipRequest | ClipError:
+    """The request an earlier row was made for, read from its manifest columns by the manifest's own rules."""
+    return validate_row((where, manifest_columns(row)))
+
+
+def same_request(row: dict[str, Any], request: ClipRequest) -> bool:
+    earlier = request_of(row, "")
+    return isinstance(earlier, ClipRequest) and earlier.fingerprint == request.fingerprint
+
+
+def record_of(row: dict[str, Any], columns: dict[str, Any]) -> ClipRecord:
+    """A clip kept from an earlier run, as this run's tables hold it (attempts 0: no call made)."""
+    fixed = {name: row.get(name) for name in _RECORD_FIELDS}
+    return ClipRecord(**{**fixed, "attempts": 0}, columns=columns)
+
+
+def error_of(row: dict[str, Any]) -> ClipError:
+    return ClipError(**{name: row.get(name) for name in _ERROR_FIELDS}, columns=manifest_columns(row))
+
+
+def listed_key(name: str, plan: Plan) -> tuple[Any, str]:
+    """A listed file's group: the clip_id of `clips/{clip_id}.{format}` or the number of a shard; another
+    name is its own group, which no request joins (an orphan)."""
+    if plan.shards:
+        try:
+            return shard_index(name), name
+        except ValueError:
+            return name, name
+    stem, _, ext = name.removeprefix(f"{CLIPS_DIR}/").rpartition(".")
+    return (stem if ext == plan.clip_format else name), name
+
+
+class ListFiles(beam.DoFn):
+    """The output's clip files (or shards), as (group, (name, size)): one listing, pages of 1,000 on a bucket."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def process(self, _: Any) -> Iterator[tuple[Any, tuple[str, int]]]:
+        plan = self.plan
+        folder = SHARDS_DIR if plan.shards else CLIPS_DIR
+        for found in open_store(plan.output, plan.store).list(path_of(plan.output, f"{folder}/")):
+            name = name_of(plan.output, found.path)
+            key, name = listed_key(name, plan)
+            yield key, (name, found.size)
+
+
+def group_key(request: ClipRequest, plan: Plan) -> Any:
+    return shard_of(request.clip_id, plan.shards) if plan.shards else request.clip_id
+
+
+def row_key(row: dict[str, Any], plan: Plan) -> Any:
+    if not plan.shards:
+        return row.get("clip_id")
+    try:
+        return shard_index(row.get("path") or "")
+    except ValueError:
+        return None
+
+
+class ReconcileClips(beam.DoFn):
+    """(clip_id, {requests, rows, errors, listed}) -> a request to fetch (main), or a clip kept, an earlier
+    row or error carried, a file to remove, a clip to verify (tagged outputs)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def process(self, item: tuple[Any, dict[str, Iterable]]) -> Iterator[Any]:
+        key, groups = item
+        plan = self.plan
+        requests, rows, errors = list(groups["requests"]), list(groups["rows"]), list(groups["errors"])
+        sizes = dict(groups["listed"])
+        if not isinstance(key, str) or not (requests or rows or errors):
+            yield from self._unclaimed(rows, errors, sizes)
+            return
+        name = clip_name(key, plan.clip_format)
+        current = next((r for r in rows if r.get("path") == name and sizes.get(name) == r.get("num_bytes")), None)
+        others = [n for n in sizes if n != name]  # this clip in another format, say
+        if plan.mode != APPEND:
+            yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, n)) for n in others)
+        if requests:
+            yield from self._requested(requests[0], current, name in sizes and not rows)
+        elif plan.mode == APPEND:
+            yield from self._carried(current, rows, errors)
+        elif name in sizes:
+            yield beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, name))
+
+    def _requested(self, request: ClipRequest, current: dict | None, unexplained: bool) -> Iterator[Any]:
+        plan = self.plan
+        if current is not None and plan.mode != OVERWRITE and same_request(current, request):
+            kept = record_of(current, request.columns)
+            yield beam.pvalue.TaggedOutput(VERIFY if plan.verify else KEPT, (request, kept) if plan.verify else kept)
+            return
+        yield dataclasses.replace(request, listed=unexplained and plan.mode != OVERWRITE)
+
+    def _carried(self, current: dict | None, rows: list[dict], errors: list[dict]) -> Iterator[Any]:
+        """--append: an earlier clip no request names stays (fetched again when its file is gone); an earlier
+        error stays."""
+        if current is not None:
+            kept = record_of(current, manifest_columns(current))
+            request = request_of(current, f"{current.get('path')} (an earlier row)")
+            if self.plan.verify and isinstance(request, ClipRequest):
+                yield beam.pvalue.TaggedOutput(VERIFY, (request, kept))
+            else:
+                yield beam.pvalue.TaggedOutput(EARLIER, kept)
+        elif rows:
+            yield request_of(rows[0], f"{rows[0].get('path')} (an earlier row whose file is gone)")
+        elif errors:
+            yield beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(errors[0]))
+
+    def _unclaimed(self, rows: list[dict], errors: list[dict], sizes: dict[str, int]) -> Iterator[Any]:
+        """A group no clip_id names: errors of rows without a clip_id, and files that are no clip's."""
+        if self.plan.mode == APPEND:
+            yield from (beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(e)) for e in errors)
+        else:
+            yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(self.plan.output, n)) for n in sizes)
+
+
+class VerifyClips(beam.DoFn):
+    """(request, kept record) -> the record when the file's sha256 is the table's, else the request (on
+    REFETCH: fetched again). Reads every byte of the clip."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def setup(self) -> None:
+        self.store = open_store(self.plan.output, self.plan.store)
+
+    def process(self, item: tuple[ClipRequest, ClipRecord]) -> Iterator[Any]:
+        request, kept = item
+        try:
+            data = self.store.read(path_of(self.plan.output, kept.path))
+        except OSError:
+            data = None
+        if data is not None and hashlib.sha256(data).hexdigest() == kept.sha256:
+            yield kept
+        else:
+            yield beam.pvalue.TaggedOutput(REFETCH, request)
+
+
+@dataclass(frozen=True)
+class Over:
+    """A run over an existing dataset: its plan, and the earlier table files to read."""
+
+    plan: Plan
+    clips_tables: tuple[str, ...]
+    errors_tables: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Decided:
+    fetch: Any  # ClipRequest: to fetch
+    kept: Any  # ClipRecord: this manifest's clips already there (attempts 0)
+    earlier: Any  # ClipRecord: --append's earlier clips that this manifest does not name
+    earlier_errors: Any  # ClipError: --append's earlier errors that this manifest does not retry
+    orphans: Any  # str: paths to remove once the tables are written
+
+
+def reconcile(requests, over: Over, spread: bool) -> Decided:
+    """Join the requests with the dataset's earlier rows and its listing, and decide each clip."""
+    p, plan = requests.pipeline, over.plan
+    wanted = None if plan.mode == APPEND else _WANTED  # --append carries the earlier rows whole
+    rows = _earlier(p, "Clips", over.clips_tables if plan.mode != OVERWRITE else (), plan, wanted, spread)
+    errors = _earlier(p, "Errors", over.errors_tables if plan.mode == APPEND else (), plan, None, spread)
+    listed = p | "ListOnce" >> beam.Create([None]) | "List" >> beam.ParDo(ListFiles(plan))
+    keyed = requests | "KeyRequests" >> beam.Map(lambda r: (group_key(r, plan), r))
+    groups = {"requests": keyed, "rows": rows, "errors": errors, "listed": listed}
+    out = (
+        groups
+        | "Join" >> beam.CoGroupByKey()
+        | "Decide"
+        >> beam.ParDo(ReconcileClips(plan)).with_outputs(KEPT, EARLIER, EARLIER_ERRORS, ORPHANS, VERIFY, main="fetch")
+    )
+    fetch, kept = out.fetch, out[KEPT]
+    if plan.verify:
+        verified = out[VERIFY] | "Verify" >> beam.ParDo(VerifyClips(plan)).with_outputs(REFETCH, main="kept")
+        fetch = (fetch, verified[REFETCH]) | "ToFetch" >> beam.Flatten()
+        kept = (kept, verified.kept) | "AllKept" >> beam.Flatten()
+    return Decided(fetch, kept, out[EARLIER], out[EARLIER_ERRORS], out[ORPHANS])
+
+
+# What deciding needs of an earlier clips row (its manifest columns come from the new request instead).
+_WANTED = (*_RECORD_FIELDS, *tables.RANGE_COLUMNS)
+
+
+def _earlier(p, name: str, files: tuple[str, ...], plan: Plan, columns, spread: bool):
+    read = p | f"Earlier{name}" >> ReadTable(plan.output, files, plan.store, columns, spread)
+    return read | f"Key{name}" >> beam.Map(lambda row: (row_key(row, plan), row))
+
+
+class RemoveOrphans(beam.DoFn):
+    """Paths -> how many were removed, in batches (one request per 1,000 on S3). Given the table files as a
+    side input, so that it runs once the new tables are written."""
+
+    BATCH = 1000
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def setup(self) -> None:
+        self.store = open_store(self.plan.output, self.plan.store)
+
+    def start_bundle(self) -> None:
+        self.paths: list[str] = []
+
+    def process(self, path: str, *written: Any) -> Iterator[int]:
+        self.paths.append(path)
+        if len(self.paths) >= self.BATCH:
+            yield self._remove()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self.paths:
+            yield WindowedValue(self._remove(), MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _remove(self) -> int:
+        paths, self.paths = self.paths, []
+        self.store.delete(paths)
+        return len(paths)

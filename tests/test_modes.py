@@ -1,0 +1,420 @@
+"""The ways a run goes over an output that already holds a dataset: `--skip_existing`, `--append`, `--overwrite`.
+
+Each test runs `python -m pipeline run` (in this process) against a LocalServer into a local folder and checks
+what a user relies on: a rerun without a mode changes nothing and says which modes there are; `--skip_existing`
+makes the dataset match the new manifest with calls only for what it lacks (no call and no storage request for a
+clip that is current) and removes the clip files no row lists; `--append` keeps the earlier rows, so the errors
+table fed back as the manifest retries the failures in place; `--overwrite` fetches everything again;
+`--verify_existing` catches a damaged clip of the same size; the modes exclude each other; a first run needs
+none; the run record names its tables relative to the dataset, so a copy of it still resolves them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.audio import parse_wav_header
+from pipeline.local.server import LocalServer, ServerSettings
+from pipeline.record import RunRecord
+from pipeline.storage import LocalStore
+from tests.helpers import Result, expect_exit, run_argv, run_pipeline
+from tests.test_builds import (
+    check_clips_table,
+    clips_table,
+    errors_table,
+    local_files,
+    run_build,
+    total_calls,
+    write_local_manifest,
+)
+
+OBJECT_MS = {"demo-mono": 12_000, "demo-stereo": 9_000, "demo-flac-3ch": 5_000}  # the sample store's 16 kHz objects
+MODE_FLAGS = ("--skip_existing", "--append", "--overwrite")
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def time_rows(
+    n: int, prefix: str = "c", first: int = 0, objects: tuple[str, ...] = tuple(OBJECT_MS), duration_ms: int = 250
+) -> list[dict[str, Any]]:
+    """`n` time-range rows over `objects`, clip_ids `{prefix}{i:03d}` for i from `first`."""
+    rows = []
+    for i in range(first, first + n):
+        object_id = objects[i % len(objects)]
+        start = (i * 211) % (OBJECT_MS[object_id] - duration_ms)
+        rows.append(
+            {"clip_id": f"{prefix}{i:03d}", "object_id": object_id, "start_ms": start, "duration_ms": duration_ms}
+        )
+    return rows
+
+
+def ids(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted(r["clip_id"] for r in rows)
+
+
+def table_ids(output: Path) -> list[str]:
+    """The clip_ids the clips table lists, sorted, each as often as it is listed."""
+    return sorted(clips_table(str(output)).column("clip_id").to_pylist())
+
+
+def clip_files(output: Path) -> list[str]:
+    return sorted(os.listdir(output / "clips"))
+
+
+def wav_names(clip_ids: list[str]) -> list[str]:
+    return sorted(f"{c}.wav" for c in clip_ids)
+
+
+def file_ids(output: Path) -> dict[str, tuple[int, int]]:
+    """clips/ file name -> (inode, mtime_ns): equal before and after a run when the run left the file alone."""
+    return {name: _identity(output / "clips" / name) for name in os.listdir(output / "clips")}
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every file under `root` (relative path -> size, mtime_ns) and every folder (path/ -> None)."""
+    found: dict[str, tuple[int, int] | None] = {}
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        for name in dirs:
+            found[os.path.normpath(os.path.join(rel, name)) + "/"] = None
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            found[os.path.normpath(os.path.join(rel, name))] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def run_record(output: Path) -> RunRecord:
+    return RunRecord.from_bytes((output / "_RUN.json").read_bytes())
+
+
+def one_error(proc: Result) -> str:
+    """The run's one `error: ...` line, with no traceback around it."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def clip_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every head or read the runs of this process make on a clip file of a local output (the in-process runner
+    uses this process's LocalStore class), as "head PATH" / "read PATH"."""
+    seen: list[str] = []
+    for name in ("head", "read"):
+        original = getattr(LocalStore, name)
+
+        def watch(self: LocalStore, path: str, _original: Any = original, _name: str = name) -> Any:
+            if "/clips/" in str(path).replace(os.sep, "/"):
+                seen.append(f"{_name} {path}")
+            return _original(self, path)
+
+        monkeypatch.setattr(LocalStore, name, watch)
+    return seen
+
+
+@pytest.fixture
+def own_store(tmp_path: Path, store: dict[str, str]) -> Path:
+    """A store folder of this test's own, holding demo-mono only (an object can be added to it later)."""
+    folder = tmp_path / "store"
+    folder.mkdir()
+    shutil.copy(store["demo-mono"], folder)
+    return folder
+
+
+@pytest.fixture
+def own_server(own_store: Path) -> Iterator[LocalServer]:
+    with LocalServer(str(own_store), ServerSettings()) as server:
+        yield server
+
+
+# -- no mode over a dataset ----------------------------------------------------------------------------
+
+
+def test_no_mode_over_existing_dataset_exits_2_and_changes_nothing(server: LocalServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(10))
+    expect_exit(run_build(server, manifest, str(out)), 0)
+    before, calls = snapshot(out), total_calls(server)
+
+    proc = run_build(server, manifest, str(out))
+    expect_exit(proc, 2)
+    error = one_error(proc)
+    for flag in MODE_FLAGS:
+        assert flag in error, error
+    assert total_calls(server) == calls, f"GetAudio reached: {server.calls}"
+    assert snapshot(out) == before, "a run that could not start changed the output"
+
+
+# -- --append ------------------------------------------------------------------------------------------
+
+
+def test_retry_failures_with_append_keeps_every_row(
+    own_server: LocalServer, own_store: Path, store: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    rows = time_rows(9, objects=("demo-mono",)) + time_rows(3, first=9, objects=("demo-stereo",))
+    failing = ids(rows[9:])
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
+
+    # Run 1: the server has no demo-stereo yet: its rows fail with NOT_FOUND.
+    expect_exit(run_build(own_server, manifest, str(out), "--max_error_ratio=0.5"), 0)
+    assert total_calls(own_server) == 12
+    assert table_ids(out) == ids(rows[:9])
+    errors = errors_table(str(out)).to_pylist()
+    assert sorted((e["clip_id"], e["error_code"]) for e in errors) == [(c, "NOT_FOUND") for c in failing]
+    kept_files = file_ids(out)
+    assert sorted(kept_files) == wav_names(ids(rows[:9]))
+
+    # The object appears; run 2 retries the errors table in place.
+    shutil.copy(store["demo-stereo"], own_store)
+    proc = run_build(own_server, str(out / "metadata" / "errors-*.parquet"), str(out), "--append")
+    expect_exit(proc, 0)
+    assert total_calls(own_server) == 12 + 3, f"only the failed rows may be fetched: {own_server.calls}"
+    assert own_server.calls["demo-stereo"] == 3 + 3 and own_server.calls["demo-mono"] == 9
+
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(rows), "every row's clip_id exactly once"
+    assert errors_table(str(out)).num_rows == 0
+    assert len(clips) + errors_table(str(out)).num_rows == len(rows)
+    check_clips_table(clips, store, str(out))
+    by_id = {r["clip_id"]: r for r in clips}
+    assert {c for c, r in by_id.items() if r["attempts"] > 0} == set(failing)
+    assert clip_files(out) == wav_names(ids(rows))
+    assert {name: file_ids(out)[name] for name in kept_files} == kept_files, "kept clip files were rewritten"
+
+    record = run_record(out)
+    assert record.mode == "append"
+    assert (record.rows, record.clips_written, record.clips_kept, record.clips_skipped) == (3, 3, 9, 0)
+    assert (record.errors, record.errors_kept, record.clips_removed) == (0, 0, 0)
+    assert record.clips + record.errors + record.errors_kept == len(rows)
+
+
+# -- --skip_existing -----------------------------------------------------------------------------------
+
+
+def test_skip_existing_rerun_makes_no_call_and_matches_the_manifest(
+    server: LocalServer, store: dict[str, str], tmp_path: Path, clip_lookups: list[str]
+) -> None:
+    out = tmp_path / "out"
+    a = time_rows(20)
+    b = a[:15] + time_rows(5, prefix="n", first=20)
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", a), str(out)), 0)
+    assert total_calls(server) == 20
+    before = file_ids(out)
+
+    clip_lookups.clear()
+    proc = run_build(server, write_local_manifest(tmp_path / "b.parquet", b), str(out), "--skip_existing")
+    expect_exit(proc, 0)
+    assert total_calls(server) == 20 + 5, f"calls beyond the 5 new rows: {server.calls}"
+    assert clip_lookups == [], "a storage request per clip"
+
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(b)
+    assert errors_table(str(out)).num_rows == 0
+    check_clips_table(clips, store, str(out))
+    assert {r["clip_id"] for r in clips if r["attempts"] == 0} == set(ids(a[:15]))
+    assert clip_files(out) == wav_names(ids(b)), "clip files of rows B does not list are still there"
+    after = file_ids(out)
+    assert {n: after[n] for n in wav_names(ids(a[:15]))} == {n: before[n] for n in wav_names(ids(a[:15]))}
+
+    record = run_record(out)
+    assert record.mode == "skip_existing"
+    assert (record.rows, record.clips_skipped, record.clips_written, record.clips_removed) == (20, 15, 5, 5)
+    assert (record.clips_kept, record.errors) == (0, 0)
+
+
+def test_skip_existing_refetches_a_clip_whose_request_changed(
+    server: LocalServer, store: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    rows = time_rows(10)
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", rows), str(out)), 0)
+    before = file_ids(out)
+
+    changed = dict(rows[4], start_ms=rows[4]["start_ms"] + 1000)  # same clip_id, duration and so file size
+    rows[4] = changed
+    calls = total_calls(server)
+    proc = run_build(server, write_local_manifest(tmp_path / "b.parquet", rows), str(out), "--skip_existing")
+    expect_exit(proc, 0)
+    assert total_calls(server) - calls == 1
+
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(rows)
+    row = next(r for r in clips if r["clip_id"] == changed["clip_id"])
+    assert (row["clip_start_ms"], row["clip_duration_ms"]) == (changed["start_ms"], changed["duration_ms"])
+    assert row["attempts"] > 0
+    check_clips_table(clips, store, str(out))  # the changed clip holds the new range's samples
+    after = file_ids(out)
+    name = f"{changed['clip_id']}.wav"
+    assert {n: v for n, v in after.items() if n != name} == {n: v for n, v in before.items() if n != name}
+    record = run_record(out)
+    assert (record.clips_written, record.clips_skipped, record.clips_removed) == (1, 9, 0)
+
+
+def test_verify_existing_replaces_a_same_size_damaged_clip(
+    server: LocalServer, store: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    rows = time_rows(10)
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
+    expect_exit(run_build(server, manifest, str(out)), 0)
+    first = {r["clip_id"]: r for r in clips_table(str(out)).to_pylist()}
+
+    damaged = out / "clips" / "c003.wav"
+    data = bytearray(damaged.read_bytes())
+    offset = parse_wav_header(bytes(data[:4096])).data_offset
+    data[offset + 100 : offset + 400] = bytes(b ^ 0x5A for b in data[offset + 100 : offset + 400])
+    damaged.write_bytes(bytes(data))
+    assert damaged.stat().st_size == first["c003"]["num_bytes"]
+    assert sha256_of(damaged) != first["c003"]["sha256"]
+
+    # Without --verify_existing the decision is the tables' and the listing's: the damaged clip stays.
+    calls = total_calls(server)
+    expect_exit(run_build(server, manifest, str(out), "--skip_existing"), 0)
+    assert total_calls(server) == calls
+    assert damaged.read_bytes() == bytes(data)
+    assert run_record(out).clips_skipped == 10
+
+    before = file_ids(out)
+    expect_exit(run_build(server, manifest, str(out), "--skip_existing", "--verify_existing"), 0)
+    assert total_calls(server) - calls == 1, f"calls: {server.calls}"
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(rows)
+    check_clips_table(clips, store, str(out))  # the damaged clip's samples are the source's again
+    row = next(r for r in clips if r["clip_id"] == "c003")
+    assert row["sha256"] == sha256_of(damaged) == first["c003"]["sha256"]
+    assert row["attempts"] > 0
+    after = file_ids(out)
+    assert {n: v for n, v in after.items() if n != "c003.wav"} == {n: v for n, v in before.items() if n != "c003.wav"}
+    record = run_record(out)
+    assert (record.clips_written, record.clips_skipped, record.clips_removed) == (1, 9, 0)
+
+
+# -- --overwrite ---------------------------------------------------------------------------------------
+
+
+def test_overwrite_replaces_the_dataset(server: LocalServer, store: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    a, b = time_rows(12, prefix="a"), time_rows(12, prefix="b", first=12)
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", a), str(out)), 0)
+
+    manifest_b = write_local_manifest(tmp_path / "b.parquet", b)
+    calls = total_calls(server)
+    expect_exit(run_build(server, manifest_b, str(out), "--overwrite"), 0)
+    assert total_calls(server) - calls == len(b)
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(b)
+    assert errors_table(str(out)).num_rows == 0
+    assert clip_files(out) == wav_names(ids(b)), "clip files of the replaced dataset are still there"
+    check_clips_table(clips, store, str(out))
+    assert run_record(out).mode == "overwrite"
+
+    # The same manifest again: everything is fetched again, nothing kept.
+    calls = total_calls(server)
+    expect_exit(run_build(server, manifest_b, str(out), "--overwrite"), 0)
+    assert total_calls(server) - calls == len(b)
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(b) and {r["attempts"] for r in clips} == {1}
+    check_clips_table(clips, store, str(out))
+    record = run_record(out)
+    assert (record.clips_written, record.clips_skipped, record.clips_kept) == (len(b), 0, 0)
+
+
+# -- the run record ------------------------------------------------------------------------------------
+
+
+def test_record_names_are_relative_and_survive_a_copy(server: LocalServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rows = [*time_rows(8), {"clip_id": "gone", "object_id": "no-such-object", "start_ms": 0, "duration_ms": 300}]
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
+    expect_exit(run_build(server, manifest, str(out), "--max_error_ratio=0.5", "--export=nemo"), 0)
+    record = run_record(out)
+    assert record.mode == "new"
+    assert record.clips_table and record.errors_table and record.exports
+    names = [*record.clips_table, *record.errors_table, *record.exports]
+    for name in names:
+        assert not name.startswith("/") and "://" not in name and not os.path.isabs(name), name
+    assert all(n.startswith("metadata/clips-") for n in record.clips_table), record.clips_table
+    assert all(n.startswith("metadata/errors-") for n in record.errors_table), record.errors_table
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)  # a name that only resolves under the original fails now
+    assert sum(pq.read_table(copy / name).num_rows for name in record.clips_table) == 8
+    errors = [pq.read_table(copy / name) for name in record.errors_table]
+    assert [r["clip_id"] for t in errors for r in t.to_pylist()] == ["gone"]
+    for name in record.exports:
+        assert (copy / name).is_file(), name
+    assert {n for n in local_files(copy) if n.startswith("metadata/")} == {*record.clips_table, *record.errors_table}
+
+
+# -- the options ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--skip_existing", "--append"],
+        ["--append", "--overwrite"],
+        ["--skip_existing", "--overwrite"],
+        ["--skip_existing", "--append", "--overwrite"],
+        ["--verify_existing"],
+        ["--verify_existing", "--overwrite"],
+    ],
+    ids=["skip+append", "append+overwrite", "skip+overwrite", "all-three", "verify-alone", "verify+overwrite"],
+)
+def test_modes_are_exclusive_and_verify_needs_one(flags: list[str], server: LocalServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(3))
+    proc = run_pipeline("run", *run_argv(server, manifest, out, *flags, "--dry_run"))
+    expect_exit(proc, 2)
+    error = one_error(proc)
+    # The line names what clashes: the modes given, or --verify_existing and the modes it works with.
+    named = ["--verify_existing", "--skip_existing", "--append"] if flags[0] == "--verify_existing" else flags
+    for flag in named:
+        assert flag in error, error
+    assert total_calls(server) == 0
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["flag-new-folder", "config-empty-folder"])
+def test_first_run_needs_no_mode_and_makes_no_probe(
+    how: str, server: LocalServer, store: dict[str, str], tmp_path: Path, clip_lookups: list[str]
+) -> None:
+    out = tmp_path / "out"
+    rows = time_rows(12)
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
+    if how == "flag-new-folder":
+        flags = ["--skip_existing"]
+    else:  # a scheduled build's config (configs/dataflow.yaml sets skip_existing: true), into an empty folder
+        out.mkdir()
+        config = tmp_path / "scheduled.yaml"
+        config.write_text("skip_existing: true\nmax_in_flight: 8\n")
+        flags = [f"--config={config}"]
+    expect_exit(run_build(server, manifest, str(out), *flags), 0)
+    assert total_calls(server) == len(rows)
+    assert clip_lookups == [], "a first run looked up clips one by one"
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(rows)
+    check_clips_table(clips, store, str(out))
+    record = run_record(out)
+    assert record.mode == "new"
+    assert (record.clips_written, record.clips_skipped, record.clips_removed) == (len(rows), 0, 0)
