@@ -110,4 +110,18 @@ class ClipError:
     stats: CallStats = field(default_factory=CallStats, compare=False)  # not a table column
 
 
+EARLIER = "earlier"  # the output of the rows --append carries over from earlier runs
+
+
+@dataclass(frozen=True)
+class ShardCopy:
+    """A clip an earlier run put in a tar shard, to copy into the shard's new version (pipeline/reconcile.py)."""
+
+    record: ClipRecord  # as the tables hold it (attempts 0)
+    request: ClipRequest | None  # to fetch it again when its member is missing or (verify) differs
+    earlier: bool  # --append's earlier row that this manifest does not name
+    rebuild: bool  # the shard changes whatever the copy finds: a clip is added or dropped
+    verify: bool  # --verify_existing: hash the member against the table's sha256
+
+
 __all__ = ["CallStats", "ClipError", "ClipRecord", "ClipRequest", "Segment", "TimeRange", "TokenRange"]

@@ -10,15 +10,17 @@ inside GetAudioClient (and any client with its methods, such as a test's fake, c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import queue
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import apache_beam as beam
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
@@ -30,11 +32,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline.audio import SAMPLE_RATE
 from pipeline.client import CallHooks
 from pipeline.clips import FinishedClip, WrittenClip, clip_file, existing_clip
-from pipeline.elements import WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest
+from pipeline.elements import EARLIER, WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest, ShardCopy
 from pipeline.layout import clip_path, name_of
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
 from pipeline.settings import ClientSettings, FetchSettings
-from pipeline.shards import ShardWriter
+from pipeline.shards import ShardWriter, read_members
 from pipeline.storage import open_store
 from pipeline.throttle import WaitClock
 from pipeline.transcripts import clip_tokens, tokens_for
@@ -266,12 +268,22 @@ class FetchClips(_Fetch):
 
 
 class FetchShard(_Fetch):
-    """(shard, requests) -> ClipRecord | ClipError: the shard's clips fetched concurrently, each added to a
-    tar in a local scratch file as it completes, and the tar uploaded once. No clip is staged in the output."""
+    """(shard, {fetch: requests, copy: ShardCopy}) -> ClipRecord | ClipError (and, on EARLIER, the earlier rows
+    --append carries): the clips a shard keeps are copied from its earlier version, the others fetched
+    concurrently, each added to a tar in a local scratch file as it completes, and the tar uploaded once. No
+    clip is staged in the output. A shard whose copies all verify and that gains or loses nothing is left as
+    it was."""
 
-    def process(self, item: tuple[int, Iterable[ClipRequest]]) -> Iterator[ClipRecord | ClipError]:
-        shard, requests = item
+    def process(self, item: tuple[int, dict[str, Iterable]]) -> Iterator[Any]:
+        shard, groups = item
         writer = ShardWriter(self.store, self.settings.output, shard)
+        copies = list(groups["copy"])
+        kept, refetch = self._copy(writer, copies)
+        requests = [*groups["fetch"], *refetch]
+        if not requests and not any(c.rebuild for c in copies):  # verified, and nothing else changes
+            writer.discard()
+            yield from self._emit(kept)
+            return
         done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
         pending, results = 0, []
         try:
@@ -290,12 +302,39 @@ class FetchShard(_Fetch):
             raise
         if writer.failure is None:
             writer.publish()
-        if writer.failure is not None:  # the shard could not be written: none of its clips was
+        if writer.failure is not None:  # the shard could not be written: none of its new clips was
             writer.discard()
             results = [_shard_failed(out, writer.failure) for out in results]
         for out in results:
             self._count(out)
             yield out
+        yield from self._emit(kept)  # published or not, the copied clips are in the shard at their path
+
+    def _copy(self, writer: ShardWriter, copies: list[ShardCopy]) -> tuple[list[ShardCopy], list[ClipRequest]]:
+        """Copy the kept clips from the shard's earlier version into the new one; those missing from it (or,
+        verified, differing) are to be fetched again."""
+        if not copies:
+            return [], []
+        wanted = {c.record.member: c for c in copies}
+        kept = []
+        try:
+            for member, data in read_members(self.store, writer.path, set(wanted)):
+                copy = wanted[member]
+                if copy.verify and hashlib.sha256(data).hexdigest() != copy.record.sha256:
+                    continue
+                writer.add(copy.record, FinishedClip(data, None, len(data), copy.record.sha256))
+                kept.append(wanted.pop(member))
+        except (OSError, tarfile.TarError) as e:  # what was not copied yet is fetched again
+            log.warning("shard %s cannot be read (%s); fetching its clips again", writer.path, e)
+        return kept, [c.request for c in wanted.values() if c.request is not None]
+
+    def _emit(self, kept: list[ShardCopy]) -> Iterator[Any]:
+        for copy in kept:
+            if copy.earlier:
+                yield beam.pvalue.TaggedOutput(EARLIER, copy.record)
+            else:
+                self._count(copy.record)
+                yield copy.record
 
     @staticmethod
     def _add(writer: ShardWriter, done: _Done) -> ClipRecord | ClipError:

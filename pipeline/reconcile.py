@@ -28,16 +28,16 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import tables
-from pipeline.elements import NOT_COLUMNS, ClipError, ClipRecord, ClipRequest
+from pipeline.elements import EARLIER, NOT_COLUMNS, ClipError, ClipRecord, ClipRequest, ShardCopy
 from pipeline.existing import APPEND, OVERWRITE
-from pipeline.layout import CLIPS_DIR, SHARDS_DIR, clip_name, name_of, path_of, shard_index
+from pipeline.layout import CLIPS_DIR, SHARDS_DIR, clip_name, name_of, path_of, shard_index, shard_name
 from pipeline.manifest import validate_row
 from pipeline.shards import shard_of
 from pipeline.storage import StoreSettings, open_store
 from pipeline.table_files import ReadTable
 
-KEPT, EARLIER, EARLIER_ERRORS, ORPHANS = "kept", "earlier", "earlier_errors", "orphans"
-VERIFY, REFETCH = "verify", "refetch"
+KEPT, EARLIER_ERRORS, ORPHANS = "kept", "earlier_errors", "orphans"
+VERIFY, REFETCH, COPY = "verify", "refetch", "copy"
 _RECORD_FIELDS = [f.name for f in dataclasses.fields(ClipRecord) if f.name not in NOT_COLUMNS]
 _ERROR_FIELDS = [f.name for f in dataclasses.fields(ClipError) if f.name not in NOT_COLUMNS]
 
@@ -111,12 +111,21 @@ def group_key(request: ClipRequest, plan: Plan) -> Any:
 
 
 def row_key(row: dict[str, Any], plan: Plan) -> Any:
+    """An earlier clips row's group: its clip_id, or the shard that holds it."""
     if not plan.shards:
         return row.get("clip_id")
     try:
         return shard_index(row.get("path") or "")
     except ValueError:
         return None
+
+
+def error_key(row: dict[str, Any], plan: Plan) -> Any:
+    """An earlier error's group: its clip_id, or the shard its clip would go to (None without a clip_id)."""
+    clip_id = row.get("clip_id")
+    if clip_id is None or not plan.shards:
+        return clip_id
+    return shard_of(clip_id, plan.shards)
 
 
 class ReconcileClips(beam.DoFn):
@@ -132,7 +141,7 @@ class ReconcileClips(beam.DoFn):
         requests, rows, errors = list(groups["requests"]), list(groups["rows"]), list(groups["errors"])
         sizes = dict(groups["listed"])
         if not isinstance(key, str) or not (requests or rows or errors):
-            yield from self._unclaimed(rows, errors, sizes)
+            yield from unclaimed(plan, errors, sizes)
             return
         name = clip_name(key, plan.clip_format)
         current = next((r for r in rows if r.get("path") == name and sizes.get(name) == r.get("num_bytes")), None)
@@ -169,12 +178,82 @@ class ReconcileClips(beam.DoFn):
         elif errors:
             yield beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(errors[0]))
 
-    def _unclaimed(self, rows: list[dict], errors: list[dict], sizes: dict[str, int]) -> Iterator[Any]:
-        """A group no clip_id names: errors of rows without a clip_id, and files that are no clip's."""
-        if self.plan.mode == APPEND:
-            yield from (beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(e)) for e in errors)
-        else:
-            yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(self.plan.output, n)) for n in sizes)
+
+def unclaimed(plan: Plan, errors: list[dict], sizes: dict[str, int]) -> Iterator[Any]:
+    """A group no clip_id names: errors of rows without a clip_id (--append keeps them), and files that are
+    no clip's or shard's (orphans, but for --append)."""
+    if plan.mode == APPEND:
+        yield from (beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(e)) for e in errors)
+    else:
+        yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, n)) for n in sizes)
+
+
+class ReconcileShards(beam.DoFn):
+    """(shard, {requests, rows, errors, listed}) -> the requests to fetch (main), and for a shard that changes
+    the clips to copy from its earlier version (COPY); a shard whose clips are all current is kept as it is
+    (its rows on KEPT and EARLIER), one that no row names any more is an orphan."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def process(self, item: tuple[Any, dict[str, Iterable]]) -> Iterator[Any]:
+        key, groups = item
+        plan = self.plan
+        requests, rows, errors = list(groups["requests"]), list(groups["rows"]), list(groups["errors"])
+        sizes = dict(groups["listed"])
+        if not isinstance(key, int):  # a file in shards/ that is no shard, or errors without a clip_id
+            yield from unclaimed(plan, errors, sizes)
+            return
+        name = shard_name(key)
+        present = name in sizes
+        earlier = {r["clip_id"]: r for r in rows if r.get("path") == name} if present and plan.mode != OVERWRITE else {}
+        wanted = {r.clip_id for r in requests}
+        fetch: list[ClipRequest] = []
+        copies: list[tuple[ClipRecord, ClipRequest | None, bool]] = []
+        for request in requests:
+            row = earlier.get(request.clip_id)
+            if row is not None and same_request(row, request):
+                copies.append((record_of(row, request.columns), request, False))
+            else:
+                fetch.append(request)
+        extra = [row for clip_id, row in earlier.items() if clip_id not in wanted]
+        if plan.mode == APPEND:
+            yield from self._carried(extra, rows, errors, wanted, present, copies, fetch)
+        changed = bool(fetch) or (plan.mode != APPEND and bool(extra))
+        if not fetch and not copies:
+            if present and plan.mode != APPEND:
+                yield beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, name))
+            return
+        if not changed and not plan.verify:  # kept as it is: no byte of it read or written
+            for record, _, carried in copies:
+                yield beam.pvalue.TaggedOutput(EARLIER if carried else KEPT, record)
+            return
+        yield from fetch
+        for record, request, carried in copies:
+            yield beam.pvalue.TaggedOutput(COPY, (key, ShardCopy(record, request, carried, changed, plan.verify)))
+
+    def _carried(self, extra, rows, errors, wanted, present, copies, fetch) -> Iterator[Any]:
+        """--append: earlier clips of the shard no request names are copied (or, the shard gone, fetched
+        again); earlier errors no request retries stay."""
+        for row in extra:
+            request = request_of(row, f"{row.get('path')} (an earlier row)")
+            copies.append((record_of(row, manifest_columns(row)), _or_none(request), True))
+        if not present:
+            for row in rows:
+                if row.get("clip_id") not in wanted and isinstance(
+                    request := request_of(row, "an earlier row"), ClipRequest
+                ):
+                    fetch.append(request)
+        have = wanted | {row.get("clip_id") for row in rows}
+        seen = set()
+        for error in errors:
+            if error.get("clip_id") not in have | seen:
+                seen.add(error.get("clip_id"))
+                yield beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(error))
+
+
+def _or_none(request: ClipRequest | ClipError) -> ClipRequest | None:
+    return request if isinstance(request, ClipRequest) else None
 
 
 class VerifyClips(beam.DoFn):
@@ -215,6 +294,7 @@ class Decided:
     earlier: Any  # ClipRecord: --append's earlier clips that this manifest does not name
     earlier_errors: Any  # ClipError: --append's earlier errors that this manifest does not retry
     orphans: Any  # str: paths to remove once the tables are written
+    copies: Any  # (shard, ShardCopy): clips to copy into a shard's new version
 
 
 def reconcile(requests, over: Over, spread: bool) -> Decided:
@@ -222,7 +302,7 @@ def reconcile(requests, over: Over, spread: bool) -> Decided:
     p, plan = requests.pipeline, over.plan
     wanted = None if plan.mode == APPEND else _WANTED  # --append carries the earlier rows whole
     rows = _earlier(p, "Clips", over.clips_tables if plan.mode != OVERWRITE else (), plan, wanted, spread)
-    errors = _earlier(p, "Errors", over.errors_tables if plan.mode == APPEND else (), plan, None, spread)
+    errors = _earlier(p, "Errors", over.errors_tables if plan.mode == APPEND else (), plan, None, spread, error_key)
     listed = p | "ListOnce" >> beam.Create([None]) | "List" >> beam.ParDo(ListFiles(plan))
     keyed = requests | "KeyRequests" >> beam.Map(lambda r: (group_key(r, plan), r))
     groups = {"requests": keyed, "rows": rows, "errors": errors, "listed": listed}
@@ -230,23 +310,27 @@ def reconcile(requests, over: Over, spread: bool) -> Decided:
         groups
         | "Join" >> beam.CoGroupByKey()
         | "Decide"
-        >> beam.ParDo(ReconcileClips(plan)).with_outputs(KEPT, EARLIER, EARLIER_ERRORS, ORPHANS, VERIFY, main="fetch")
+        >> beam.ParDo(decider(plan)).with_outputs(KEPT, EARLIER, EARLIER_ERRORS, ORPHANS, VERIFY, COPY, main="fetch")
     )
     fetch, kept = out.fetch, out[KEPT]
     if plan.verify:
         verified = out[VERIFY] | "Verify" >> beam.ParDo(VerifyClips(plan)).with_outputs(REFETCH, main="kept")
         fetch = (fetch, verified[REFETCH]) | "ToFetch" >> beam.Flatten()
         kept = (kept, verified.kept) | "AllKept" >> beam.Flatten()
-    return Decided(fetch, kept, out[EARLIER], out[EARLIER_ERRORS], out[ORPHANS])
+    return Decided(fetch, kept, out[EARLIER], out[EARLIER_ERRORS], out[ORPHANS], out[COPY])
+
+
+def decider(plan: Plan) -> beam.DoFn:
+    return ReconcileShards(plan) if plan.shards else ReconcileClips(plan)
 
 
 # What deciding needs of an earlier clips row (its manifest columns come from the new request instead).
-_WANTED = (*_RECORD_FIELDS, *tables.RANGE_COLUMNS)
+_WANTED = (*_RECORD_FIELDS, *tables.RANGE_COLUMNS)  # member included: a shard's rows
 
 
-def _earlier(p, name: str, files: tuple[str, ...], plan: Plan, columns, spread: bool):
+def _earlier(p, name: str, files: tuple[str, ...], plan: Plan, columns, spread: bool, key=row_key):
     read = p | f"Earlier{name}" >> ReadTable(plan.output, files, plan.store, columns, spread)
-    return read | f"Key{name}" >> beam.Map(lambda row: (row_key(row, plan), row))
+    return read | f"Key{name}" >> beam.Map(lambda row: (key(row, plan), row))
 
 
 class RemoveOrphans(beam.DoFn):

@@ -22,7 +22,7 @@ from pipeline import manifest as mf
 from pipeline import tables
 from pipeline.cli import LaunchError, Parser, RunError, add_logging_options, caused_by
 from pipeline.client import DEFAULT_API_HOST
-from pipeline.elements import ClipError, ClipRecord, ClipRequest
+from pipeline.elements import EARLIER, ClipError, ClipRecord, ClipRequest
 from pipeline.existing import APPEND, NEW, choose_mode, exports_after, read_existing, table_schema
 from pipeline.export import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
@@ -93,11 +93,11 @@ def build(
     then remove what no row lists, count the run and write the card and the record."""
     rows = p | "ValidateRows" >> mf.ValidateRows(lambda columns: mf.ReadManifest(manifest, columns, spread))
     requests, errors = rows["requests"], [rows["errors"]]
-    kept, earlier, orphans = [], [], None
+    kept, earlier_clips, earlier_errors, orphans = [], [], [], None
     if over is not None:  # the join spreads the requests too
         decided = reconcile(requests, over, spread)
         requests, kept, orphans = decided.fetch, [decided.kept], decided.orphans
-        earlier = [decided.earlier, decided.earlier_errors]
+        earlier_clips, earlier_errors = [decided.earlier], [decided.earlier_errors]
     elif spread:  # on a cluster the rows of a row group would stay with the worker that read them
         requests = requests | "SpreadRequests" >> beam.Reshuffle()
     if settings.with_transcripts:
@@ -105,12 +105,15 @@ def build(
         errors.append(no_transcript)
     if settings.shards:  # a shard's clips are fetched together, so the shard is built and written once
         n = settings.shards
-        fetched = (
-            requests
-            | "KeyByShard" >> beam.Map(lambda r: (shard_of(r.clip_id, n), r))
-            | "GroupByShard" >> beam.GroupByKey()
-            | "FetchShards" >> beam.ParDo(FetchShard(settings))
+        copies = decided.copies if over is not None else p | "NoCopies" >> beam.Create([])
+        work = {"fetch": requests | "KeyByShard" >> beam.Map(lambda r: (shard_of(r.clip_id, n), r)), "copy": copies}
+        shards = (
+            work
+            | "GroupByShard" >> beam.CoGroupByKey()
+            | "FetchShards" >> beam.ParDo(FetchShard(settings)).with_outputs(EARLIER, main="fetched")
         )
+        fetched = shards.fetched
+        earlier_clips.append(shards[EARLIER])
     else:
         fetched = requests | "Fetch" >> beam.ParDo(FetchClips(settings))
     fetched = fetched | "SplitFailed" >> mf.split_errors(ClipRecord, "clips")
@@ -119,14 +122,14 @@ def build(
     schemas = schemas or table_schemas(manifest, settings)
     clips = [fetched.clips, *kept] | "AllClips" >> beam.Flatten() if kept else fetched.clips
     clip_files = (
-        [clips, *earlier[:1]]
+        [clips, *earlier_clips]
         | "TableClips" >> beam.Flatten()
         | "ClipRows" >> beam.Map(tables.to_row)
         | "WriteClips" >> WriteTable(out, "clips", schemas["clips"], store)
     )
     all_errors = errors | "AllErrors" >> beam.Flatten() | "CountErrors" >> beam.Map(_count_error)
     error_files = (
-        [all_errors, *earlier[1:]]
+        [all_errors, *earlier_errors]
         | "TableErrors" >> beam.Flatten()
         | "ErrorRows" >> beam.Map(tables.to_row)
         | "WriteErrors" >> WriteTable(out, "errors", schemas["errors"], store)
@@ -140,7 +143,7 @@ def build(
     finish = {
         "clips": clips,
         "errors": all_errors,
-        "earlier": earlier | "AllEarlier" >> beam.Flatten() if earlier else p | "NoEarlier" >> beam.Create([]),
+        "earlier": [*earlier_clips, *earlier_errors] | "AllEarlier" >> beam.Flatten(pipeline=p),
         "clip_files": clip_files,
         "error_files": error_files,
         "removed": removed,

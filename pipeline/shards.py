@@ -15,6 +15,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from pipeline.clips import FinishedClip
@@ -58,7 +59,7 @@ class ShardWriter:
         A failed write is kept in `failure` (every row of the shard becomes an error), never raised, so
         that the calls still running are all collected."""
         key = sample_key(record.clip_id)
-        member = key + record.path[record.path.rfind(".") :]
+        member = record.member or key + record.path[record.path.rfind(".") :]  # a copied clip keeps its name
         placed = dataclasses.replace(record, path=self.name, member=member)
         try:
             if self.failure is None:
@@ -104,3 +105,16 @@ def _add(tar: tarfile.TarFile, name: str, data, size: int) -> None:
     info = tarfile.TarInfo(name)
     info.size = size
     tar.addfile(info, data)
+
+
+def read_members(store: Store, path: str, names: set[str]) -> Iterator[tuple[str, bytes]]:
+    """The members of the shard at `path` named in `names`, with their bytes, in the tar's order (one pass:
+    a local shard read in place, a bucket's in one download)."""
+    with _opened(store, path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if member.name in names:
+                yield member.name, tar.extractfile(member).read()
+
+
+def _opened(store: Store, path: str) -> BinaryIO:
+    return open(path, "rb") if store.local else io.BytesIO(store.read(path))

@@ -19,6 +19,7 @@ import random
 import re
 import signal
 import subprocess
+import tarfile
 import time
 import uuid
 from datetime import datetime
@@ -145,12 +146,21 @@ def check_clip(data: bytes, store: dict[str, str], object_id: str, start_ms: int
     assert np.array_equal(audio, expected), f"{object_id} {start_ms}+{duration_ms}: samples differ"
 
 
+def clip_bytes(root: str | Path, row: dict[str, Any]) -> bytes:
+    """A clips-table row's audio file: the file at its `path`, or (a sharded dataset) its `member` in that tar."""
+    data = read_bytes(f"{str(root).rstrip('/')}/{row['path']}")
+    if not row.get("member"):
+        return data
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return tar.extractfile(row["member"]).read()
+
+
 def check_clips_table(rows: list[dict[str, Any]], store: dict[str, str], root: str) -> None:
     """Every row's file (its `path` relative to the dataset's root) is complete, matches its row (size, hash,
     frames) and the source audio."""
     for row in rows:
         assert "://" not in row["path"] and not row["path"].startswith("/"), row["path"]
-        data = read_bytes(f"{str(root).rstrip('/')}/{row['path']}")
+        data = clip_bytes(root, row)
         assert len(data) == row["num_bytes"], row["clip_id"]
         assert hashlib.sha256(data).hexdigest() == row["sha256"], row["clip_id"]
         assert row["sample_rate"] == SAMPLE_RATE

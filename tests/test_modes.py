@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -418,3 +419,91 @@ def test_first_run_needs_no_mode_and_makes_no_probe(
     record = run_record(out)
     assert record.mode == "new"
     assert (record.clips_written, record.clips_skipped, record.clips_removed) == (len(rows), 0, 0)
+
+
+# -- tar shards ------------------------------------------------------------------------------------------
+
+
+def shard_files(output: Path) -> dict[str, tuple[int, int]]:
+    """shards/ file name -> (inode, mtime_ns)."""
+    return {name: _identity(output / "shards" / name) for name in os.listdir(output / "shards")}
+
+
+def shard_members(output: Path) -> dict[str, list[str]]:
+    """shards/ file name -> its members' names."""
+    found = {}
+    for name in os.listdir(output / "shards"):
+        with tarfile.open(output / "shards" / name) as tar:
+            found[name] = sorted(tar.getnames())
+    return found
+
+
+def test_sharded_rerun_rebuilds_only_the_shard_with_a_stale_clip(
+    server: LocalServer, store: dict[str, str], tmp_path: Path
+) -> None:
+    """--skip_existing with --shards: a shard whose clips are all current is left as it is; the one shard
+    holding a clip whose request changed is rebuilt (its other clips copied from its earlier version, not
+    fetched) and published in one write; a dropped clip leaves its shard too."""
+    out = tmp_path / "out"
+    rows = time_rows(24)
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", rows), str(out), "--shards=4"), 0)
+    before, members = shard_files(out), shard_members(out)
+    assert len(before) == 4
+    calls = total_calls(server)
+
+    changed = dict(rows[5], start_ms=rows[5]["start_ms"] + 100)
+    proc = run_build(
+        server,
+        write_local_manifest(tmp_path / "b.parquet", [*rows[:5], changed, *rows[6:]]),
+        str(out),
+        "--shards=4",
+        "--skip_existing",
+    )
+    expect_exit(proc, 0)
+    assert total_calls(server) - calls == 1, "only the changed clip is fetched"
+    after = shard_files(out)
+    rebuilt = sorted(name for name in after if after[name] != before[name])
+    assert len(rebuilt) == 1, f"exactly one shard is written again: {rebuilt}"
+    assert shard_members(out) == members, "the rebuilt shard holds the same clips"
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(rows)
+    by_id = {r["clip_id"]: r for r in clips}
+    assert by_id[changed["clip_id"]]["clip_start_ms"] == changed["start_ms"]
+    assert by_id[changed["clip_id"]]["attempts"] > 0 and f"shards/{rebuilt[0]}" == by_id[changed["clip_id"]]["path"]
+    check_clips_table(clips, store, str(out))  # every clip read out of its shard equals the source
+    record = run_record(out)
+    assert (record.clips_written, record.clips_skipped, record.clips_removed) == (1, 23, 0)
+
+    # Drop a shard's every clip and one clip of another: the first shard goes, the other is rebuilt without it.
+    first_shard = sorted(before)[0]
+    gone = {r["clip_id"] for r in clips if r["path"] == f"shards/{first_shard}"}
+    left = [r for r in [*rows[:5], changed, *rows[6:]] if r["clip_id"] not in gone]
+    dropped = left.pop()
+    proc = run_build(
+        server, write_local_manifest(tmp_path / "c.parquet", left), str(out), "--shards=4", "--skip_existing"
+    )
+    expect_exit(proc, 0)
+    assert total_calls(server) - calls == 1, "nothing fetched: a dropped clip needs no call"
+    assert first_shard not in os.listdir(out / "shards")
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(left)
+    check_clips_table(clips, store, str(out))
+    assert not any(dropped["clip_id"].replace(".", "~") in m for ms in shard_members(out).values() for m in ms)
+    assert run_record(out).clips_removed == 1
+
+
+def test_append_into_shards_keeps_the_earlier_clips_in_their_shards(
+    server: LocalServer, store: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    first, second = time_rows(10), time_rows(6, first=10)
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", first), str(out), "--shards=3"), 0)
+    calls = total_calls(server)
+    proc = run_build(server, write_local_manifest(tmp_path / "b.parquet", second), str(out), "--shards=3", "--append")
+    expect_exit(proc, 0)
+    assert total_calls(server) - calls == len(second)
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(first + second)
+    check_clips_table(clips, store, str(out))
+    record = run_record(out)
+    assert (record.rows, record.clips_written, record.clips_kept) == (6, 6, 10)
