@@ -14,15 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.export import LHOTSE, NEMO
 from pipeline.layout import (
     CARD_NAME,
     CLIPS_DIR,
+    EXPORTS,
     HISTOGRAM_NAME,
+    LHOTSE,
     LHOTSE_DIR,
+    NEMO,
     NEMO_MANIFEST,
     RECORD_NAME,
     SHARDS_DIR,
+    export_names,
     name_of,
     path_of,
     root_of,
@@ -83,6 +86,43 @@ def write_card(
     path = path_of(output, CARD_NAME)
     store.put(path, text.encode(), content_type="text/markdown")
     return path
+
+
+def note_exports(store: Store, output: str, record: RunRecord) -> str:
+    """After `python -m pipeline export`: the card's file list and loading notes are written again for the
+    exports the record now lists (the rest of the card, counted by the run, is kept as it was)."""
+    path = path_of(output, CARD_NAME)
+    text = store.read(path).decode()
+    layout = layout_of(record)
+    clips_glob, errors_glob = table_prefix(output, "clips") + "*.parquet", table_prefix(output, "errors") + "*.parquet"
+    for section in (_layout(output, clips_glob, errors_glob, layout), _loading(output, layout)):
+        text = _replace_section(text, section)
+    store.put(path, text.encode(), content_type="text/markdown")
+    return path
+
+
+def layout_of(record: RunRecord) -> Layout:
+    """What a dataset holds, from the options and exports its record lists."""
+    options = record.options
+    exports = tuple(f for f in EXPORTS if set(export_names((f,))) & set(record.exports))
+    return Layout(
+        options.get("clip_format") or "wav",
+        int(options.get("shards") or 0) > 0,
+        bool(options.get("with_transcripts")),
+        options.get("edge_words") or MOSTLY_INSIDE,
+        exports,
+    )
+
+
+def _replace_section(text: str, section: str) -> str:
+    """`text` with the section of the same heading (its first line) replaced by `section`."""
+    heading = section.split("\n", 1)[0]
+    start = text.find(f"\n{heading}\n")
+    if start < 0:
+        return text
+    end = text.find("\n## ", start + 1)
+    end = len(text) - 1 if end < 0 else end  # the card ends with one newline
+    return text[: start + 1] + section + ("\n" if end < len(text) - 1 else "") + text[end:]
 
 
 # The card's text.

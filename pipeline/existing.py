@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cli import LaunchError
-from pipeline.export import EXPORTS
-from pipeline.layout import CLIPS_DIR, SHARDS_DIR, export_names, path_of, table_prefix
+from pipeline.layout import CLIPS_DIR, EXPORTS, SHARDS_DIR, export_names, path_of, table_prefix
 from pipeline.record import RunRecord, read_record
 from pipeline.storage import Store
 
@@ -86,6 +85,13 @@ def exports_after(asked: tuple[str, ...], existing: Existing, mode: str) -> tupl
     had = existing.record.exports if existing.record and mode in (SKIP_EXISTING, APPEND) else []
     found = [f for f in EXPORTS if set(export_names((f,))) & set(had)]
     return tuple(dict.fromkeys([*asked, *found]))
+
+
+def stale_exports(existing: Existing, mode: str, asked: tuple[str, ...]) -> tuple[str, ...]:
+    """--overwrite: the replaced dataset's manifests that this run does not write, removed at its end."""
+    if mode != OVERWRITE or existing.record is None:
+        return ()
+    return tuple(name for name in existing.record.exports if name not in export_names(asked))
 
 
 def table_schema(store: Store, files: tuple[str, ...], schema: pa.Schema, output: str) -> pa.Schema:

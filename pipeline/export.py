@@ -20,10 +20,12 @@ Every path in them is the table's `path`, relative to the dataset's root:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gzip
 import io
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -32,11 +34,22 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.cli import LaunchError, Parser, add_logging_options
-from pipeline.layout import LHOTSE_FILES, NEMO_MANIFEST, lhotse_name, path_of, shard_index, table_prefix, tmp_path
+from pipeline.layout import (
+    EXPORTS,
+    LHOTSE,
+    LHOTSE_FILES,
+    NEMO,
+    NEMO_MANIFEST,
+    export_names,
+    lhotse_name,
+    path_of,
+    shard_index,
+    table_prefix,
+    tmp_path,
+)
 from pipeline.storage import Store, open_store
 
-LHOTSE, NEMO = "lhotse", "nemo"
-EXPORTS = (LHOTSE, NEMO)
+log = logging.getLogger(__name__)
 
 
 def parse_exports(value: str | None, option: str = "--export") -> tuple[str, ...]:
@@ -180,6 +193,20 @@ def lhotse_lines(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return [lhotse_cut(row)]
 
 
+def note_in_dataset(store: Store, output: str, formats: tuple[str, ...]) -> None:
+    """The record lists the new manifests, so that reruns keep them current, and the card names them."""
+    from pipeline.card import note_exports  # here: the card imports the record, which imports the options,
+    from pipeline.record import read_record, write_record  # which import this module
+
+    record = read_record(store, output)
+    if record is None:  # a dataset whose last run did not finish: its next run writes the card and the record
+        log.warning("%s has no run record: the card and the record do not list the manifests", output)
+        return
+    record = dataclasses.replace(record, exports=sorted({*record.exports, *export_names(formats)}))
+    note_exports(store, output, record)
+    write_record(store, output, record)
+
+
 def main(argv: list[str]) -> None:
     """`python -m pipeline export DATASET [--formats lhotse,nemo]`: write the manifests of a built dataset."""
     parser = Parser(prog="python -m pipeline export", description=main.__doc__)
@@ -199,6 +226,7 @@ def main(argv: list[str]) -> None:
     try:
         for path in export_dataset(store, output, formats, files):
             print(path, flush=True)
+        note_in_dataset(store, output, formats)
     finally:
         if store.local:  # the scratch files went into place, or are of no use
             shutil.rmtree(tmp_path(output), ignore_errors=True)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipeline.card import ClipStats, Layout, write_card
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.export import export_dataset
-from pipeline.layout import export_names, name_of, tmp_path
+from pipeline.layout import export_names, name_of, path_of, tmp_path
 from pipeline.lease import release_for
 from pipeline.record import RunRecord, now, write_record
 from pipeline.storage import StoreSettings, open_store
@@ -157,6 +157,7 @@ class RunInfo:
     edge_words: str = MOSTLY_INSIDE
     lease_run_id: str | None = None  # a detached run's: its launcher is gone, so this step releases the lease
     mode: str = "new"  # the way over the output (pipeline/existing.py)
+    stale_exports: tuple[str, ...] = ()  # --overwrite: the replaced dataset's manifests that this run does not write
 
 
 class WriteRunFiles(beam.DoFn):
@@ -190,6 +191,8 @@ class WriteRunFiles(beam.DoFn):
         write_card(store, info.output, record, clip_stats, errors, layout)
         if info.exports:
             export_dataset(store, info.output, info.exports, files["clips"])
+        stale = [path_of(info.output, name) for name in info.stale_exports]
+        store.delete([path for path in stale if store.head(path) is not None])
         write_record(store, info.output, record)
         if store.local:  # empty by now: the record went through it too
             shutil.rmtree(tmp_path(info.output), ignore_errors=True)

@@ -28,6 +28,8 @@ HISTOGRAM_NAME = "duration_histogram.png"
 NEMO_MANIFEST = "nemo_manifest.jsonl"
 LHOTSE_DIR = "lhotse"
 LHOTSE_FILES = ("recordings", "supervisions", "cuts")
+LHOTSE, NEMO = "lhotse", "nemo"  # the exports' names (--export)
+EXPORTS = (LHOTSE, NEMO)
 RECORD_NAME = "_RUN.json"
 LEASE_NAME = "_LEASE.json"
 TMP_DIR = "_tmp"  # local disk only: readers ignore names starting with "_"
@@ -78,7 +80,7 @@ def lhotse_name(part: str) -> str:
 
 def export_names(formats: tuple[str, ...]) -> list[str]:
     """The files an export writes, by format name ("nemo", "lhotse")."""
-    names = {"nemo": [NEMO_MANIFEST], "lhotse": [lhotse_name(part) for part in LHOTSE_FILES]}
+    names = {NEMO: [NEMO_MANIFEST], LHOTSE: [lhotse_name(part) for part in LHOTSE_FILES]}
     return [name for f in formats for name in names[f]]
 
 

@@ -16,7 +16,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 from pipeline.audio import FORMATS
 from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CLIP_FORMATS
-from pipeline.export import LHOTSE, parse_exports
+from pipeline.export import parse_exports
+from pipeline.layout import LHOTSE
 from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
 
 REQUIRED = ("manifest", "output")

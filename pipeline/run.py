@@ -23,7 +23,7 @@ from pipeline import tables
 from pipeline.cli import LaunchError, Parser, RunError, add_logging_options, caused_by
 from pipeline.client import DEFAULT_API_HOST
 from pipeline.elements import EARLIER, ClipError, ClipRecord, ClipRequest
-from pipeline.existing import APPEND, NEW, choose_mode, exports_after, read_existing, table_schema
+from pipeline.existing import APPEND, NEW, choose_mode, exports_after, read_existing, stale_exports, table_schema
 from pipeline.export import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
 from pipeline.finish import FinishRun, RunInfo
@@ -242,6 +242,7 @@ def prepare(argv: list[str]) -> Launch:
         edge_words=opts.edge_words,
         lease_run_id=run_id if opts.detach else None,  # the launcher will be gone: the job releases it
         mode=mode,
+        stale_exports=stale_exports(existing, mode, parse_exports(opts.export)),
     )
     over = None
     if mode != NEW:

@@ -12,6 +12,7 @@ none; the run record names its tables relative to the dataset, so a copy of it s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -507,3 +508,61 @@ def test_append_into_shards_keeps_the_earlier_clips_in_their_shards(
     check_clips_table(clips, store, str(out))
     record = run_record(out)
     assert (record.rows, record.clips_written, record.clips_kept) == (6, 6, 10)
+
+
+# -- exports -------------------------------------------------------------------------------------------
+
+
+def nemo_paths(output: Path) -> list[str]:
+    lines = (output / "nemo_manifest.jsonl").read_text().splitlines()
+    return sorted(json.loads(line)["audio_filepath"] for line in lines)
+
+
+def test_exports_are_listed_kept_current_and_replaced(server: LocalServer, tmp_path: Path) -> None:
+    """`python -m pipeline export` adds its manifests to the record and the card; a --skip_existing rerun
+    writes them again for the new tables (no --export needed); --overwrite without --export removes them."""
+    out = tmp_path / "out"
+    first, second = time_rows(6), time_rows(4, first=3)
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", first), str(out)), 0)
+    assert "nemo_manifest.jsonl" not in (out / "README.md").read_text()
+
+    done = run_pipeline("export", str(out), "--formats=nemo")
+    expect_exit(done, 0)
+    assert run_record(out).exports == ["nemo_manifest.jsonl"]
+    card = (out / "README.md").read_text()
+    assert "  nemo_manifest.jsonl" in card and "manifest_filepath: {root}/nemo_manifest.jsonl" in card, card
+    assert card.count("## Files") == 1 and card.count("## Loading") == 1 and not card.endswith("\n\n")
+    assert nemo_paths(out) == wav_names_in_clips(ids(first))
+
+    manifest = write_local_manifest(tmp_path / "b.parquet", second)
+    expect_exit(run_build(server, manifest, str(out), "--skip_existing"), 0)
+    assert nemo_paths(out) == wav_names_in_clips(ids(second)), "the rerun refreshed the NeMo manifest"
+    assert run_record(out).exports == ["nemo_manifest.jsonl"]
+
+    expect_exit(run_build(server, manifest, str(out), "--overwrite"), 0)
+    assert not (out / "nemo_manifest.jsonl").exists() and run_record(out).exports == []
+    assert "nemo_manifest.jsonl" not in (out / "README.md").read_text()
+
+
+def wav_names_in_clips(clip_ids: list[str]) -> list[str]:
+    return sorted(f"clips/{c}.wav" for c in clip_ids)
+
+
+def test_a_clip_whose_size_or_file_changed_is_fetched_again(
+    server: LocalServer, store: dict[str, str], tmp_path: Path, clip_lookups: list[str]
+) -> None:
+    """Without --verify_existing: a truncated clip (its listed size is not its row's) and a deleted one are
+    fetched again, each with one call; the others cost nothing."""
+    out = tmp_path / "out"
+    rows = time_rows(8)
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
+    expect_exit(run_build(server, manifest, str(out)), 0)
+    truncated, deleted = out / "clips" / "c001.wav", out / "clips" / "c002.wav"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    deleted.unlink()
+    calls = total_calls(server)
+    expect_exit(run_build(server, manifest, str(out), "--skip_existing"), 0)
+    assert total_calls(server) - calls == 2
+    assert clip_lookups == [], "a clip was looked at"
+    check_clips_table(clips_table(str(out)).to_pylist(), store, str(out))
+    assert (run_record(out).clips_written, run_record(out).clips_skipped) == (2, 6)
