@@ -36,12 +36,16 @@ def write_demo_manifest(path: str) -> None:
     pq.write_table(table, path)
 
 
+MODE_FLAGS = ("--skip_existing", "--append", "--overwrite")  # the ways over a dataset already there
+
+
 def main(argv: list[str]) -> None:
     """`python -m pipeline demo [--output DIR] [run options]`: what is not a demo option goes to the run."""
     parser = Parser(
         prog="python -m pipeline demo",
         description=__doc__.splitlines()[0],
-        epilog="Any other option is passed to the run (see python -m pipeline run --help), e.g. --skip_existing.",
+        epilog="Any other option is passed to the run (see python -m pipeline run --help), e.g. --clip_format flac. "
+        "A demo again into the same folder updates its dataset (--skip_existing), unless another mode is given.",
     )
     parser.add_argument(
         "--output", default="demo-output", help="where the store, manifest and dataset (DIR/dataset/) go"
@@ -63,6 +67,7 @@ def main(argv: list[str]) -> None:
                 f"--output={os.path.join(output, 'dataset')}",
                 f"--api_host={server.address}",
                 "--max_error_ratio=0.5",  # the demo's one bad row is on purpose
+                *([] if any(f.split("=")[0] in MODE_FLAGS for f in beam_flags) else ["--skip_existing"]),
                 *beam_flags,
             ]
         )
