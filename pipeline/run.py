@@ -386,7 +386,10 @@ def stopped(launch: Launch | None, scratch: str) -> str:
     if launch.lease is not None:
         launch.lease.release()
     if opts.shards:
-        return f"no run record was written; run the same command again to build {opts.output} (shards are rebuilt)"
+        return (
+            f"no run record was written; run the same command with --skip_existing to finish {opts.output} "
+            "(a shard that no table lists yet is built again)"
+        )
     try:
         written = count_within(store.list(path_of(opts.output, CLIPS_DIR + "/")), STOP_COUNT_S)
     except Exception as e:  # a listing that fails must not hide the line

@@ -566,3 +566,27 @@ def test_a_clip_whose_size_or_file_changed_is_fetched_again(
     assert clip_lookups == [], "a clip was looked at"
     check_clips_table(clips_table(str(out)).to_pylist(), store, str(out))
     assert (run_record(out).clips_written, run_record(out).clips_skipped) == (2, 6)
+
+
+def test_verify_existing_finds_a_damaged_member_of_a_shard(
+    server: LocalServer, store: dict[str, str], tmp_path: Path
+) -> None:
+    """A shard member whose samples changed (the shard's size the same): --verify_existing fetches that clip
+    again and rewrites only its shard; the other shards are read but left as they were."""
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(12))
+    expect_exit(run_build(server, manifest, str(out), "--shards=3"), 0)
+    row = clips_table(str(out)).to_pylist()[0]
+    shard = out / row["path"]
+    with tarfile.open(shard) as tar:
+        offset = tar.getmember(row["member"]).offset_data
+    data = bytearray(shard.read_bytes())
+    data[offset + 200 : offset + 260] = bytes(60)  # samples, past the WAV header
+    shard.write_bytes(bytes(data))
+    before, calls = shard_files(out), total_calls(server)
+
+    expect_exit(run_build(server, manifest, str(out), "--shards=3", "--skip_existing", "--verify_existing"), 0)
+    assert total_calls(server) - calls == 1
+    after = shard_files(out)
+    assert sorted(n for n in after if after[n] != before[n]) == [shard.name]
+    check_clips_table(clips_table(str(out)).to_pylist(), store, str(out))

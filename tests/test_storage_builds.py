@@ -130,6 +130,21 @@ def test_one_write_per_clip_and_a_rerun_reads_no_audio(target: Target, make_serv
     assert counts.get("HEAD", 0) <= 2, counts  # none per clip
 
 
+def test_a_first_run_as_configs_dataflow_yaml_sets_it_makes_one_write_per_clip(
+    target: Target, make_server, store, tmp_path: Path
+) -> None:
+    """configs/dataflow.yaml sets skip_existing: true; into a new output that costs nothing per clip: one
+    write each, no HEAD, no read (before, a HEAD and a PUT per clip)."""
+    server = make_server()
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows(15))
+    expect_exit(target.run(server, manifest, "--skip_existing"), 0)
+    counts = target.proxy.counts()
+    assert writes(counts) == counts["PUT"] == 15 + FIXED_WRITES, counts
+    per_clip = [f"{r.kind} {r.path}" for r in target.proxy.log if r.kind in ("HEAD", "GET") and "/clips/" in r.path]
+    assert per_clip == [] and counts.get("HEAD", 0) <= 2, counts
+    check_clips_table(clips_table(target.output).to_pylist(), store, target.output)
+
+
 def test_a_shard_is_one_upload(target: Target, make_server, store, tmp_path: Path) -> None:
     server = make_server()
     manifest = write_local_manifest(tmp_path / "m.parquet", rows(10))
