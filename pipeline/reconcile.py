@@ -159,7 +159,10 @@ class ReconcileClips(beam.DoFn):
         plan = self.plan
         if current is not None and plan.mode != OVERWRITE and same_request(current, request):
             kept = record_of(current, request.columns)
-            yield beam.pvalue.TaggedOutput(VERIFY if plan.verify else KEPT, (request, kept) if plan.verify else kept)
+            if plan.verify:
+                yield beam.pvalue.TaggedOutput(VERIFY, (request, kept))
+            else:
+                yield beam.pvalue.TaggedOutput(KEPT, kept)
             return
         yield dataclasses.replace(request, listed=unexplained and plan.mode != OVERWRITE)
 
@@ -174,7 +177,8 @@ class ReconcileClips(beam.DoFn):
             else:
                 yield beam.pvalue.TaggedOutput(EARLIER, kept)
         elif rows:
-            yield request_of(rows[0], f"{rows[0].get('path')} (an earlier row whose file is gone)")
+            request = request_of(rows[0], f"{rows[0].get('path')} (an earlier row whose file is gone)")
+            yield request if isinstance(request, ClipRequest) else beam.pvalue.TaggedOutput(EARLIER_ERRORS, request)
         elif errors:
             yield beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(errors[0]))
 

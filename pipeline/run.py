@@ -23,7 +23,16 @@ from pipeline import tables
 from pipeline.cli import LaunchError, Parser, RunError, add_logging_options, caused_by
 from pipeline.client import DEFAULT_API_HOST
 from pipeline.elements import EARLIER, ClipError, ClipRecord, ClipRequest
-from pipeline.existing import APPEND, NEW, choose_mode, exports_after, read_existing, stale_exports, table_schema
+from pipeline.existing import (
+    APPEND,
+    NEW,
+    Existing,
+    choose_mode,
+    exports_after,
+    read_existing,
+    stale_exports,
+    table_schema,
+)
 from pipeline.export import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
 from pipeline.finish import FinishRun, RunInfo
@@ -214,14 +223,9 @@ def prepare(argv: list[str]) -> Launch:
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
     check_output(store, opts.output)
     existing = read_existing(store, opts.output)
-    mode = choose_mode(opts, existing, opts.output)
     settings = fetch_settings(opts, manifest, store_settings)
-    schemas = table_schemas(manifest, settings)
-    if mode == APPEND:  # the tables keep the earlier rows, with their columns
-        schemas = {
-            "clips": table_schema(store, existing.clips_tables, schemas["clips"], opts.output),
-            "errors": table_schema(store, existing.errors_tables, schemas["errors"], opts.output),
-        }
+    over, schemas = over_existing(opts, store, store_settings, existing, table_schemas(manifest, settings))
+    mode = over.plan.mode if over else NEW
     host = settings.client.api_host or DEFAULT_API_HOST
     log.info("GetAudio at %s; concurrency: %s", host, stream_bound(options, opts.max_in_flight))
     preflight(settings, manifest)
@@ -244,10 +248,6 @@ def prepare(argv: list[str]) -> Launch:
         mode=mode,
         stale_exports=stale_exports(existing, mode, parse_exports(opts.export)),
     )
-    over = None
-    if mode != NEW:
-        plan = Plan(opts.output, mode, opts.clip_format, opts.shards, opts.verify_existing, store_settings)
-        over = Over(plan, existing.clips_tables, existing.errors_tables)
     # Dataflow's own dry run builds the Dataflow job (no submission, no staging); no other runner has one.
     options.view_as(TestOptions).dry_run = dry_run and runner_name(options) == "DataflowRunner"
     p = beam.Pipeline(runner=runner, options=options)
@@ -257,6 +257,23 @@ def prepare(argv: list[str]) -> Launch:
         return Launch(p, opts, store, manifest, dry_run, in_use=current_holder(store, opts.output))
     lease = take(store, opts.output, run_id, detached=opts.detach, job_in_process=in_process)
     return Launch(p, opts, store, manifest, dry_run, lease=lease)
+
+
+def over_existing(
+    opts: ClipOptions, store: Store, settings: StoreSettings, existing: Existing, schemas: dict[str, pa.Schema]
+) -> tuple[Over | None, dict[str, pa.Schema]]:
+    """How the run goes over the dataset already at the output (None: there is none), and the tables' columns:
+    with --append, widened by the earlier rows' (LaunchError when no mode is given, or the columns clash)."""
+    mode = choose_mode(opts, existing, opts.output)
+    if mode == NEW:
+        return None, schemas
+    if mode == APPEND:
+        schemas = {
+            "clips": table_schema(store, existing.clips_tables, schemas["clips"], opts.output),
+            "errors": table_schema(store, existing.errors_tables, schemas["errors"], opts.output),
+        }
+    plan = Plan(opts.output, mode, opts.clip_format, opts.shards, opts.verify_existing, settings)
+    return Over(plan, existing.clips_tables, existing.errors_tables), schemas
 
 
 def dry_run(launch: Launch) -> str:
