@@ -136,10 +136,8 @@ class ReconcileClips(beam.DoFn):
         self.plan = plan
 
     def process(self, item: tuple[Any, dict[str, Iterable]]) -> Iterator[Any]:
-        key, groups = item
         plan = self.plan
-        requests, rows, errors = list(groups["requests"]), list(groups["rows"]), list(groups["errors"])
-        sizes = dict(groups["listed"])
+        key, requests, rows, errors, sizes = _unpack(item)
         if not isinstance(key, str) or not (requests or rows or errors):
             yield from unclaimed(plan, errors, sizes)
             return
@@ -183,6 +181,12 @@ class ReconcileClips(beam.DoFn):
             yield beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(errors[0]))
 
 
+def _unpack(item: tuple[Any, dict[str, Iterable]]) -> tuple[Any, list, list[dict], list[dict], dict[str, int]]:
+    """A joined group: its key, requests, earlier rows, earlier errors, and listed files (name -> size)."""
+    key, groups = item
+    return key, list(groups["requests"]), list(groups["rows"]), list(groups["errors"]), dict(groups["listed"])
+
+
 def unclaimed(plan: Plan, errors: list[dict], sizes: dict[str, int]) -> Iterator[Any]:
     """A group no clip_id names: errors of rows without a clip_id (--append keeps them), and files that are
     no clip's or shard's (orphans, but for --append)."""
@@ -201,10 +205,8 @@ class ReconcileShards(beam.DoFn):
         self.plan = plan
 
     def process(self, item: tuple[Any, dict[str, Iterable]]) -> Iterator[Any]:
-        key, groups = item
         plan = self.plan
-        requests, rows, errors = list(groups["requests"]), list(groups["rows"]), list(groups["errors"])
-        sizes = dict(groups["listed"])
+        key, requests, rows, errors, sizes = _unpack(item)
         if not isinstance(key, int):  # a file in shards/ that is no shard, or errors without a clip_id
             yield from unclaimed(plan, errors, sizes)
             return
