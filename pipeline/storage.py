@@ -410,10 +410,11 @@ class S3Store(_BucketStore):
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         bucket, key = split_bucket(prefix)
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-        for page in pages:
-            for o in page.get("Contents", []):
-                yield StoredObject(f"s3://{bucket}/{o['Key']}", o["Size"])
+        with translated(prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            for page in pages:
+                for o in page.get("Contents", []):
+                    yield StoredObject(f"s3://{bucket}/{o['Key']}", o["Size"])
 
     def read(self, path: str) -> bytes:
         bucket, key = split_bucket(path)
@@ -432,7 +433,8 @@ class S3Store(_BucketStore):
         for bucket, keys in by_bucket.items():
             for i in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
                 batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-                failed = self.client.delete_objects(Bucket=bucket, Delete=batch).get("Errors", [])
+                with translated(f"s3://{bucket}"):
+                    failed = self.client.delete_objects(Bucket=bucket, Delete=batch).get("Errors", [])
                 if failed:  # a 200 answer can still refuse some keys: say so, not nothing
                     first = failed[0]
                     raise StorageError(
@@ -443,10 +445,11 @@ class S3Store(_BucketStore):
     def abort_uploads(self, prefix: str) -> int:
         bucket, key = split_bucket(prefix)
         aborted = 0
-        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key):
-            for upload in page.get("Uploads", []):
-                self.client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-                aborted += 1
+        with translated(prefix):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key):
+                for upload in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted += 1
         return aborted
 
     # S3's conditional requests (2024-25): If-None-Match "*" creates only, If-Match an ETag replaces or deletes
@@ -547,8 +550,9 @@ class GcsStore(_BucketStore):
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         bucket, name = split_bucket(prefix)
-        for blob in self.client.list_blobs(bucket, prefix=name):
-            yield StoredObject(f"gs://{bucket}/{blob.name}", blob.size)
+        with translated(prefix):
+            for blob in self.client.list_blobs(bucket, prefix=name):
+                yield StoredObject(f"gs://{bucket}/{blob.name}", blob.size)
 
     def read(self, path: str) -> bytes:
         try:
@@ -559,7 +563,8 @@ class GcsStore(_BucketStore):
 
     def delete(self, paths: Iterable[str]) -> None:
         for path in paths:
-            self._blob(path).delete()
+            with translated(path):
+                self._blob(path).delete()
 
     def abort_uploads(self, prefix: str) -> int:
         return 0  # an unfinished resumable upload is never visible and expires by itself
@@ -608,6 +613,18 @@ def _gcs_error(path: str, e: Exception) -> StorageError:
     """412 (precondition failed) or 404 (not found) as Precondition; anything else as StorageError."""
     kind = Precondition if getattr(e, "code", None) in (404, 412) else StorageError
     return kind(f"{path}: {type(e).__name__}: {e}")
+
+
+@contextlib.contextmanager
+def translated(where: str) -> Iterator[None]:
+    """A storage library's error (botocore, google-cloud, requests) as StorageError naming `where`, its cause
+    chained, so that a caller handles one kind of error whatever the store."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"{where}: {type(e).__name__}: {e}") from e
 
 
 def _remove(file: str | None) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import storage
 from pipeline.cli import LaunchError
 from pipeline.run import run
+from pipeline.storage import StorageError, StoreSettings, open_store
 
 
 def test_an_output_gets_its_store(tmp_path):
@@ -37,3 +39,26 @@ def test_local_store_publishes_whole_files_only(tmp_path):
     assert [o.path for o in store.list(str(tmp_path) + "/")] == [path], "nothing but the file is left"
     store.delete([path])
     assert store.head(path) is None
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_every_bucket_operation_raises_storage_error(kind, request, monkeypatch) -> None:
+    """A missing bucket: listing, reading, deleting and aborting uploads each raise StorageError naming the
+    path, the library's error chained (before, list, read and delete raised botocore or google-cloud errors);
+    a missing object reads as FileNotFoundError."""
+    server = request.getfixturevalue(f"{kind}_server")
+    for name, value in server.env.items():  # this process's GCS client finds the emulator by the environment
+        monkeypatch.setenv(name, value)
+    settings = StoreSettings.from_options(PipelineOptions(server.flags))
+    missing = server.bucket_url.replace("test-bucket", "no-such-bucket") + "ds/"
+    store = open_store(missing, settings)
+    for operation in (
+        lambda: list(store.list(missing)),
+        lambda: store.read(missing + "a"),
+        lambda: store.delete([missing + "a"]),
+    ):
+        with pytest.raises(StorageError, match="no-such-bucket") as raised:
+            operation()
+        assert raised.value.__cause__ is not None
+    with pytest.raises(FileNotFoundError):
+        open_store(server.bucket_url, settings).read(server.bucket_url + "no-such-object")
