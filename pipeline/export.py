@@ -33,6 +33,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.card import note_exports
 from pipeline.cli import LaunchError, Parser, add_logging_options
 from pipeline.layout import (
     EXPORTS,
@@ -47,6 +48,7 @@ from pipeline.layout import (
     table_prefix,
     tmp_path,
 )
+from pipeline.record import read_record, write_record
 from pipeline.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,8 @@ def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: l
     the paths written."""
     files = clips_table_files(store, output) if files is None else files
     sharded = _sharded(store, files)
-    if LHOTSE in formats and sharded:
-        raise LaunchError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
+    if LHOTSE in formats and sharded:  # refused at launch (options.check_values) and by the export command
+        raise ValueError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
     lines: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {}  # manifest path -> a row's lines
     if NEMO in formats:
         lines[path_of(output, NEMO_MANIFEST)] = lambda row: [nemo_line(row, sharded)]
@@ -195,9 +197,6 @@ def lhotse_lines(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 def note_in_dataset(store: Store, output: str, formats: tuple[str, ...]) -> None:
     """The record lists the new manifests, so that reruns keep them current, and the card names them."""
-    from pipeline.card import note_exports  # here: the card imports the record, which imports the options,
-    from pipeline.record import read_record, write_record  # which import this module
-
     record = read_record(store, output)
     if record is None:  # a dataset whose last run did not finish: its next run writes the card and the record
         log.warning("%s has no run record: the card and the record do not list the manifests", output)
@@ -223,6 +222,8 @@ def main(argv: list[str]) -> None:
     files = clips_table_files(store, output)
     if not files:
         raise LaunchError(f"{output}: no clips table (metadata/clips-*.parquet): not a dataset this pipeline built")
+    if LHOTSE in formats and _sharded(store, files):
+        raise LaunchError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
     try:
         for path in export_dataset(store, output, formats, files):
             print(path, flush=True)

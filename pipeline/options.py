@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+from typing import Any
 
 import yaml
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
@@ -171,6 +172,21 @@ def take_dry_run(flags: list[str]) -> tuple[bool, list[str]]:
     add_dry_run(parser)
     known, rest = parser.parse_known_args(flags)
     return known.dry_run, rest
+
+
+_SECRET = re.compile(r"secret|password|passwd|token|credential|key", re.IGNORECASE)
+_SAFE = re.compile(r"_file$|_path$|^api_key_file$")
+
+
+def safe_options(options: PipelineOptions) -> dict[str, Any]:
+    """This pipeline's options and every other option that was set, secret-looking values redacted."""
+    every = options.get_all_options()
+    chosen = {name: every.get(name) for name in option_names()}
+    chosen.update(options.get_all_options(drop_default=True, retain_unknown_options=True))
+    return {
+        name: "<redacted>" if value is not None and _SECRET.search(name) and not _SAFE.search(name) else value
+        for name, value in sorted(chosen.items())
+    }
 
 
 def option_names() -> list[str]:

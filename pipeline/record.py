@@ -1,6 +1,6 @@
 """The run record, `{output}/_RUN.json`: what a run did, written last so a scheduler can take it as done.
 
-It holds the options with anything secret-looking redacted (the API key is never an option at all).
+It holds the options with anything secret-looking redacted (options.safe_options; the API key is never an option).
 """
 
 from __future__ import annotations
@@ -8,33 +8,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from apache_beam.options.pipeline_options import PipelineOptions
-
 from pipeline import __version__
 from pipeline.layout import CARD_NAME, path_of, record_path, table_prefix
-from pipeline.options import option_names
 from pipeline.storage import Store
 
 log = logging.getLogger(__name__)
-_SECRET = re.compile(r"secret|password|passwd|token|credential|key", re.IGNORECASE)
-_SAFE = re.compile(r"_file$|_path$|^api_key_file$")
-
-
-def safe_options(options: PipelineOptions) -> dict[str, Any]:
-    """This pipeline's options and every other option that was set, secret-looking values redacted."""
-    every = options.get_all_options()
-    chosen = {name: every.get(name) for name in option_names()}
-    chosen.update(options.get_all_options(drop_default=True, retain_unknown_options=True))
-    return {
-        name: "<redacted>" if value is not None and _SECRET.search(name) and not _SAFE.search(name) else value
-        for name, value in sorted(chosen.items())
-    }
 
 
 def write_record(store: Store, output: str, record: RunRecord) -> str:

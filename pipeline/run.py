@@ -53,9 +53,18 @@ from pipeline.launch import (
 )
 from pipeline.layout import CLIPS_DIR, path_of, record_path, tmp_path
 from pipeline.lease import Holder, Lease, current_holder, new_run_id, refusal, take
-from pipeline.options import REQUIRED, ClipOptions, add_dry_run, check_flags, check_values, expand_config, take_dry_run
+from pipeline.options import (
+    REQUIRED,
+    ClipOptions,
+    add_dry_run,
+    check_flags,
+    check_values,
+    expand_config,
+    safe_options,
+    take_dry_run,
+)
 from pipeline.reconcile import Over, Plan, RemoveOrphans, reconcile
-from pipeline.record import RunRecord, now, safe_options
+from pipeline.record import RunRecord, now
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import shard_of
 from pipeline.storage import Store, StoreSettings, open_store
