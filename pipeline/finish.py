@@ -162,8 +162,9 @@ class RunInfo:
 
 class WriteRunFiles(beam.DoFn):
     """The last step, once: each table is exactly this run's files (another run's or an abandoned bundle's
-    removed, an empty file for a table with no rows), the card, the record (last), the local scratch
-    folder removed, and a detached run's lease released."""
+    removed, an empty file for a table with no rows), the card, the exports (and, --overwrite, the replaced
+    dataset's others removed), the record (last), the local scratch folder removed, and a detached run's
+    lease released."""
 
     def __init__(self, info: RunInfo, schemas: dict[str, pa.Schema]):
         self.info = info
@@ -183,8 +184,7 @@ class WriteRunFiles(beam.DoFn):
             if not written:
                 written.append(write_empty(store, info.output, name, self.schemas[name]))
         record = stats.record(info, sum(removed), files["clips"], files["errors"])
-        clips = record.clips
-        clip_stats = ClipStats(clips, objects, stats.clip_bytes, dict(stats.channels), dict(stats.durations_ms))
+        clip_stats = ClipStats(record.clips, objects, stats.clip_bytes, dict(stats.channels), dict(stats.durations_ms))
         every_error = stats.errors_by_code + stats.earlier_errors
         errors = dict(sorted(every_error.items(), key=lambda kv: (-kv[1], kv[0])))
         layout = Layout(info.clip_format, info.sharded, info.with_transcripts, info.edge_words, info.exports)
