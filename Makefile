@@ -59,6 +59,7 @@ proto: $(VENV)/.test  ## regenerate pipeline/wire/ from schemas/speech_service.p
 bench: $(VENV)/.test  ## the performance benchmarks (print tables, write JSON): throughput, then object storage
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.storage
+	$(BIN)/python -m benchmarks.rerun
 
 clean:
 	rm -rf $(VENV) $(LATEST) demo-output .pytest_cache
