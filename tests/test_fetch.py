@@ -136,7 +136,7 @@ def test_a_shard_failed_by_an_unexpected_error_leaves_no_scratch_file(tmp_path):
     with pytest.raises(Exception, match="boom"), beam.Pipeline(runner="FnApiRunner") as p:
         _ = (
             p
-            | beam.Create([(0, [long, request("b", "boom")])])
+            | beam.Create([(0, {"fetch": [long, request("b", "boom")], "copy": []})])
             | beam.ParDo(fetch.FetchShard(shard_settings, FailingClient))
         )
     scratch = [f.name for f in (tmp_path / "_tmp").iterdir()]
