@@ -6,9 +6,10 @@ is complete. A writer whose write fails (a full disk, libsndfile) drops its scra
 which makes the row WRITE_FAILED. Audio is kept in memory up to `SPILL_BYTES` and then streamed to a local
 scratch file, so a short clip costs one write and a one-hour clip never sits in memory.
 
-Each clip says what was asked for and served, so `--skip_existing` can tell a complete, current clip from
-a stale one without downloading it: on a bucket in the object's metadata (with its sha256), read by one
-metadata request; on a local disk in the header (a LIST/INFO comment, or FLAC's comment), read from disk.
+Each clip says what was asked for and served, so that a rerun can tell a complete, current clip from a stale
+one without downloading it when no table row describes it (a stopped run's; pipeline/reconcile.py decides the
+others from the tables): on a bucket in the object's metadata (with its sha256), read by one metadata request;
+on a local disk in the header (a LIST/INFO comment, or FLAC's comment), read from disk.
 """
 
 from __future__ import annotations
