@@ -8,16 +8,15 @@ clip and shard folders; nothing per clip.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.cli import LaunchError
 from pipeline.layout import CLIPS_DIR, EXPORTS, SHARDS_DIR, export_names, path_of, table_prefix
 from pipeline.record import RunRecord, read_record
 from pipeline.storage import Store
+from pipeline.table_files import table_schema_of
 
 NEW, SKIP_EXISTING, APPEND, OVERWRITE = "new", "skip_existing", "append", "overwrite"
 MODES = (SKIP_EXISTING, APPEND, OVERWRITE)
@@ -98,7 +97,7 @@ def table_schema(store: Store, files: tuple[str, ...], schema: pa.Schema, output
     """This run's table schema widened with the columns of the dataset's earlier rows, which --append keeps."""
     if not files:
         return schema
-    earlier = pq.read_schema(io.BytesIO(store.read(files[0])))
+    earlier = table_schema_of(store, files[0])
     try:
         return pa.unify_schemas([schema, earlier])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:

@@ -50,6 +50,7 @@ from pipeline.layout import (
 )
 from pipeline.record import read_record, write_record
 from pipeline.storage import Store, open_store
+from pipeline.table_files import table_schema_of
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _rows(store: Store, files: list[str]) -> Iterator[dict[str, Any]]:
 
 
 def _sharded(store: Store, files: list[str]) -> bool:
-    return bool(files) and "member" in pq.read_schema(io.BytesIO(store.read(files[0]))).names
+    return bool(files) and "member" in table_schema_of(store, files[0]).names
 
 
 def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: list[str] | None = None) -> list[str]:
@@ -85,7 +86,7 @@ def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: l
     the paths written."""
     files = clips_table_files(store, output) if files is None else files
     sharded = _sharded(store, files)
-    if LHOTSE in formats and sharded:  # refused at launch (options.check_values) and by the export command
+    if LHOTSE in formats and sharded:  # refused at launch (options.check_values); the export command says it
         raise ValueError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
     lines: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {}  # manifest path -> a row's lines
     if NEMO in formats:
@@ -222,12 +223,12 @@ def main(argv: list[str]) -> None:
     files = clips_table_files(store, output)
     if not files:
         raise LaunchError(f"{output}: no clips table (metadata/clips-*.parquet): not a dataset this pipeline built")
-    if LHOTSE in formats and _sharded(store, files):
-        raise LaunchError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
     try:
         for path in export_dataset(store, output, formats, files):
             print(path, flush=True)
         note_in_dataset(store, output, formats)
+    except ValueError as e:  # Lhotse asked of a sharded dataset, found before anything is written
+        raise LaunchError(str(e)) from None
     finally:
         if store.local:  # the scratch files went into place, or are of no use
             shutil.rmtree(tmp_path(output), ignore_errors=True)

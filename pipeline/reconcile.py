@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from pipeline.shards import shard_of
 from pipeline.storage import StoreSettings, open_store
 from pipeline.table_files import ReadTable
 
+log = logging.getLogger(__name__)
 KEPT, EARLIER_ERRORS, ORPHANS = "kept", "earlier_errors", "orphans"
 VERIFY, REFETCH, COPY = "verify", "refetch", "copy"
 _RECORD_FIELDS = [f.name for f in dataclasses.fields(ClipRecord) if f.name not in NOT_COLUMNS]
@@ -65,8 +67,12 @@ def request_of(row: dict[str, Any], where: str) -> ClipRequest | ClipError:
 
 
 def same_request(row: dict[str, Any], request: ClipRequest) -> bool:
-    earlier = request_of(row, "")
-    return isinstance(earlier, ClipRequest) and earlier.fingerprint == request.fingerprint
+    """The earlier row was made for this request: the same object and range columns (the manifest's rules gave
+    the request from those columns, so equal columns are an equal request; a row is not validated again)."""
+    columns = request.columns
+    return row.get("object_id") == request.object_id and all(
+        row.get(name) == columns.get(name) for name in tables.RANGE_COLUMNS
+    )
 
 
 def record_of(row: dict[str, Any], columns: dict[str, Any]) -> ClipRecord:
@@ -276,7 +282,8 @@ class VerifyClips(beam.DoFn):
         request, kept = item
         try:
             data = self.store.read(path_of(self.plan.output, kept.path))
-        except OSError:
+        except OSError as e:  # gone since the listing, or unreadable: fetched again
+            log.warning("cannot read %s to verify it (%s); fetching it again", kept.path, e)
             data = None
         if data is not None and hashlib.sha256(data).hexdigest() == kept.sha256:
             yield kept
@@ -364,6 +371,17 @@ class RemoveOrphans(beam.DoFn):
             yield WindowedValue(self._remove(), MIN_TIMESTAMP, [GlobalWindow()])
 
     def _remove(self) -> int:
+        """Remove a batch; one that fails is logged and left for the next --skip_existing run (the new tables no
+        longer list it), so that a refused delete does not fail a run whose tables are written."""
         paths, self.paths = self.paths, []
-        self.store.delete(paths)
+        try:
+            self.store.delete(paths)
+        except OSError as e:
+            log.warning(
+                "could not remove %d file(s) no row lists, e.g. %s (%s); a next run removes them",
+                len(paths),
+                paths[0],
+                e,
+            )
+            return 0
         return len(paths)

@@ -88,6 +88,11 @@ class _WriteFiles(beam.DoFn):
         yield WindowedValue(path, MIN_TIMESTAMP, [GlobalWindow()])
 
 
+def table_schema_of(store: Store, path: str) -> pa.Schema:
+    """The columns of one table file (its footer, from one read of the file)."""
+    return pq.read_schema(io.BytesIO(store.read(path)))
+
+
 def write_empty(store: Store, output: str, name: str, schema: pa.Schema) -> str:
     """A table with no rows still gets a file, with its columns."""
     scratch = store.scratch_file(".parquet")

@@ -62,3 +62,18 @@ def test_every_bucket_operation_raises_storage_error(kind, request, monkeypatch)
         assert raised.value.__cause__ is not None
     with pytest.raises(FileNotFoundError):
         open_store(server.bucket_url, settings).read(server.bucket_url + "no-such-object")
+
+
+def test_orphans_that_cannot_be_removed_are_logged_and_not_counted(s3_server, caplog) -> None:
+    """The last step of a --skip_existing run removes the files no row lists; a refused delete (here a bucket
+    that is gone) counts none removed and says so, instead of failing a run whose tables are written."""
+    from pipeline.reconcile import Plan, RemoveOrphans
+
+    missing = s3_server.bucket_url.replace("test-bucket", "no-such-bucket") + "ds"
+    plan = Plan(missing, "skip_existing", "wav", 0, False, StoreSettings.from_options(PipelineOptions(s3_server.flags)))
+    remove = RemoveOrphans(plan)
+    remove.setup()
+    remove.start_bundle()
+    assert list(remove.process(f"{missing}/clips/a.wav")) == []
+    assert [v.value for v in remove.finish_bundle()] == [0]
+    assert "could not remove 1 file(s) no row lists, e.g. " in caplog.text and "no-such-bucket" in caplog.text
