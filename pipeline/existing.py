@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.cli import LaunchError
-from pipeline.layout import CLIPS_DIR, EXPORTS, SHARDS_DIR, export_names, path_of, table_prefix
+from pipeline.layout import CLIPS_DIR, EXPORTS, SHARDS_DIR, TABLES, export_names, path_of, table_prefix
 from pipeline.record import RunRecord, read_record
 from pipeline.storage import Store
 from pipeline.table_files import table_schema_of
@@ -42,7 +42,7 @@ def read_existing(store: Store, output: str) -> Existing:
     and shard folders hold anything: a few requests, whatever the dataset's size."""
     tables = [
         tuple(sorted(o.path for o in store.list(table_prefix(output, name)) if o.path.endswith(".parquet")))
-        for name in ("clips", "errors")
+        for name in TABLES
     ]
     holds = [next(iter(store.list(path_of(output, f"{d}/"))), None) is not None for d in (CLIPS_DIR, SHARDS_DIR)]
     return Existing(read_record(store, output), *tables, *holds)

@@ -88,10 +88,6 @@ def clip_path(output: str, clip_id: str, clip_format: str = "wav") -> str:
     return path_of(output, clip_name(clip_id, clip_format))
 
 
-def shard_path(output: str, shard: int) -> str:
-    return path_of(output, shard_name(shard))
-
-
 def record_path(output: str) -> str:
     return path_of(output, RECORD_NAME)
 
