@@ -202,6 +202,11 @@ def _contents(record: RunRecord, stats: ClipStats, errors: dict[str, int]) -> st
         f"- Size of the clips: {_size(stats.num_bytes)} ({stats.num_bytes:,} bytes)",
         f"- Channels: {_channels(stats.channels)}",
     ]
+    if record.clips_untranscribed:
+        lines.append(
+            f"- Without a transcript: {record.clips_untranscribed:,} clips (their object has none; the NeMo and "
+            "Lhotse manifests leave them out)"
+        )
     if record.clips_removed:
         lines.append(f"- Removed by the last run: {record.clips_removed:,} clip files or shards that no row lists")
     return "\n".join(lines)

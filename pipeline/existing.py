@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.cli import LaunchError
+from pipeline.export import NO_TEXT
 from pipeline.layout import CLIPS_DIR, EXPORTS, SHARDS_DIR, TABLES, export_names, path_of, table_prefix
 from pipeline.record import RunRecord, read_record
 from pipeline.storage import Store
@@ -79,10 +80,16 @@ def _check_same_layout(opts, existing: Existing, output: str) -> None:
         )
 
 
-def exports_after(asked: tuple[str, ...], existing: Existing, mode: str) -> tuple[str, ...]:
-    """The exports a run writes: those asked for, and those the dataset has (kept current), unless replaced."""
+def exports_after(asked: tuple[str, ...], existing: Existing, mode: str, with_transcripts: bool) -> tuple[str, ...]:
+    """The exports a run writes: those asked for, and those the dataset has (kept current), unless replaced.
+    Kept exports need the transcripts as asked ones do (options.check_values): a LaunchError without them."""
     had = existing.record.exports if existing.record and mode in (SKIP_EXISTING, APPEND) else []
     found = [f for f in EXPORTS if set(export_names((f,))) & set(had)]
+    if found and not with_transcripts:
+        raise LaunchError(
+            f"the dataset has {' and '.join(found)} manifests, which a run over it keeps current: add "
+            f"--with_transcripts (without it {NO_TEXT}), or --overwrite"
+        )
     return tuple(dict.fromkeys([*asked, *found]))
 
 

@@ -6,13 +6,18 @@ export DATASET`, which works on any dataset this pipeline built, copied or not: 
 Every path in them is the table's `path`, relative to the dataset's root:
 
 - `nemo_manifest.jsonl` sits at the root because NeMo resolves a relative `audio_filepath` against its
-  manifest's folder. One line per clip: `audio_filepath`, `duration` (s), and `text` when the clip has a
-  transcript. A multi-channel clip is one line with all its channels (the service gives one transcript per
-  clip): set the dataset's `channel_selector` (e.g. `average`) to train a mono model on it. For tar shards
+  manifest's folder. One line per transcribed clip: `audio_filepath`, `duration` (s), `text`, and `lang`
+  from the manifest's `language` column. A multi-channel clip is one line with all its channels (the
+  service gives one transcript per clip): set the dataset's `channel_selector` (e.g. `average`) to train a
+  mono model on it. For tar shards
   the lines are NeMo's tarred form: `audio_filepath` is the member, `shard_id` the shard's number.
 - `lhotse/{recordings,supervisions,cuts}.jsonl.gz`: one recording per clip (every channel: a multi-channel
-  clip is a multi-channel recording and a MultiCut), a supervision over the whole clip for each clip with a
-  transcript (text, the `speaker` column or else the tokens' one speaker, every channel), a cut per clip.
+  clip is a multi-channel recording and a MultiCut), and for each transcribed clip a supervision over the
+  whole clip (text, `language` from the manifest's column, `speaker` from its column or else the tokens' one
+  speaker, every channel) and a cut.
+
+Both are supervised manifests: a clip whose object has no transcript (`transcript_text` null) is in neither
+(a training target of '' would teach the model that the clip is silent); a clip of silence ('') is.
   Sources are relative to the root: load with `CutSet.from_file(...).with_recording_path_prefix(root)`.
   Lhotse reads files, not tar members, so a sharded dataset has no Lhotse manifests.
 """
@@ -55,6 +60,9 @@ from pipeline.table_files import table_schema_of
 log = logging.getLogger(__name__)
 
 
+NO_TEXT = "its training manifests would hold no text (each pairs a clip's audio with its transcript)"
+
+
 def parse_exports(value: str | None, option: str = "--export") -> tuple[str, ...]:
     """`lhotse,nemo` -> ("lhotse", "nemo"); a name that is not an export is a LaunchError naming `option`."""
     names = tuple(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
@@ -90,7 +98,7 @@ def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: l
         raise ValueError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
     lines: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {}  # manifest path -> a row's lines
     if NEMO in formats:
-        lines[path_of(output, NEMO_MANIFEST)] = lambda row: [nemo_line(row, sharded)]
+        lines[path_of(output, NEMO_MANIFEST)] = lambda row: _present(nemo_line(row, sharded))
     if LHOTSE in formats:
         for name in LHOTSE_FILES:
             lines[path_of(output, lhotse_name(name))] = functools.partial(lhotse_lines, name=name)
@@ -112,12 +120,19 @@ def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: l
     return list(lines)
 
 
-def nemo_line(row: dict[str, Any], sharded: bool = False) -> dict[str, Any]:
-    """A clip as a NeMo manifest line (see the module's docstring)."""
+def _present(line: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [] if line is None else [line]
+
+
+def nemo_line(row: dict[str, Any], sharded: bool = False) -> dict[str, Any] | None:
+    """A clip as a NeMo manifest line (see the module's docstring); None for a clip with no transcript."""
+    if row.get("transcript_text") is None:
+        return None
     line: dict[str, Any] = {"audio_filepath": row["member"] if sharded else row["path"]}
     line["duration"] = _seconds(row)
-    if row.get("transcript_text") is not None:
-        line["text"] = row["transcript_text"]
+    line["text"] = row["transcript_text"]
+    if isinstance(row.get("language"), str):
+        line["lang"] = row["language"]
     if sharded:
         line["shard_id"] = shard_index(row["path"])
     return line
@@ -165,22 +180,27 @@ def lhotse_supervision(row: dict[str, Any]) -> dict[str, Any] | None:
         "channel": channels[0] if len(channels) == 1 else channels,
         "text": row["transcript_text"],
     }
+    if isinstance(row.get("language"), str):
+        supervision["language"] = row["language"]
     speaker = _speaker(row)
     if speaker is not None:
         supervision["speaker"] = speaker
     return supervision
 
 
-def lhotse_cut(row: dict[str, Any]) -> dict[str, Any]:
-    """A MonoCut for a mono clip, a MultiCut (every channel) for a multi-channel one."""
+def lhotse_cut(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A MonoCut for a mono clip, a MultiCut (every channel) for a multi-channel one; None for a clip with no
+    transcript."""
     channels = _channels(row)
     supervision = lhotse_supervision(row)
+    if supervision is None:
+        return None
     return {
         "id": row["clip_id"],
         "start": 0.0,
         "duration": _seconds(row),
         "channel": channels[0] if len(channels) == 1 else channels,
-        "supervisions": [supervision] if supervision else [],
+        "supervisions": [supervision],
         "recording": lhotse_recording(row),
         "type": "MonoCut" if len(channels) == 1 else "MultiCut",
     }
@@ -191,9 +211,8 @@ def lhotse_lines(row: dict[str, Any], name: str) -> list[dict[str, Any]]:
     if name == "recordings":
         return [lhotse_recording(row)]
     if name == "supervisions":
-        supervision = lhotse_supervision(row)
-        return [supervision] if supervision else []
-    return [lhotse_cut(row)]
+        return _present(lhotse_supervision(row))
+    return _present(lhotse_cut(row))
 
 
 def note_in_dataset(store: Store, output: str, formats: tuple[str, ...]) -> None:
@@ -223,6 +242,8 @@ def main(argv: list[str]) -> None:
     files = clips_table_files(store, output)
     if not files:
         raise LaunchError(f"{output}: no clips table (metadata/clips-*.parquet): not a dataset this pipeline built")
+    if "transcript_text" not in table_schema_of(store, files[0]).names:
+        raise LaunchError(f"{output} was built without --with_transcripts: {NO_TEXT}")
     try:
         for path in export_dataset(store, output, formats, files):
             print(path, flush=True)

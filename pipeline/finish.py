@@ -42,6 +42,7 @@ class RunStats:
     clip_bytes: int = 0  # of every clip, written now or already there (the card's size)
     durations_ms: Counter = field(default_factory=Counter)  # clip duration -> clips
     channels: Counter = field(default_factory=Counter)  # channel count -> clips
+    untranscribed: int = 0  # clips whose object has no transcript (none without --with_transcripts' columns)
     errors_by_code: Counter = field(default_factory=Counter)
     retries: int = 0
     held: int = 0
@@ -62,6 +63,7 @@ class RunStats:
         self.clip_bytes += out.num_bytes
         self.durations_ms[out.clip_duration_ms] += 1
         self.channels[out.num_channels] += 1
+        self.untranscribed += out.transcript_text is None
 
     def add(self, out: ClipRecord | ClipError) -> None:
         self.rows += 1
@@ -97,6 +99,7 @@ class RunStats:
             clips_skipped=self.skipped,
             clips_kept=self.earlier,
             clips_removed=removed,
+            clips_untranscribed=self.untranscribed if info.with_transcripts else 0,
             errors_by_code=dict(sorted(self.errors_by_code.items())),
             errors_kept=sum(self.earlier_errors.values()),
             bytes=self.bytes_written,

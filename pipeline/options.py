@@ -17,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 from pipeline.audio import FORMATS
 from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CLIP_FORMATS
-from pipeline.export import parse_exports
+from pipeline.export import NO_TEXT, parse_exports
 from pipeline.layout import LHOTSE
 from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
 
@@ -269,6 +269,8 @@ def check_values(opts: ClipOptions) -> None:
     for bad, message in problems:
         if bad:
             raise LaunchError(message)
+    if parse_exports(opts.export) and not opts.with_transcripts:
+        raise LaunchError(f"--export needs --with_transcripts: without it {NO_TEXT}")
     if LHOTSE in parse_exports(opts.export) and opts.shards > 0:
         raise LaunchError("--export lhotse needs clip files: Lhotse does not read tar shards (--shards)")
 

@@ -58,6 +58,7 @@ class RunRecord:
     clips_skipped: int = 0  # already in the dataset and current: no call made
     clips_removed: int = 0  # files or shards no row of the dataset lists any more (--skip_existing)
     clips_kept: int = 0  # earlier rows that --append left in the tables (this manifest did not name them)
+    clips_untranscribed: int = 0  # --with_transcripts: clips whose object has none, left out of the exports
     errors_by_code: dict[str, int] = field(default_factory=dict)  # this run's rows
     errors_kept: int = 0  # earlier errors that --append left in the errors table (no row retried them)
     bytes: int = 0
@@ -107,6 +108,8 @@ class RunRecord:
         yield f"clips           {self.clips:>10,}   ({self.clips_written:,} written, {already})"
         if self.errors_kept:
             yield f"errors kept     {self.errors_kept:>10,}   (earlier errors no row of this run retried)"
+        if self.clips_untranscribed:
+            yield f"untranscribed   {self.clips_untranscribed:>10,}   (their object has no transcript: in no export)"
         if self.clips_removed:
             yield f"removed         {self.clips_removed:>10,}   (clip files or shards no row lists any more)"
         yield f"errors          {self.errors:>10,}"

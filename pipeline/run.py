@@ -235,6 +235,7 @@ def prepare(argv: list[str]) -> Launch:
     settings = fetch_settings(opts, manifest, store_settings)
     over, schemas = over_existing(opts, store, store_settings, existing, table_schemas(manifest, settings))
     mode = over.plan.mode if over else NEW
+    exports = exports_after(parse_exports(opts.export), existing, mode, opts.with_transcripts)
     host = settings.client.api_host or DEFAULT_API_HOST
     log.info("GetAudio at %s; concurrency: %s", host, stream_bound(options, opts.max_in_flight))
     preflight(settings, manifest)
@@ -250,7 +251,7 @@ def prepare(argv: list[str]) -> Launch:
         options=safe_options(options),
         clip_format=opts.clip_format,
         sharded=opts.shards > 0,
-        exports=exports_after(parse_exports(opts.export), existing, mode),
+        exports=exports,
         with_transcripts=opts.with_transcripts,
         edge_words=opts.edge_words,
         lease_run_id=run_id if opts.detach else None,  # the launcher will be gone: the job releases it

@@ -50,19 +50,24 @@ def test_export_of_a_copied_dataset_equals_the_runs_own(make_server, tmp_path) -
 
 
 def test_export_refuses_what_it_cannot_write(make_server, tmp_path) -> None:
-    sharded = build(make_server, tmp_path, "sharded", "--shards=2")
+    sharded = build(make_server, tmp_path, "sharded", "--shards=2", "--with_transcripts")
     done = export(sharded, "--formats=lhotse")
     assert done.returncode == 2 and "tar shards" in done.stderr
     done = export(sharded, "--formats=kaldi")
     assert done.returncode == 2 and done.stderr.startswith("error: --formats takes") and "kaldi" in done.stderr
     done = export(str(tmp_path / "nothing"))
     assert done.returncode == 2 and "no clips table" in done.stderr
+    plain = build(make_server, tmp_path, "plain")  # no transcripts: no text to pair with the audio
+    done = export(plain, "--formats=nemo")
+    assert done.returncode == 2 and "built without --with_transcripts" in done.stderr, done.stderr
+    assert not os.path.exists(os.path.join(plain, "nemo_manifest.jsonl"))
 
 
 def test_a_run_refuses_lhotse_with_shards_and_unknown_exports(tmp_path) -> None:
     for flags, message in [
-        (["--shards=2", "--export=lhotse"], "Lhotse does not read tar shards"),
+        (["--shards=2", "--with_transcripts", "--export=lhotse"], "Lhotse does not read tar shards"),
         (["--export=kaldi"], "--export takes"),
+        (["--export=nemo"], "--export needs --with_transcripts"),
     ]:
         done = run_pipeline("run", f"--manifest={tmp_path}/m.parquet", f"--output={tmp_path}/o", *flags)
         assert done.returncode == 2 and message in done.stderr, done.stderr
@@ -87,8 +92,10 @@ def test_export_of_a_dataset_in_a_bucket(make_server, tmp_path, request, kind) -
     record = json.loads(read_bytes(f"{output}/_RUN.json"))
     clips = [row for name in record["clips_table"] for row in read_table_file(f"{output}/{name}").to_pylist()]
     assert len(clips) == record["clips"] > 0
+    transcribed = [c for c in clips if c["transcript_text"] is not None]
+    assert len(transcribed) == len(clips) - 1  # the object without a transcript: in no supervised manifest
     lines = [json.loads(line) for line in read_bytes(f"{output}/nemo_manifest.jsonl").splitlines()]
-    assert sorted(line["audio_filepath"] for line in lines) == sorted(c["path"] for c in clips)
+    assert sorted(line["audio_filepath"] for line in lines) == sorted(c["path"] for c in transcribed)
     assert all(line["audio_filepath"].startswith("clips/") for line in lines)
     cuts = [json.loads(line) for line in gzip.decompress(read_bytes(f"{output}/lhotse/cuts.jsonl.gz")).splitlines()]
-    assert sorted(cut["id"] for cut in cuts) == sorted(c["clip_id"] for c in clips)
+    assert sorted(cut["id"] for cut in cuts) == sorted(c["clip_id"] for c in transcribed)

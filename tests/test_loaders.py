@@ -27,11 +27,11 @@ import soundfile as sf
 
 from tests.test_outputs import SCHEMA, run
 
-ROWS = [
-    {"clip_id": "mono-time", "object_id": "demo-mono", "start_ms": 1000, "duration_ms": 2500},
+ROWS = [  # the trainer's columns: `language` on most rows, `speaker` on one
+    {"clip_id": "mono-time", "object_id": "demo-mono", "start_ms": 1000, "duration_ms": 2500, "language": "en"},
     {"clip_id": "mono-silence", "object_id": "demo-mono", "start_ms": 0, "duration_ms": 250},  # before any word
-    {"clip_id": "stereo-time", "object_id": "demo-stereo", "start_ms": 2222, "duration_ms": 1111},
-    {"clip_id": "three-tokens", "object_id": "demo-flac-3ch", "token_start": 0, "token_end": 3},
+    {"clip_id": "stereo-time", "object_id": "demo-stereo", "start_ms": 2222, "duration_ms": 1111, "language": "de"},
+    {"clip_id": "three-tokens", "object_id": "demo-flac-3ch", "token_start": 0, "token_end": 3, "speaker": "ann"},
     {"clip_id": "untranscribed", "object_id": "demo-44k-notokens", "start_ms": 500, "duration_ms": 1000},
     {"clip_id": None, "object_id": "demo-stereo", "start_ms": 0, "duration_ms": 700},
     {"clip_id": "missing", "object_id": "no-such-object", "start_ms": 0, "duration_ms": 700},
@@ -41,7 +41,8 @@ ROWS = [
 def build(make_server, tmp_path, name: str, *flags: str) -> str:
     """A dataset built with `flags`, copied to `{name}-copy` with the original deleted: the copy's path."""
     manifest = tmp_path / f"{name}.parquet"
-    pq.write_table(pa.Table.from_pylist(ROWS, SCHEMA), manifest)
+    schema = SCHEMA.append(pa.field("language", pa.string())).append(pa.field("speaker", pa.string()))
+    pq.write_table(pa.Table.from_pylist(ROWS, schema), manifest)
     original = tmp_path / name
     run(make_server(), manifest, original, "--max_error_ratio=0.5", *flags)
     copy = tmp_path / f"{name}-copy"
@@ -135,13 +136,16 @@ def test_nemo_manifest_resolves_against_its_folder(files_dataset) -> None:
     manifest = os.path.join(files_dataset, "nemo_manifest.jsonl")
     with open(manifest, encoding="utf-8") as f:
         lines = [json.loads(line) for line in f]
-    assert len(lines) == len(rows)
+    transcribed = {path for path, row in rows.items() if row["transcript_text"] is not None}
+    assert {line["audio_filepath"] for line in lines} == transcribed and len(lines) == len(rows) - 1
     for line in lines:
         row = rows[line["audio_filepath"]]
         info = sf.info(os.path.join(os.path.dirname(manifest), line["audio_filepath"]))
         assert line["duration"] == info.frames / info.samplerate == row["clip_duration_ms"] / 1000
-        assert line.get("text") == row["transcript_text"]
-        assert ("text" in line) == (row["transcript_text"] is not None)
+        assert line["text"] == row["transcript_text"]
+        assert line.get("lang") == row["language"]
+    with open(os.path.join(files_dataset, "README.md"), encoding="utf-8") as f:
+        assert "- Without a transcript: 1 clips" in f.read()
 
 
 def read_jsonl_gz(path: str) -> list[dict]:
@@ -155,8 +159,9 @@ def test_lhotse_manifests_follow_its_schema_and_validation_rules(files_dataset) 
     supervisions = {s["id"]: s for s in read_jsonl_gz(os.path.join(folder, "supervisions.jsonl.gz"))}
     cuts = read_jsonl_gz(os.path.join(folder, "cuts.jsonl.gz"))
     rows = {r["clip_id"]: r for r in table(files_dataset)}
-    assert set(recordings) == set(rows) == {c["id"] for c in cuts}
-    assert set(supervisions) == {k for k, r in rows.items() if r["transcript_text"] is not None}
+    transcribed = {k for k, r in rows.items() if r["transcript_text"] is not None}
+    assert set(recordings) == set(rows) and transcribed == set(supervisions) == {c["id"] for c in cuts}
+    assert len(transcribed) == len(rows) - 1
     for rid, rec in recordings.items():
         assert set(rec) == {"id", "sources", "sampling_rate", "num_samples", "duration", "channel_ids"}
         (source,) = rec["sources"]
@@ -171,15 +176,16 @@ def test_lhotse_manifests_follow_its_schema_and_validation_rules(files_dataset) 
         channels = sup["channel"] if isinstance(sup["channel"], list) else [sup["channel"]]
         assert set(channels) <= set(rec["channel_ids"])
         assert sup["text"] == rows[sup["id"]]["transcript_text"]
-    assert supervisions["three-tokens"]["speaker"] == "1"  # every token of the 3-channel object: speaker 1
-    assert "speaker" not in supervisions["mono-time"]
+        assert sup.get("language") == rows[sup["id"]]["language"]
+    assert supervisions["three-tokens"]["speaker"] == "ann"  # the manifest's column
+    assert supervisions["stereo-time"].get("speaker") is None  # no column, and the tokens name two speakers
     for cut in cuts:
         rec = recordings[cut["id"]]
         assert cut["recording"] == rec and cut["start"] == 0 and cut["duration"] == rec["duration"]
         multi = len(rec["channel_ids"]) > 1
         assert cut["type"] == ("MultiCut" if multi else "MonoCut")
         assert cut["channel"] == (rec["channel_ids"] if multi else 0)
-        assert cut["supervisions"] == ([supervisions[cut["id"]]] if cut["id"] in supervisions else [])
+        assert cut["supervisions"] == [supervisions[cut["id"]]]
     assert {c["type"] for c in cuts} == {"MonoCut", "MultiCut"}
 
 
@@ -219,7 +225,8 @@ def test_nemo_tarred_manifest_names_each_member_and_its_shard(shards_dataset) ->
     rows = {r["member"]: r for r in table(shards_dataset)}
     with open(os.path.join(shards_dataset, "nemo_manifest.jsonl"), encoding="utf-8") as f:
         lines = [json.loads(line) for line in f]
-    assert len(lines) == len(rows)
+    transcribed = {member for member, row in rows.items() if row["transcript_text"] is not None}
+    assert {line["audio_filepath"] for line in lines} == transcribed
     for line in lines:
         row = rows[line["audio_filepath"]]
         assert row["path"] == f"shards/shard-{line['shard_id']:05d}.tar"

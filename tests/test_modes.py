@@ -347,7 +347,8 @@ def test_record_names_are_relative_and_survive_a_copy(server: LocalServer, tmp_p
     out = tmp_path / "out"
     rows = [*time_rows(8), {"clip_id": "gone", "object_id": "no-such-object", "start_ms": 0, "duration_ms": 300}]
     manifest = write_local_manifest(tmp_path / "m.parquet", rows)
-    expect_exit(run_build(server, manifest, str(out), "--max_error_ratio=0.5", "--export=nemo"), 0)
+    flags = ("--max_error_ratio=0.5", "--with_transcripts", "--export=nemo")
+    expect_exit(run_build(server, manifest, str(out), *flags), 0)
     record = run_record(out)
     assert record.mode == "new"
     assert record.clips_table and record.errors_table and record.exports
@@ -523,7 +524,8 @@ def test_exports_are_listed_kept_current_and_replaced(server: LocalServer, tmp_p
     writes them again for the new tables (no --export needed); --overwrite without --export removes them."""
     out = tmp_path / "out"
     first, second = time_rows(6), time_rows(4, first=3)
-    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", first), str(out)), 0)
+    transcripts = "--with_transcripts"
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", first), str(out), transcripts), 0)
     assert "nemo_manifest.jsonl" not in (out / "README.md").read_text()
 
     done = run_pipeline("export", str(out), "--formats=nemo")
@@ -535,7 +537,10 @@ def test_exports_are_listed_kept_current_and_replaced(server: LocalServer, tmp_p
     assert nemo_paths(out) == wav_names_in_clips(ids(first))
 
     manifest = write_local_manifest(tmp_path / "b.parquet", second)
-    expect_exit(run_build(server, manifest, str(out), "--skip_existing"), 0)
+    done = run_build(server, manifest, str(out), "--skip_existing")
+    expect_exit(done, 2)  # the manifest it keeps current would hold no text
+    assert "the dataset has nemo manifests" in done.stderr and "--with_transcripts" in done.stderr, done.stderr
+    expect_exit(run_build(server, manifest, str(out), "--skip_existing", transcripts), 0)
     assert nemo_paths(out) == wav_names_in_clips(ids(second)), "the rerun refreshed the NeMo manifest"
     assert run_record(out).exports == ["nemo_manifest.jsonl"]
 
