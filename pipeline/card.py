@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.clips import KEEP, MIX
 from pipeline.layout import (
     CARD_NAME,
     CLIPS_DIR,
@@ -111,6 +112,7 @@ def layout_of(record: RunRecord) -> Layout:
         bool(options.get("with_transcripts")),
         options.get("edge_words") or MOSTLY_INSIDE,
         exports,
+        options.get("channels") or KEEP,
     )
 
 
@@ -137,6 +139,7 @@ class Layout:
     with_transcripts: bool = False
     edge_words: str = MOSTLY_INSIDE
     exports: tuple[str, ...] = ()
+    channels: str = KEEP
 
 
 # What a clip file is, for the card (every clip is 16 kHz, 16-bit, with the channels the service served).
@@ -179,11 +182,13 @@ def card_text(
 def _header(output: str, layout: Layout) -> str:
     name = root_of(output).rsplit("/", 1)[-1] or output
     stored = " in WebDataset tar shards" if layout.sharded else ""
+    mixed = " Every clip is mono: a multi-channel object's channels are averaged into one (`--channels mix`)."
     return (
         f"# Audio clips: {name}\n\n"
         f"Audio clips ({FORMATS[layout.clip_format]}){stored} cut from Soniox Storage API audio, with Parquet "
         "tables describing every clip and every manifest row that gave none. Every path in the dataset is "
         "relative to its root (this card's folder), so a copy or an upload loads unchanged."
+        + (mixed if layout.channels == MIX else "")
     )
 
 

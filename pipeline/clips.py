@@ -15,6 +15,7 @@ on a local disk in the header (a LIST/INFO comment, or FLAC's comment), read fro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +30,8 @@ from pipeline.audio import BYTES_PER_SAMPLE, SAMPLE_RATE, SAMPLES_PER_MS, parse_
 from pipeline.messages import StreamInfo
 from pipeline.storage import Store, StoredObject
 
+KEEP, MIX = "keep", "mix"
+CHANNELS = (KEEP, MIX)  # --channels: a clip keeps the object's channels, or holds their mix in one
 SPILL_BYTES = 1 << 20  # audio held in memory per clip before it goes to a scratch file
 _READ_BLOCK = 1 << 20
 _MIME = {"wav": "audio/wav", "flac": "audio/flac"}
@@ -221,6 +224,33 @@ def _encoder_errors(path: str) -> Iterator[None]:
         yield
     except sf.SoundFileRuntimeError as e:
         raise OSError(f"clip {path}: libsndfile: {e}") from e
+
+
+class MixToMono:
+    """An AudioSink that hands `sink` each frame's channels averaged into one (`--channels mix`): a mono clip of
+    multi-channel audio, which a mono model trains on with its one transcript and no loader setting. The mean
+    is rounded to the nearest integer (halves to even), so mono audio passes unchanged."""
+
+    def __init__(self, sink: _ClipFile):
+        self.sink = sink
+        self.channels = 1
+
+    def begin(self, info: StreamInfo) -> None:
+        self.channels = info.channels
+        self.sink.begin(dataclasses.replace(info, channels=1))
+
+    def write(self, pcm: bytes) -> None:
+        if self.channels == 1:
+            self.sink.write(pcm)
+            return
+        frames = np.frombuffer(pcm, "<i2").reshape(-1, self.channels)
+        self.sink.write(np.rint(frames.mean(axis=1)).astype("<i2").tobytes())
+
+
+def fingerprint_of(request_fingerprint: str, channels: str) -> str:
+    """What a clip was made for: the request, and a mix of its channels (so a rerun that changes --channels
+    sees the other kind of clip as stale)."""
+    return request_fingerprint if channels == KEEP else f"{request_fingerprint}/{channels}"
 
 
 WRITERS: dict[str, type[_ClipFile]] = {"wav": WavClip, "flac": FlacClip}  # one writer per clip format

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.cli import LaunchError
+from pipeline.clips import KEEP
 from pipeline.export import NO_TEXT
 from pipeline.layout import CLIPS_DIR, EXPORTS, SHARDS_DIR, TABLES, export_names, path_of, table_prefix
 from pipeline.record import RunRecord, read_record
@@ -63,6 +64,8 @@ def choose_mode(opts, existing: Existing, output: str) -> str:
     mode = given[0]
     if mode == APPEND:
         _check_same_layout(opts, existing, output)
+    if mode in (SKIP_EXISTING, APPEND):
+        _check_same_channels(opts, existing, output)
     return mode
 
 
@@ -77,6 +80,16 @@ def _check_same_layout(opts, existing: Existing, output: str) -> None:
         raise LaunchError(
             f"--output {output} was built with --clip_format {was[0]} --shards {was[1]}; --append adds clips the same "
             f"way (this run: --clip_format {now[0]} --shards {now[1]}): use those, or --skip_existing or --overwrite"
+        )
+
+
+def _check_same_channels(opts, existing: Existing, output: str) -> None:
+    """A kept clip must be what this run would write: another --channels changes every multi-channel clip."""
+    was = (existing.record.options.get("channels") if existing.record else None) or KEEP
+    if was != opts.channels:
+        raise LaunchError(
+            f"--output {output} was built with --channels {was}; this run's --channels {opts.channels} would change "
+            "its clips: use --overwrite to rebuild it that way"
         )
 
 

@@ -31,7 +31,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
 from pipeline.client import CallHooks
-from pipeline.clips import FinishedClip, WrittenClip, clip_file, existing_clip
+from pipeline.clips import MIX, FinishedClip, MixToMono, WrittenClip, clip_file, existing_clip, fingerprint_of
 from pipeline.elements import EARLIER, WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest, ShardCopy
 from pipeline.layout import clip_path, name_of
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
@@ -187,17 +187,19 @@ class _Fetch(_Step):
         started = time.monotonic()
         s = self.settings
         path = clip_path(s.output, request.clip_id, s.clip_format)
+        fingerprint = fingerprint_of(request.fingerprint, s.channels)
         if request.listed:  # a file no table row describes (a stopped run's): one look at it may spare the fetch
             try:
-                existing = existing_clip(self.store, path, request.fingerprint, s.clip_format)
+                existing = existing_clip(self.store, path, fingerprint, s.clip_format)
             except OSError as e:  # the check failed (StorageError among them): fetch the clip again
                 log.warning("cannot check %s (%s); fetching it", path, e)
                 existing = None
             if existing is not None:
                 return _Done(_record(request, existing, attempts=0, stats=CallStats(), settings=s))
-        sink = clip_file(self.store, path, request.fingerprint, s.clip_format)
+        sink = clip_file(self.store, path, fingerprint, s.clip_format)
+        fed = MixToMono(sink) if s.channels == MIX else sink
         try:
-            result = self.client.get_audio(request.object_id, request.segment, sink, s.audio_format)
+            result = self.client.get_audio(request.object_id, request.segment, fed, s.audio_format)
             finished = None
             if publish:
                 written = sink.publish()

@@ -20,6 +20,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from pipeline.card import ClipStats, Layout, write_card
+from pipeline.clips import KEEP
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.export import export_dataset
 from pipeline.layout import export_names, name_of, path_of, tmp_path
@@ -154,6 +155,7 @@ class RunInfo:
     manifest: tuple[str, ...]
     options: dict[str, Any]
     clip_format: str = "wav"
+    channels: str = KEEP
     sharded: bool = False
     exports: tuple[str, ...] = ()  # --export: the manifests to write from the clips table
     with_transcripts: bool = False
@@ -190,7 +192,9 @@ class WriteRunFiles(beam.DoFn):
         clip_stats = ClipStats(record.clips, objects, stats.clip_bytes, dict(stats.channels), dict(stats.durations_ms))
         every_error = stats.errors_by_code + stats.earlier_errors
         errors = dict(sorted(every_error.items(), key=lambda kv: (-kv[1], kv[0])))
-        layout = Layout(info.clip_format, info.sharded, info.with_transcripts, info.edge_words, info.exports)
+        layout = Layout(
+            info.clip_format, info.sharded, info.with_transcripts, info.edge_words, info.exports, info.channels
+        )
         write_card(store, info.output, record, clip_stats, errors, layout)
         if info.exports:
             export_dataset(store, info.output, info.exports, files["clips"])

@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 
 from pipeline.audio import FORMATS
 from pipeline.cli import LaunchError, Parser
-from pipeline.clips import CLIP_FORMATS
+from pipeline.clips import CHANNELS, CLIP_FORMATS, KEEP
 from pipeline.export import NO_TEXT, parse_exports
 from pipeline.layout import LHOTSE
 from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
@@ -71,6 +71,13 @@ class ClipOptions(PipelineOptions):
             choices=CLIP_FORMATS,
             default="wav",
             help="clip files: wav (16-bit PCM) or flac (lossless, about half the size)",
+        )
+        g.add_argument(
+            "--channels",
+            choices=CHANNELS,
+            default=KEEP,
+            help="keep: a clip has the object's channels; mix: each clip is mono, the mean of the object's channels "
+            "(for a mono model: no loader setting, and one transcript per piece of audio)",
         )
         g.add_argument("--max_in_flight", type=int, default=64, help="concurrent GetAudio streams per worker process")
         g.add_argument(

@@ -250,6 +250,7 @@ def prepare(argv: list[str]) -> Launch:
         manifest=manifest.files,
         options=safe_options(options),
         clip_format=opts.clip_format,
+        channels=opts.channels,
         sharded=opts.shards > 0,
         exports=exports,
         with_transcripts=opts.with_transcripts,

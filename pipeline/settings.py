@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pipeline.api_key import read_api_key
 from pipeline.client import GetAudioClient, RetryPolicy
+from pipeline.clips import KEEP
 from pipeline.storage import StoreSettings
 from pipeline.transcripts import MOSTLY_INSIDE
 
@@ -42,6 +43,7 @@ class FetchSettings:
     max_in_flight: int
     with_transcripts: bool = False
     clip_format: str = "wav"
+    channels: str = KEEP
     shards: int = 0
     rate_limit_service: str | None = None  # host:port of an Envoy rate limit service
     rate_limit_domain: str = "soniox-clips"
