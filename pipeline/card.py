@@ -21,12 +21,12 @@ from pipeline.layout import (
     EXPORTS,
     HISTOGRAM_NAME,
     LHOTSE,
-    LHOTSE_DIR,
     NEMO,
     NEMO_MANIFEST,
     RECORD_NAME,
     SHARDS_DIR,
     export_names,
+    lhotse_name,
     name_of,
     path_of,
     root_of,
@@ -269,7 +269,7 @@ def _relative(output: str, path: str) -> str:
 def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) -> str:
     fmt = layout.clip_format
     clips = (
-        (f"{SHARDS_DIR}/shard-NNNNN.tar", f"tar shards: {{key}}.{fmt} and {{key}}.json per clip (key: clip_id, . as ~)")
+        (f"{SHARDS_DIR}/audio_NNNNN.tar", f"tar shards: {{key}}.{fmt} and {{key}}.json per clip (key: clip_id, . as ~)")
         if layout.sharded
         else (f"{CLIPS_DIR}/{{clip_id}}.{fmt}", f"one clip per file: {FORMATS[fmt]}")
     )
@@ -284,7 +284,9 @@ def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) ->
     if NEMO in layout.exports:
         entries.append((NEMO_MANIFEST, "NeMo manifest: audio_filepath (relative to this folder), duration, text"))
     if LHOTSE in layout.exports:
-        entries.append((f"{LHOTSE_DIR}/*.jsonl.gz", "Lhotse recordings, supervisions and cuts"))
+        entries.append(
+            ("lhotse_*.jsonl.gz", "Lhotse recordings, supervisions and cuts (sources relative to this folder)")
+        )
     width = max(len(name) for name, _ in entries) + 2
     lines = ["./", *(f"  {name:<{width}}{what}" for name, what in entries)]  # relative: the card moves with it
     return "## Files\n\n```text\n" + "\n".join(lines) + "\n```"
@@ -413,23 +415,27 @@ def _hf_load(output: str) -> tuple[str, list[str], str, str]:
 
 
 def _manifests(layout: Layout) -> list[str]:
+    """The settings each trainer's loader needs, and no more (a clip without a transcript is in no manifest)."""
+    cuts = lhotse_name("cuts")
+    mono = layout.channels == MIX
     lines = []
     if NEMO in layout.exports:
-        lines += [
-            "",
-            f"NeMo: `manifest_filepath: {{root}}/{NEMO_MANIFEST}` (its paths are relative to its folder; "
-            + (
-                "the tarred form: also `tarred_audio_filepaths: {root}/shards/shard-{00000..NNNNN}.tar`; "
-                if layout.sharded
-                else ""
+        shards = "{root}/shards/audio_{00000..NNNNN}.tar"  # NNNNN: the last shard's number
+        lines += ["", f"NeMo: `manifest_filepath: {{root}}/{NEMO_MANIFEST}` (paths relative to its folder)"]
+        if layout.sharded:
+            lines[-1] += (
+                f"; tarred: `is_tarred: true`, `tarred_audio_filepaths: {shards}`; with `use_lhotse: true` also "
+                "`skip_missing_manifest_entries: true` (each shard's `.json` members are not audio)"
             )
-            + "set `channel_selector` when clips have several channels).",
-        ]
+        lines[-1] += (
+            ". Every clip is mono."
+            if mono
+            else ". Clips with several channels: `channel_selector: average` in the "
+            "classic dataset; NeMo's tarred and Lhotse-based loaders have no average: build with `--channels mix`."
+        )
     if LHOTSE in layout.exports:
-        lines += [
-            "",
-            f'Lhotse: `CutSet.from_file(f"{{root}}/{LHOTSE_DIR}/cuts.jsonl.gz").with_recording_path_prefix(root)`.',
-        ]
+        lines += ["", f'Lhotse: `CutSet.from_file(f"{{root}}/{cuts}").with_recording_path_prefix(root)`']
+        lines[-1] += f"; NeMo's Lhotse-based loader: `use_lhotse: true`, `cuts_path: {{root}}/{cuts}`."
     return lines
 
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 from pipeline.cli import LaunchError
 from pipeline.clips import KEEP
 from pipeline.export import NO_TEXT
-from pipeline.layout import CLIPS_DIR, EXPORTS, SHARDS_DIR, TABLES, export_names, path_of, table_prefix
+from pipeline.layout import CLIPS_DIR, EXPORTS, SHARDS_DIR, TABLES, export_names, export_of, path_of, table_prefix
 from pipeline.record import RunRecord, read_record
 from pipeline.storage import Store
 from pipeline.table_files import table_schema_of
@@ -97,7 +97,7 @@ def exports_after(asked: tuple[str, ...], existing: Existing, mode: str, with_tr
     """The exports a run writes: those asked for, and those the dataset has (kept current), unless replaced.
     Kept exports need the transcripts as asked ones do (options.check_values): a LaunchError without them."""
     had = existing.record.exports if existing.record and mode in (SKIP_EXISTING, APPEND) else []
-    found = [f for f in EXPORTS if set(export_names((f,))) & set(had)]
+    found = [f for f in EXPORTS if f in {export_of(name) for name in had}]
     if found and not with_transcripts:
         raise LaunchError(
             f"the dataset has {' and '.join(found)} manifests, which a run over it keeps current: add "
@@ -106,11 +106,12 @@ def exports_after(asked: tuple[str, ...], existing: Existing, mode: str, with_tr
     return tuple(dict.fromkeys([*asked, *found]))
 
 
-def stale_exports(existing: Existing, mode: str, asked: tuple[str, ...]) -> tuple[str, ...]:
-    """--overwrite: the replaced dataset's manifests that this run does not write, removed at its end."""
-    if mode != OVERWRITE or existing.record is None:
+def stale_exports(existing: Existing, exports: tuple[str, ...]) -> tuple[str, ...]:
+    """The dataset's manifests that this run does not write (`exports`), removed at its end: --overwrite's of
+    formats not asked for again, and those an earlier version wrote under other names (`lhotse/`)."""
+    if existing.record is None:
         return ()
-    return tuple(name for name in existing.record.exports if name not in export_names(asked))
+    return tuple(name for name in existing.record.exports if name not in export_names(exports))
 
 
 def table_schema(store: Store, files: tuple[str, ...], schema: pa.Schema, output: str) -> pa.Schema:

@@ -3,23 +3,22 @@ supervisions and cuts.
 
 Written by a run with `--export lhotse,nemo` (its last step, after the tables) or by `python -m pipeline
 export DATASET`, which works on any dataset this pipeline built, copied or not: it reads only the clips table.
-Every path in them is the table's `path`, relative to the dataset's root:
+Every path in them is the table's `path`, relative to the dataset's root, and they sit at the root, because
+NeMo resolves a relative path against its manifest's folder (`manifest_filepath`, and `cuts_path` too):
 
-- `nemo_manifest.jsonl` sits at the root because NeMo resolves a relative `audio_filepath` against its
-  manifest's folder. One line per transcribed clip: `audio_filepath`, `duration` (s), `text`, and `lang`
-  from the manifest's `language` column. A multi-channel clip is one line with all its channels (the
-  service gives one transcript per clip): set the dataset's `channel_selector` (e.g. `average`) to train a
-  mono model on it. For tar shards
-  the lines are NeMo's tarred form: `audio_filepath` is the member, `shard_id` the shard's number.
-- `lhotse/{recordings,supervisions,cuts}.jsonl.gz`: one recording per clip (every channel: a multi-channel
+- `nemo_manifest.jsonl`: one line per transcribed clip: `audio_filepath`, `duration` (s), `text`, and `lang`
+  from the manifest's `language` column. A multi-channel clip is one line with all its channels (the service
+  gives one transcript per clip): NeMo's classic dataset averages them with `channel_selector: average`; its
+  tarred and Lhotse-based loaders cannot, so for them the dataset is built with `--channels mix`. For tar
+  shards the lines are NeMo's tarred form: `audio_filepath` is the member, `shard_id` the shard's number.
+- `lhotse_{recordings,supervisions,cuts}.jsonl.gz`: one recording per clip (every channel: a multi-channel
   clip is a multi-channel recording and a MultiCut), and for each transcribed clip a supervision over the
   whole clip (text, `language` from the manifest's column, `speaker` from its column or else the tokens' one
-  speaker, every channel) and a cut.
+  speaker, every channel) and a cut. Load with `CutSet.from_file(...).with_recording_path_prefix(root)`.
+  Lhotse reads files, not tar members, so a sharded dataset has no Lhotse manifests.
 
 Both are supervised manifests: a clip whose object has no transcript (`transcript_text` null) is in neither
 (a training target of '' would teach the model that the clip is silent); a clip of silence ('') is.
-  Sources are relative to the root: load with `CutSet.from_file(...).with_recording_path_prefix(root)`.
-  Lhotse reads files, not tar members, so a sharded dataset has no Lhotse manifests.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from pipeline.audio import SAMPLE_RATE
 from pipeline.client import CallHooks
 from pipeline.clips import MIX, FinishedClip, MixToMono, WrittenClip, clip_file, existing_clip, fingerprint_of
 from pipeline.elements import EARLIER, WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest, ShardCopy
-from pipeline.layout import clip_path, name_of
+from pipeline.layout import clip_path, name_of, path_of
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import ShardWriter, read_members
@@ -284,7 +284,7 @@ class FetchShard(_Fetch):
         requests = [*groups["fetch"], *refetch]
         if not requests and not any(c.rebuild for c in copies):  # verified, and nothing else changes
             writer.discard()
-            yield from self._emit(kept)
+            yield from self._emit([(copy, copy.record) for copy, _ in kept])
             return
         done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
         pending, results = 0, []
@@ -307,36 +307,51 @@ class FetchShard(_Fetch):
         if writer.failure is not None:  # the shard could not be written: none of its new clips was
             writer.discard()
             results = [_shard_failed(out, writer.failure) for out in results]
+        elif kept and kept[0][0].record.path != writer.name:  # published under its name: the earlier name goes
+            self._remove_earlier(path_of(self.settings.output, kept[0][0].record.path))
         for out in results:
             self._count(out)
             yield out
-        yield from self._emit(kept)  # published or not, the copied clips are in the shard at their path
+        published = writer.failure is None  # or the copied clips stay in the shard as it was, at their path
+        yield from self._emit([(copy, placed if published else copy.record) for copy, placed in kept])
 
-    def _copy(self, writer: ShardWriter, copies: list[ShardCopy]) -> tuple[list[ShardCopy], list[ClipRequest]]:
-        """Copy the kept clips from the shard's earlier version into the new one; those missing from it (or,
-        verified, differing) are to be fetched again."""
+    def _copy(
+        self, writer: ShardWriter, copies: list[ShardCopy]
+    ) -> tuple[list[tuple[ShardCopy, ClipRecord]], list[ClipRequest]]:
+        """Copy the kept clips from the shard's earlier version into the new one (each with its row there);
+        those missing from it (or, verified, differing) are to be fetched again."""
         if not copies:
             return [], []
         wanted = {c.record.member: c for c in copies}
+        earlier = path_of(self.settings.output, copies[0].record.path)  # the shard's, under an earlier name maybe
         kept = []
         try:
-            for member, data in read_members(self.store, writer.path, set(wanted)):
+            for member, data in read_members(self.store, earlier, set(wanted)):
                 copy = wanted[member]
                 if copy.verify and hashlib.sha256(data).hexdigest() != copy.record.sha256:
                     continue
-                writer.add(copy.record, FinishedClip(data, None, len(data), copy.record.sha256))
-                kept.append(wanted.pop(member))
+                placed = writer.add(copy.record, FinishedClip(data, None, len(data), copy.record.sha256))
+                kept.append((wanted.pop(member), placed))
         except (OSError, tarfile.TarError) as e:  # what was not copied yet is fetched again
-            log.warning("shard %s cannot be read (%s); fetching its clips again", writer.path, e)
+            log.warning("shard %s cannot be read (%s); fetching its clips again", earlier, e)
         return kept, [c.request for c in wanted.values() if c.request is not None]
 
-    def _emit(self, kept: list[ShardCopy]) -> Iterator[Any]:
-        for copy in kept:
+    def _emit(self, kept: list[tuple[ShardCopy, ClipRecord]]) -> Iterator[Any]:
+        """The copied clips' rows (--append's earlier ones on EARLIER)."""
+        for copy, record in kept:
             if copy.earlier:
-                yield beam.pvalue.TaggedOutput(EARLIER, copy.record)
+                yield beam.pvalue.TaggedOutput(EARLIER, record)
             else:
-                self._count(copy.record)
-                yield copy.record
+                self._count(record)
+                yield record
+
+    def _remove_earlier(self, path: str) -> None:
+        """The shard's file under an earlier version's name, once its clips are published under the new one;
+        one that cannot be removed is left (a next rerun removes it) and said."""
+        try:
+            self.store.delete([path])
+        except OSError as e:
+            log.warning("cannot remove %s, the shard's earlier name (%s); a rerun removes it", path, e)
 
     @staticmethod
     def _add(writer: ShardWriter, done: _Done) -> ClipRecord | ClipError:

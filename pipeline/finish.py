@@ -162,7 +162,7 @@ class RunInfo:
     edge_words: str = MOSTLY_INSIDE
     lease_run_id: str | None = None  # a detached run's: its launcher is gone, so this step releases the lease
     mode: str = "new"  # the way over the output (pipeline/existing.py)
-    stale_exports: tuple[str, ...] = ()  # --overwrite: the replaced dataset's manifests that this run does not write
+    stale_exports: tuple[str, ...] = ()  # the dataset's manifests that this run does not write (existing.py)
 
 
 class WriteRunFiles(beam.DoFn):

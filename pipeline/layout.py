@@ -5,11 +5,12 @@ and the exports hold names, never full paths, so a copied or uploaded dataset st
 root (`--output`: a folder, gs://bucket/prefix or s3://bucket/prefix) joined with a name.
 
     {root}/clips/{clip_id}.wav | .flac       one clip per file (the `files` layout)
-    {root}/shards/shard-NNNNN.tar            or WebDataset tar shards (`--shards N`)
+    {root}/shards/audio_NNNNN.tar            or WebDataset tar shards (`--shards N`), named as NeMo's loaders ask
     {root}/metadata/clips-{hash}.parquet     the clips table, one file per bundle
     {root}/metadata/errors-{hash}.parquet    the errors table
     {root}/README.md, duration_histogram.png the dataset card
-    {root}/nemo_manifest.jsonl, lhotse/      exports (`--export`)
+    {root}/nemo_manifest.jsonl               exports (`--export`), at the root: NeMo resolves a relative path
+    {root}/lhotse_{cuts,...}.jsonl.gz        against its manifest's folder
     {root}/_RUN.json                         the run record, written last
     {root}/_LEASE.json                       the run holding the output (pipeline/lease.py)
     {root}/_tmp/                             a local run's scratch files
@@ -26,14 +27,13 @@ TABLES = ("clips", "errors")
 CARD_NAME = "README.md"
 HISTOGRAM_NAME = "duration_histogram.png"
 NEMO_MANIFEST = "nemo_manifest.jsonl"
-LHOTSE_DIR = "lhotse"
 LHOTSE_FILES = ("recordings", "supervisions", "cuts")
 LHOTSE, NEMO = "lhotse", "nemo"  # the exports' names (--export)
 EXPORTS = (LHOTSE, NEMO)
 RECORD_NAME = "_RUN.json"
 LEASE_NAME = "_LEASE.json"
 TMP_DIR = "_tmp"  # local disk only: readers ignore names starting with "_"
-_SHARD = re.compile(r"shard-(\d+)\.tar$")
+_SHARD = re.compile(r"(?:audio_|shard-)(\d+)\.tar$")  # shard-NNNNN.tar: an earlier version's name, renamed on a rerun
 
 
 def root_of(output: str) -> str:
@@ -58,7 +58,8 @@ def clip_name(clip_id: str, clip_format: str = "wav") -> str:
 
 
 def shard_name(shard: int) -> str:
-    return f"{SHARDS_DIR}/shard-{shard:05d}.tar"
+    """NeMo's Lhotse-based loader takes a shard's number from its name by `audio[^/]*_(\\d+)[^/]*\\.tar`."""
+    return f"{SHARDS_DIR}/audio_{shard:05d}.tar"
 
 
 def shard_index(name: str) -> int:
@@ -75,13 +76,23 @@ def table_prefix(output: str, table: str) -> str:
 
 
 def lhotse_name(part: str) -> str:
-    return f"{LHOTSE_DIR}/{part}.jsonl.gz"
+    """At the root, as the NeMo manifest is: NeMo's `cuts_path` resolves the sources against the cuts' folder."""
+    return f"lhotse_{part}.jsonl.gz"
 
 
 def export_names(formats: tuple[str, ...]) -> list[str]:
     """The files an export writes, by format name ("nemo", "lhotse")."""
     names = {NEMO: [NEMO_MANIFEST], LHOTSE: [lhotse_name(part) for part in LHOTSE_FILES]}
     return [name for f in formats for name in names[f]]
+
+
+def export_of(name: str) -> str | None:
+    """The format of an export file a record lists, this version's names or an earlier one's (`lhotse/*`)."""
+    if name == NEMO_MANIFEST:
+        return NEMO
+    if name in export_names((LHOTSE,)) or name.startswith("lhotse/"):
+        return LHOTSE
+    return None
 
 
 def clip_path(output: str, clip_id: str, clip_format: str = "wav") -> str:

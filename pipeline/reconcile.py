@@ -216,26 +216,23 @@ class ReconcileShards(beam.DoFn):
         if not isinstance(key, int):  # a file in shards/ that is no shard, or errors without a clip_id
             yield from unclaimed(plan, errors, sizes)
             return
-        name = shard_name(key)
-        present = name in sizes
-        earlier = {r["clip_id"]: r for r in rows if r.get("path") == name} if present and plan.mode != OVERWRITE else {}
+        name, found = _shard_file(key, sizes)
+        yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, n)) for n in sizes if n not in (name, found))
+        present = found is not None
+        kept_rows = rows if present and plan.mode != OVERWRITE else []
+        earlier = {r["clip_id"]: r for r in kept_rows if r.get("path") == found}
         wanted = {r.clip_id for r in requests}
-        fetch: list[ClipRequest] = []
-        copies: list[tuple[ClipRecord, ClipRequest | None, bool]] = []
-        for request in requests:
-            row = earlier.get(request.clip_id)
-            if row is not None and same_request(row, request):
-                copies.append((record_of(row, request.columns), request, False))
-            else:
-                fetch.append(request)
+        fetch, copies = _fetch_or_copy(requests, earlier)
         extra = [row for clip_id, row in earlier.items() if clip_id not in wanted]
         if plan.mode == APPEND:
             yield from self._carried(extra, rows, errors, wanted, present, copies, fetch)
-        changed = bool(fetch) or (plan.mode != APPEND and bool(extra))
+        changed = bool(fetch) or (plan.mode != APPEND and bool(extra)) or found not in (None, name)
         if not fetch and not copies:
             if present and plan.mode != APPEND:
-                yield beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, name))
+                yield beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, found))
             return
+        if found != name and present and not copies:  # nothing to copy from the earlier name's file
+            yield beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, found))
         if not changed and not plan.verify:  # kept as it is: no byte of it read or written
             for record, _, carried in copies:
                 yield beam.pvalue.TaggedOutput(EARLIER if carried else KEPT, record)
@@ -262,6 +259,27 @@ class ReconcileShards(beam.DoFn):
             if error.get("clip_id") not in have | seen:
                 seen.add(error.get("clip_id"))
                 yield beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(error))
+
+
+def _fetch_or_copy(
+    requests: list[ClipRequest], earlier: dict[str, dict[str, Any]]
+) -> tuple[list[ClipRequest], list[tuple[ClipRecord, ClipRequest | None, bool]]]:
+    """A shard's requests: those to fetch, and those its earlier version holds for the same request (to copy)."""
+    fetch, copies = [], []
+    for request in requests:
+        row = earlier.get(request.clip_id)
+        if row is not None and same_request(row, request):
+            copies.append((record_of(row, request.columns), request, False))
+        else:
+            fetch.append(request)
+    return fetch, copies
+
+
+def _shard_file(key: int, sizes: dict[str, int]) -> tuple[str, str | None]:
+    """The shard's name, and the file of it that is there: under its name, or under an earlier version's
+    (`shard-NNNNN.tar`), which a rebuild copies from, publishes under the name and then removes (FetchShard)."""
+    name = shard_name(key)
+    return name, name if name in sizes else next(iter(sorted(sizes)), None)
 
 
 def _or_none(request: ClipRequest | ClipError) -> ClipRequest | None:

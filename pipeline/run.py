@@ -257,7 +257,7 @@ def prepare(argv: list[str]) -> Launch:
         edge_words=opts.edge_words,
         lease_run_id=run_id if opts.detach else None,  # the launcher will be gone: the job releases it
         mode=mode,
-        stale_exports=stale_exports(existing, mode, parse_exports(opts.export)),
+        stale_exports=stale_exports(existing, exports),
     )
     # Dataflow's own dry run builds the Dataflow job (no submission, no staging); no other runner has one.
     options.view_as(TestOptions).dry_run = dry_run and runner_name(options) == "DataflowRunner"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import uuid
 
 import pyarrow as pa
@@ -32,7 +31,7 @@ def manifests(root: str) -> dict[str, list[bytes]]:
     with open(os.path.join(root, "nemo_manifest.jsonl"), "rb") as f:
         found = {"nemo": sorted(f)}
     for name in ("recordings", "supervisions", "cuts"):
-        with gzip.open(os.path.join(root, "lhotse", f"{name}.jsonl.gz")) as f:
+        with gzip.open(os.path.join(root, f"lhotse_{name}.jsonl.gz")) as f:
             found[name] = sorted(f)
     return found
 
@@ -45,8 +44,10 @@ def test_export_of_a_copied_dataset_equals_the_runs_own(make_server, tmp_path) -
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.split()) == 4 and not os.path.exists(os.path.join(plain, "_tmp"))
     assert manifests(plain) == manifests(exported)
-    shutil.rmtree(os.path.join(plain, "lhotse"))
-    assert export(plain, "--formats=nemo").returncode == 0 and not os.path.exists(os.path.join(plain, "lhotse"))
+    lhotse = [os.path.join(plain, f"lhotse_{name}.jsonl.gz") for name in LHOTSE_FILES]
+    for path in lhotse:
+        os.remove(path)
+    assert export(plain, "--formats=nemo").returncode == 0 and not any(map(os.path.exists, lhotse))
 
 
 def test_export_refuses_what_it_cannot_write(make_server, tmp_path) -> None:
@@ -86,7 +87,7 @@ def test_export_of_a_dataset_in_a_bucket(make_server, tmp_path, request, kind) -
     done = run_pipeline("export", output, env=server.env)
     assert done.returncode == 0, done.stderr
     assert sorted(done.stdout.split()) == sorted(
-        [f"{output}/nemo_manifest.jsonl", *(f"{output}/lhotse/{name}.jsonl.gz" for name in LHOTSE_FILES)]
+        [f"{output}/nemo_manifest.jsonl", *(f"{output}/lhotse_{name}.jsonl.gz" for name in LHOTSE_FILES)]
     )
     FileSystems.set_options(PipelineOptions(server.flags))
     record = json.loads(read_bytes(f"{output}/_RUN.json"))
@@ -97,5 +98,5 @@ def test_export_of_a_dataset_in_a_bucket(make_server, tmp_path, request, kind) -
     lines = [json.loads(line) for line in read_bytes(f"{output}/nemo_manifest.jsonl").splitlines()]
     assert sorted(line["audio_filepath"] for line in lines) == sorted(c["path"] for c in transcribed)
     assert all(line["audio_filepath"].startswith("clips/") for line in lines)
-    cuts = [json.loads(line) for line in gzip.decompress(read_bytes(f"{output}/lhotse/cuts.jsonl.gz")).splitlines()]
+    cuts = [json.loads(line) for line in gzip.decompress(read_bytes(f"{output}/lhotse_cuts.jsonl.gz")).splitlines()]
     assert sorted(cut["id"] for cut in cuts) == sorted(c["clip_id"] for c in transcribed)

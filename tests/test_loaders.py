@@ -154,10 +154,10 @@ def read_jsonl_gz(path: str) -> list[dict]:
 
 
 def test_lhotse_manifests_follow_its_schema_and_validation_rules(files_dataset) -> None:
-    folder = os.path.join(files_dataset, "lhotse")
-    recordings = {r["id"]: r for r in read_jsonl_gz(os.path.join(folder, "recordings.jsonl.gz"))}
-    supervisions = {s["id"]: s for s in read_jsonl_gz(os.path.join(folder, "supervisions.jsonl.gz"))}
-    cuts = read_jsonl_gz(os.path.join(folder, "cuts.jsonl.gz"))
+    folder = files_dataset
+    recordings = {r["id"]: r for r in read_jsonl_gz(os.path.join(folder, "lhotse_recordings.jsonl.gz"))}
+    supervisions = {s["id"]: s for s in read_jsonl_gz(os.path.join(folder, "lhotse_supervisions.jsonl.gz"))}
+    cuts = read_jsonl_gz(os.path.join(folder, "lhotse_cuts.jsonl.gz"))
     rows = {r["clip_id"]: r for r in table(files_dataset)}
     transcribed = {k for k, r in rows.items() if r["transcript_text"] is not None}
     assert set(recordings) == set(rows) and transcribed == set(supervisions) == {c["id"] for c in cuts}
@@ -207,8 +207,8 @@ def test_shards_load_from_the_copy(shards_dataset, tmp_path) -> None:
 
     rows = {r["clip_id"]: r for r in table(shards_dataset)}
     for row in rows.values():
-        assert re.fullmatch(r"shards/shard-0000[01]\.tar", row["path"])
-    shards = sorted(glob_files(shards_dataset, "shards", "shard-"))
+        assert re.fullmatch(r"shards/audio_0000[01]\.tar", row["path"])
+    shards = sorted(glob_files(shards_dataset, "shards", "audio_"))
     samples = list(webdataset.WebDataset(shards, shardshuffle=False))
     assert len(samples) == len(rows)
     for sample in samples:
@@ -229,7 +229,7 @@ def test_nemo_tarred_manifest_names_each_member_and_its_shard(shards_dataset) ->
     assert {line["audio_filepath"] for line in lines} == transcribed
     for line in lines:
         row = rows[line["audio_filepath"]]
-        assert row["path"] == f"shards/shard-{line['shard_id']:05d}.tar"
+        assert row["path"] == f"shards/audio_{line['shard_id']:05d}.tar"
         with tarfile.open(os.path.join(shards_dataset, row["path"])) as tar:
             assert tar.getmember(line["audio_filepath"]).size == row["num_bytes"]
         assert line["duration"] == row["num_samples"] / 16_000

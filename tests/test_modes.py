@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -511,6 +512,39 @@ def test_append_into_shards_keeps_the_earlier_clips_in_their_shards(
     assert (record.rows, record.clips_written, record.clips_kept) == (6, 6, 10)
 
 
+def as_an_earlier_version_named_it(out: Path) -> None:
+    """The dataset as the version before NeMo-readable shard names left it: `shards/shard-NNNNN.tar`, in the
+    files and in the clips table's `path`."""
+    for shard in (out / "shards").glob("audio_*.tar"):
+        shard.rename(shard.with_name(shard.name.replace("audio_", "shard-")))
+    for path in (out / "metadata").glob("clips-*.parquet"):
+        table = pq.read_table(path)
+        paths = [p.replace("/audio_", "/shard-") for p in table.column("path").to_pylist()]
+        pq.write_table(table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths)), path)
+
+
+def test_a_rerun_renames_shards_an_earlier_version_named_without_a_call(
+    server: LocalServer, store: dict[str, str], tmp_path: Path
+) -> None:
+    """Each shard is rebuilt under its new name from its earlier file's members (no call), then the earlier
+    file is removed; the tables name the new files."""
+    out = tmp_path / "out"
+    rows = time_rows(12)
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
+    expect_exit(run_build(server, manifest, str(out), "--shards=3"), 0)
+    members = shard_members(out)
+    as_an_earlier_version_named_it(out)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"shard-0000{i}.tar" for i in range(3)]
+    calls = total_calls(server)
+    expect_exit(run_build(server, manifest, str(out), "--shards=3", "--skip_existing"), 0)
+    assert total_calls(server) == calls, "every clip copied from its earlier shard"
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"audio_0000{i}.tar" for i in range(3)]
+    assert shard_members(out) == members
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(rows) and all(row["path"].startswith("shards/audio_") for row in clips)
+    check_clips_table(clips, store, str(out))
+
+
 # -- exports -------------------------------------------------------------------------------------------
 
 
@@ -547,6 +581,27 @@ def test_exports_are_listed_kept_current_and_replaced(server: LocalServer, tmp_p
     expect_exit(run_build(server, manifest, str(out), "--overwrite"), 0)
     assert not (out / "nemo_manifest.jsonl").exists() and run_record(out).exports == []
     assert "nemo_manifest.jsonl" not in (out / "README.md").read_text()
+
+
+def test_a_rerun_moves_lhotse_manifests_an_earlier_version_wrote_under_lhotse(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    """An earlier version wrote `lhotse/*.jsonl.gz` (NeMo's cuts_path resolved their sources against that
+    folder): a rerun keeps the export current under the root's names and removes the earlier files."""
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(4))
+    expect_exit(run_build(server, manifest, str(out), "--with_transcripts", "--export=lhotse"), 0)
+    (out / "lhotse").mkdir()
+    for part in ("recordings", "supervisions", "cuts"):
+        (out / f"lhotse_{part}.jsonl.gz").rename(out / "lhotse" / f"{part}.jsonl.gz")
+    record = json.loads((out / "_RUN.json").read_text())
+    record["exports"] = [f"lhotse/{part}.jsonl.gz" for part in ("cuts", "recordings", "supervisions")]
+    (out / "_RUN.json").write_text(json.dumps(record))
+    expect_exit(run_build(server, manifest, str(out), "--with_transcripts", "--skip_existing"), 0)
+    assert not list((out / "lhotse").iterdir()) and len(list(out.glob("lhotse_*.jsonl.gz"))) == 3
+    assert sorted(run_record(out).exports) == sorted(
+        f"lhotse_{p}.jsonl.gz" for p in ("recordings", "supervisions", "cuts")
+    )
 
 
 def wav_names_in_clips(clip_ids: list[str]) -> list[str]:

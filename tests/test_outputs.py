@@ -192,7 +192,7 @@ def test_tar_shards_hold_every_clip_once_with_its_metadata(make_server, store, t
         assert np.array_equal(audio, source_frames(store[row["object_id"]], *expected_served(store, row)))
     card = (out / "README.md").read_text()
     snippet = card.split("```python\n")[1].split("```")[0]
-    assert "tarfile" in snippet and "shards/shard-NNNNN.tar" in card
+    assert "tarfile" in snippet and "shards/audio_NNNNN.tar" in card
     printed = subprocess.run([sys.executable, "-c", snippet], cwd=out, capture_output=True, text=True, timeout=60)
     assert printed.returncode == 0, printed.stderr
     assert len(printed.stdout.splitlines()) == len(ROWS)

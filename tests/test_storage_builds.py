@@ -153,8 +153,8 @@ def test_a_shard_is_one_upload(target: Target, make_server, store, tmp_path: Pat
     assert writes(counts) == counts["PUT"] == 2 + FIXED_WRITES, counts
     assert (counts.get("COPY", 0), counts.get("DELETE", 0)) == (0, FIXED_DELETES), counts
     assert [name for name in target.objects() if name.startswith("shards/")] == [
-        "shards/shard-00000.tar",
-        "shards/shard-00001.tar",
+        "shards/audio_00000.tar",
+        "shards/audio_00001.tar",
     ]
     table = clips_table(target.output).to_pylist()
     assert len(table) == 10
@@ -252,6 +252,6 @@ def test_a_shard_that_cannot_be_written_is_error_rows(s3_server: StorageServer, 
         expect_exit(target.run(make_server(), manifest, "--shards=2"), 1)
     errors = sorted(errors_table(target.output).to_pylist(), key=lambda e: e["clip_id"])
     assert [(e["clip_id"], e["error_code"]) for e in errors] == [(f"c{i:03d}", "WRITE_FAILED") for i in range(6)]
-    assert all("/ds/shards/shard-0000" in e["error_message"] for e in errors)
+    assert all("/ds/shards/audio_0000" in e["error_message"] for e in errors)
     assert clips_table(target.output).num_rows == 0
     assert not [name for name in target.objects() if name.startswith("shards/")]
