@@ -10,7 +10,11 @@ LOCK   := constraints.txt
 # own dependencies at the lock's versions.
 WORKER_LOCK := configs/worker-requirements.txt
 
-.PHONY: demo test test-latest lint lock proto bench clean
+# The training loaders (torch on the CPU, torchcodec, Lhotse, NeMo's ASR collection, datasets): a venv of their
+# own, never the product's dependencies (tests/loaders/requirements.txt says which versions and why).
+LOADERS := .venv-loaders
+
+.PHONY: demo test test-latest test-loaders lint lock proto bench clean
 
 $(VENV)/.run: setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +42,15 @@ test-latest:
 	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(apache-beam|grpcio|protobuf|pyarrow) '
 	$(LATEST)/bin/python -m pytest -m latest
 
+$(LOADERS)/.installed: tests/loaders/requirements.txt tests/loaders/install.sh $(LOCK)
+	bash tests/loaders/install.sh $(LOADERS)
+	touch $@
+
+# Datasets built by the product's venv (as a user builds them), loaded in the loaders' venv (as a trainer does).
+test-loaders: $(VENV)/.run $(LOADERS)/.installed  ## one epoch of each trainer's loader on built datasets
+	PRODUCT_PYTHON=$(abspath $(BIN))/python $(LOADERS)/bin/python -m pytest -o addopts="-q -ra" \
+		--confcutdir=tests/loaders -p no:cacheprovider tests/loaders
+
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -62,4 +75,4 @@ bench: $(VENV)/.test  ## the performance benchmarks (print tables, write JSON): 
 	$(BIN)/python -m benchmarks.rerun
 
 clean:
-	rm -rf $(VENV) $(LATEST) demo-output .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(LOADERS) demo-output .pytest_cache
