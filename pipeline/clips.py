@@ -58,7 +58,7 @@ class FinishedClip:
     sha256: str
 
 
-class _ClipFile:
+class ClipFile:
     """An AudioSink that builds one clip; `publish` puts it at its path in one write. What the formats
     share: the scratch file, the length check, the publish and the discard."""
 
@@ -127,7 +127,7 @@ class _ClipFile:
             self._scratch = None
 
 
-class WavClip(_ClipFile):
+class WavClip(ClipFile):
     """A WAV clip: kept in memory up to SPILL_BYTES, then spilled to a scratch file; its sha256 is taken as
     bytes leave the buffer, so the file is never read back."""
 
@@ -173,7 +173,7 @@ class WavClip(_ClipFile):
             file.close()
 
 
-class FlacClip(_ClipFile):
+class FlacClip(ClipFile):
     """A FLAC clip: encoded straight into a scratch file (the encoder's bytes exist only there), read back
     and hashed once it is closed. libsndfile's errors are raised as OSError, as a file's are."""
 
@@ -231,7 +231,7 @@ class MixToMono:
     multi-channel audio, which a mono model trains on with its one transcript and no loader setting. The mean
     is rounded to the nearest integer (halves to even), so mono audio passes unchanged."""
 
-    def __init__(self, sink: _ClipFile):
+    def __init__(self, sink: ClipFile):
         self.sink = sink
         self.channels = 1
 
@@ -247,17 +247,28 @@ class MixToMono:
         self.sink.write(np.rint(frames.mean(axis=1)).astype("<i2").tobytes())
 
 
+class ClipFiles:
+    """The `files` layout's writer: each clip published at its own path, in one write, once it is complete."""
+
+    @staticmethod
+    def finish(clip: ClipFile) -> tuple[WrittenClip, None]:
+        return clip.publish(), None
+
+
+CLIP_FILES = ClipFiles()
+
+
 def fingerprint_of(request_fingerprint: str, channels: str) -> str:
     """What a clip was made for: the request, and a mix of its channels (so a rerun that changes --channels
     sees the other kind of clip as stale)."""
     return request_fingerprint if channels == KEEP else f"{request_fingerprint}/{channels}"
 
 
-WRITERS: dict[str, type[_ClipFile]] = {"wav": WavClip, "flac": FlacClip}  # one writer per clip format
+WRITERS: dict[str, type[ClipFile]] = {"wav": WavClip, "flac": FlacClip}  # one writer per clip format
 CLIP_FORMATS = tuple(WRITERS)
 
 
-def clip_file(store: Store, path: str, fingerprint: str, clip_format: str = "wav") -> _ClipFile:
+def clip_file(store: Store, path: str, fingerprint: str, clip_format: str = "wav") -> ClipFile:
     """The writer of one clip in `clip_format`."""
     return WRITERS[clip_format](store, path, fingerprint)
 

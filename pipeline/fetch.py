@@ -1,7 +1,9 @@
 """The fetch transform: up to `max_in_flight` GetAudio streams at once per worker process.
 
 A Python DoFn sees one element at a time per thread, so each element is handed to the worker process's
-thread pool and its result emitted when done; the bundle ends when all of its calls have. The steps of a
+thread pool and its result emitted when done (`InFlight`, the one loop of every layout); the bundle ends when
+all of its calls have. What becomes of a complete clip is its layout's writer's: a clip file published at
+its path (`clips.ClipFiles`), or a clip kept for its tar shard (`shards.ShardWriter`). The steps of a
 run share one client and one pool per process, built when the first step is set up and closed when the
 last is torn down. They know the client's interface, not gRPC: retries, resume and throttling happen
 inside GetAudioClient (and any client with its methods, such as a test's fake, can be passed in).
@@ -31,7 +33,17 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.audio import SAMPLE_RATE
 from pipeline.client import CallHooks
-from pipeline.clips import MIX, FinishedClip, MixToMono, WrittenClip, clip_file, existing_clip, fingerprint_of
+from pipeline.clips import (
+    CLIP_FILES,
+    MIX,
+    ClipFile,
+    FinishedClip,
+    MixToMono,
+    WrittenClip,
+    clip_file,
+    existing_clip,
+    fingerprint_of,
+)
 from pipeline.elements import EARLIER, WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest, ShardCopy
 from pipeline.layout import clip_path, name_of, path_of
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
@@ -54,6 +66,12 @@ class Fetcher(Protocol):
     def get_audio(self, object_id: str, segment: Segment, sink: AudioSink, audio_format: str) -> AudioResult: ...
 
     def get_object(self, object_id: str) -> ObjectInfo: ...
+
+
+class LayoutWriter(Protocol):
+    """A layout's writer (one per layout): what becomes of a complete clip, in the pool's thread that fetched it."""
+
+    def finish(self, clip: ClipFile) -> tuple[WrittenClip, FinishedClip | None]: ...
 
 
 class _Resources:
@@ -181,9 +199,9 @@ class _Fetch(_Step):
         self.latency.update(int(stats.seconds * 1000))
         self.duration.update(out.clip_duration_ms)
 
-    def _fetch(self, request: ClipRequest, publish: bool = True) -> _Done:
-        """One clip, start to finish: skip it, or fetch it and publish it (or, for a shard, keep its bytes),
-        or say why not. Runs in the pool's threads."""
+    def _fetch(self, request: ClipRequest, layout: LayoutWriter) -> _Done:
+        """One clip, start to finish: skip it, or fetch it and hand it to the layout's writer (which publishes
+        a clip file, or keeps a shard's clip), or say why not. Runs in the pool's threads."""
         started = time.monotonic()
         s = self.settings
         path = clip_path(s.output, request.clip_id, s.clip_format)
@@ -200,12 +218,7 @@ class _Fetch(_Step):
         fed = MixToMono(sink) if s.channels == MIX else sink
         try:
             result = self.client.get_audio(request.object_id, request.segment, fed, s.audio_format)
-            finished = None
-            if publish:
-                written = sink.publish()
-            else:
-                finished = sink.finish()
-                written = WrittenClip(path, sink.info, sink.info.num_frames, finished.num_bytes, finished.sha256)
+            written, finished = layout.finish(sink)
         except GetAudioError as e:
             sink.discard()
             stats = CallStats(time.monotonic() - started, 0, e.waited_s, e.failures)
@@ -228,45 +241,22 @@ class _Fetch(_Step):
         if seconds:
             self.throttling.signal_throttled(seconds)
 
-    def _next(self, done: queue.SimpleQueue[futures.Future], block: bool = True) -> futures.Future | None:
-        """The next finished call (None when none has and not `block`), signalling waits every second meanwhile."""
-        while True:
-            self._signal_waits()
-            try:
-                return done.get(block=block, timeout=SIGNAL_EVERY_S if block else None)
-            except queue.Empty:
-                if not block:
-                    return None
-
 
 class FetchClips(_Fetch):
-    """ClipRequest -> ClipRecord | ClipError, with the calls of a bundle running concurrently."""
+    """ClipRequest -> ClipRecord | ClipError, with the calls of a bundle running concurrently; each clip a file."""
 
     def start_bundle(self) -> None:
-        self.pending = 0
-        self.done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
+        self.calls = InFlight(self)
 
     def process(self, request: ClipRequest) -> Iterator[ClipRecord | ClipError]:
-        self.pool.submit(self._fetch, request).add_done_callback(self.done.put)
-        self.pending += 1
-        yield from self._collect(block=self.pending >= self.settings.max_in_flight)
-
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        while self.pending:
-            for out in self._collect(block=True):
-                yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
-
-    def _collect(self, block: bool) -> Iterator[ClipRecord | ClipError]:
-        """Emit the results of finished calls (waiting for one if `block`)."""
-        while self.pending:
-            future = self._next(self.done, block)
-            if future is None:
-                return
-            block = False
-            self.pending -= 1
-            done = future.result()  # an unexpected exception fails the bundle, as it should
+        for done in self.calls.submit(self._fetch, request, CLIP_FILES):
             self._count(done.out)
             yield done.out
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for done in self.calls.drain():
+            self._count(done.out)
+            yield WindowedValue(done.out, MIN_TIMESTAMP, [GlobalWindow()])
 
 
 class FetchShard(_Fetch):
@@ -286,21 +276,15 @@ class FetchShard(_Fetch):
             writer.discard()
             yield from self._emit([(copy, copy.record) for copy, _ in kept])
             return
-        done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
-        pending, results = 0, []
+        calls = InFlight(self)
+        results = []
         try:
             for request in requests:
-                self.pool.submit(self._fetch, request, False).add_done_callback(done.put)
-                pending += 1
-                while pending >= self.settings.max_in_flight or (pending and not done.empty()):
-                    pending -= 1
-                    results.append(self._add(writer, self._next(done).result()))
-            while pending:
-                pending -= 1
-                results.append(self._add(writer, self._next(done).result()))
+                results += [writer.place(d.out, d.finished) for d in calls.submit(self._fetch, request, writer)]
+            results += [writer.place(d.out, d.finished) for d in calls.drain()]
         except BaseException:  # an unexpected error fails the bundle, which is retried: leave no scratch behind
             writer.discard()
-            _discard_spilled(done, pending)
+            calls.abandon()
             raise
         if writer.failure is None:
             writer.publish()
@@ -353,21 +337,55 @@ class FetchShard(_Fetch):
         except OSError as e:
             log.warning("cannot remove %s, the shard's earlier name (%s); a rerun removes it", path, e)
 
-    @staticmethod
-    def _add(writer: ShardWriter, done: _Done) -> ClipRecord | ClipError:
-        """The row of one finished call, its clip added to the shard (unless the shard has failed)."""
-        if isinstance(done.out, ClipRecord):
-            return writer.add(done.out, done.finished)
-        return done.out
 
+class InFlight:
+    """The one bounded-concurrency loop of every layout: a step's calls in the process's pool, at most
+    `max_in_flight` at once, each result taken (in the step's thread) as soon as it is done."""
 
-def _discard_spilled(done: queue.SimpleQueue[futures.Future], pending: int) -> None:
-    """Wait for a failed shard's calls still running and delete the clips they left in scratch files."""
-    for _ in range(pending):
-        future = done.get()
-        finished = None if future.exception() else future.result().finished
-        if finished is not None and finished.file is not None and os.path.exists(finished.file):
-            os.remove(finished.file)
+    def __init__(self, step: _Fetch):
+        self.step = step
+        self.done: queue.SimpleQueue[futures.Future] = queue.SimpleQueue()
+        self.pending = 0
+
+    def submit(self, fn: Callable[..., _Done], *args: Any) -> Iterator[_Done]:
+        """Start a call; the results of calls done by now (waiting for one while `max_in_flight` are running)."""
+        self.step.pool.submit(fn, *args).add_done_callback(self.done.put)
+        self.pending += 1
+        yield from self._take(block=self.pending >= self.step.settings.max_in_flight)
+
+    def drain(self) -> Iterator[_Done]:
+        """Every result still to come."""
+        while self.pending:
+            yield from self._take(block=True)
+
+    def _take(self, block: bool) -> Iterator[_Done]:
+        """The results of the calls done (after waiting for one, if `block`)."""
+        while self.pending:
+            future = self._next(block)
+            if future is None:
+                return
+            block = False
+            self.pending -= 1
+            yield future.result()  # an unexpected exception fails the bundle, as it should
+
+    def _next(self, block: bool) -> futures.Future | None:
+        """The next finished call (None when none has and not `block`), signalling waits every second meanwhile."""
+        while True:
+            self.step._signal_waits()
+            try:
+                return self.done.get(block=block, timeout=SIGNAL_EVERY_S if block else None)
+            except queue.Empty:
+                if not block:
+                    return None
+
+    def abandon(self) -> None:
+        """After a failure: wait for the calls still running and delete the clips they left in scratch files."""
+        for _ in range(self.pending):
+            future = self.done.get()
+            finished = None if future.exception() else future.result().finished
+            if finished is not None and finished.file is not None and os.path.exists(finished.file):
+                os.remove(finished.file)
+        self.pending = 0
 
 
 def _shard_failed(out: ClipRecord | ClipError, e: OSError) -> ClipError:

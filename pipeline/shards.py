@@ -18,8 +18,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from pipeline.clips import FinishedClip
-from pipeline.elements import ClipRecord
+from pipeline.clips import ClipFile, FinishedClip, WrittenClip
+from pipeline.elements import ClipError, ClipRecord
 from pipeline.layout import path_of, shard_name
 from pipeline.storage import Store
 from pipeline.tables import to_row
@@ -53,6 +53,15 @@ class ShardWriter:
             self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
         except OSError as e:  # no scratch to write the shard into: each of its rows becomes WRITE_FAILED
             self.failure = e
+
+    def finish(self, clip: ClipFile) -> tuple[WrittenClip, FinishedClip]:
+        """A complete clip's bytes, kept (in memory or a scratch file) until `place` adds them to the tar."""
+        done = clip.finish()
+        return WrittenClip(clip.path, clip.info, clip.info.num_frames, done.num_bytes, done.sha256), done
+
+    def place(self, out: ClipRecord | ClipError, finished: FinishedClip | None) -> ClipRecord | ClipError:
+        """The row of one finished call, its clip added to the shard (unless the shard has failed)."""
+        return self.add(out, finished) if isinstance(out, ClipRecord) else out
 
     def add(self, record: ClipRecord, clip: FinishedClip) -> ClipRecord:
         """Add a clip and its JSON; the record as the table will hold it (the shard's path, the member).

@@ -142,7 +142,7 @@ def bucket(s3_server) -> tuple[str, PipelineOptions]:
     return f"{s3_server.bucket_url}full-{uuid.uuid4().hex[:8]}", PipelineOptions(s3_server.flags)
 
 
-def write_clip(sink: clips._ClipFile, audio: np.ndarray) -> clips.WrittenClip:
+def write_clip(sink: clips.ClipFile, audio: np.ndarray) -> clips.WrittenClip:
     """Feed `sink` as the fetch does (its messages, then publish); on a failure drop it as the fetch does."""
     try:
         sink.begin(StreamInfo("obj", 0, len(audio) // 16, 60_000, audio.shape[1]))
