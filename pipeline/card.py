@@ -19,16 +19,22 @@ from pipeline.layout import (
     CARD_NAME,
     CLIPS_DIR,
     EXPORTS,
+    FILES,
+    HF_DATA_DIR,
+    HF_PARQUET,
     HISTOGRAM_NAME,
     LHOTSE,
+    METADATA_DIR,
     NEMO,
     NEMO_MANIFEST,
     RECORD_NAME,
     SHARDS_DIR,
+    WEBDATASET,
     export_names,
     lhotse_name,
     name_of,
     path_of,
+    resolve_layout,
     root_of,
     table_prefix,
 )
@@ -113,6 +119,7 @@ def layout_of(record: RunRecord) -> Layout:
         options.get("edge_words") or MOSTLY_INSIDE,
         exports,
         options.get("channels") or KEEP,
+        resolve_layout(options.get("layout") or FILES, int(options.get("shards") or 0)),
     )
 
 
@@ -140,6 +147,7 @@ class Layout:
     edge_words: str = MOSTLY_INSIDE
     exports: tuple[str, ...] = ()
     channels: str = KEEP
+    layout: str = FILES  # files, webdataset or hf-parquet (`sharded`: one of the last two)
 
 
 # What a clip file is, for the card (every clip is 16 kHz, 16-bit, with the channels the service served).
@@ -152,8 +160,14 @@ configs:
 - config_name: default
   data_files:
   - split: train
-    path: metadata/clips-*.parquet
+    path: {data}
 ---"""
+
+
+def _front_matter(layout: Layout) -> str:
+    """`load_dataset(root)` reads the clips table, or (hf-parquet) the shards, whose rows hold the audio."""
+    data = f"{HF_DATA_DIR}/train-*.parquet" if layout.layout == HF_PARQUET else f"{METADATA_DIR}/clips-*.parquet"
+    return FRONT_MATTER.format(data=data)
 
 
 def card_text(
@@ -167,7 +181,7 @@ def card_text(
 ) -> str:
     """The whole card, as Markdown."""
     sections = [
-        FRONT_MATTER,
+        _front_matter(layout),
         _header(output, layout),
         _contents(record, stats, errors),
         _durations(stats),
@@ -181,7 +195,9 @@ def card_text(
 
 def _header(output: str, layout: Layout) -> str:
     name = root_of(output).rsplit("/", 1)[-1] or output
-    stored = " in WebDataset tar shards" if layout.sharded else ""
+    stored = {WEBDATASET: " in WebDataset tar shards", HF_PARQUET: " in Hugging Face Parquet shards"}.get(
+        layout.layout, ""
+    )
     mixed = " Every clip is mono: a multi-channel object's channels are averaged into one (`--channels mix`)."
     return (
         f"# Audio clips: {name}\n\n"
@@ -268,11 +284,17 @@ def _relative(output: str, path: str) -> str:
 
 def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) -> str:
     fmt = layout.clip_format
-    clips = (
-        (f"{SHARDS_DIR}/audio_NNNNN.tar", f"tar shards: {{key}}.{fmt} and {{key}}.json per clip (key: clip_id, . as ~)")
-        if layout.sharded
-        else (f"{CLIPS_DIR}/{{clip_id}}.{fmt}", f"one clip per file: {FORMATS[fmt]}")
-    )
+    clips = {
+        FILES: (f"{CLIPS_DIR}/{{clip_id}}.{fmt}", f"one clip per file: {FORMATS[fmt]}"),
+        WEBDATASET: (
+            f"{SHARDS_DIR}/audio_NNNNN.tar",
+            f"tar shards: {{key}}.{fmt} and {{key}}.json per clip (key: clip_id, . as ~)",
+        ),
+        HF_PARQUET: (
+            f"{HF_DATA_DIR}/train-NNNNN.parquet",
+            "Parquet shards: a row per clip, every clips-table column, `duration` (s), `audio` {bytes, path}",
+        ),
+    }[layout.layout]
     entries = [
         (CARD_NAME, "this card"),
         (HISTOGRAM_NAME, "the clip duration histogram"),
@@ -294,7 +316,11 @@ def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) ->
 
 def _columns(layout: Layout) -> str:
     """The clips table's columns that need saying: paths, and the transcript columns and their rule."""
-    where = "the tar shard holding the clip (its name in the tar: `member`)" if layout.sharded else "the clip file"
+    where = {
+        FILES: "the clip file",
+        WEBDATASET: "the tar shard holding the clip (its name in the tar: `member`)",
+        HF_PARQUET: "the Parquet shard holding the clip (its row's `member`, and its audio's `path`)",
+    }[layout.layout]
     lines = [
         "## Clips table",
         "",
@@ -326,7 +352,7 @@ def _loading(output: str, layout: Layout) -> str:
     root = "." if local else root_of(output)
     where = "this dataset's folder (run from it), or its path" if local else "the dataset's URI, or a local copy"
     head = ["import glob"] if local else ["import io"]
-    head += ["import tarfile"] if layout.sharded else []
+    head += ["import tarfile"] if layout.layout == WEBDATASET else []
     head += ["", *([] if local else ["import pyarrow as pa"]), "import pyarrow.parquet as pq", "import soundfile"]
     if not local:
         head.append("from apache_beam.io.filesystems import FileSystems")
@@ -343,12 +369,18 @@ def _loading(output: str, layout: Layout) -> str:
     if not local:
         lines += ["    with FileSystems.open(f\"{root}/{row['path']}\") as f:", "        data = io.BytesIO(f.read())"]
         source = "data"
-    if layout.sharded:
-        if local:
-            lines.insert(0, "import io")
+    if layout.sharded and local:
+        lines.insert(0, "import io")
+    if layout.layout == WEBDATASET:
         lines += [
             f"    with tarfile.open({'fileobj=data' if not local else source}) as tar:",
             '        member = io.BytesIO(tar.extractfile(row["member"]).read())',
+        ]
+        source = "member"
+    elif layout.layout == HF_PARQUET:
+        lines += [
+            f'    shard = pq.read_table({source}, columns=["audio"], filters=[("member", "=", row["member"])])',
+            '    member = io.BytesIO(shard.column("audio")[0].as_py()["bytes"])',
         ]
         source = "member"
     lines += [
@@ -382,6 +414,8 @@ def _hugging_face(output: str, layout: Layout) -> str:
     decoding needs torchcodec), or a tar shard's sample."""
     intro, head, root, load = _hf_load(output)
     lines = [f"With Hugging Face `datasets` ({intro}):", "", "```python", *head, "import datasets", "", root]
+    if layout.layout == HF_PARQUET:
+        return "\n".join([*lines, *_hf_shards(output), "```"])
     lines.append(f"clips = {load}  # every column of the clips table")
     if layout.sharded:  # HF's webdataset builder encodes Audio with torchcodec even for bytes: no torch here
         fmt = layout.clip_format
@@ -397,6 +431,20 @@ def _hugging_face(output: str, layout: Layout) -> str:
             'print(len(clips), clips[0]["audio"]["path"] if len(clips) else None)',
         ]
     return "\n".join([*lines, "```"])
+
+
+def _hf_shards(output: str) -> list[str]:
+    """The hf-parquet layout: the shards are the dataset, each row with its audio."""
+    load = (
+        'datasets.load_dataset(root, split="train")'
+        if is_local(output)
+        else f'datasets.load_dataset("parquet", data_files=f"{{root}}/{HF_DATA_DIR}/train-*.parquet", split="train")'
+    )
+    return [
+        f"clips = {load}  # every column, and `audio` decoded at 16 kHz (with torchcodec)",
+        'raw = clips.cast_column("audio", datasets.Audio(decode=False))  # or its bytes, without torchcodec',
+        'print(len(raw), raw[0]["audio"]["path"] if len(raw) else None)',
+    ]
 
 
 def _hf_load(output: str) -> tuple[str, list[str], str, str]:

@@ -15,7 +15,19 @@ import pyarrow as pa
 from pipeline.cli import LaunchError
 from pipeline.clips import KEEP
 from pipeline.export import NO_TEXT
-from pipeline.layout import CLIPS_DIR, EXPORTS, SHARDS_DIR, TABLES, export_names, export_of, path_of, table_prefix
+from pipeline.layout import (
+    CLIPS_DIR,
+    EXPORTS,
+    FILES,
+    HF_DATA_DIR,
+    SHARDS_DIR,
+    TABLES,
+    export_names,
+    export_of,
+    path_of,
+    resolve_layout,
+    table_prefix,
+)
 from pipeline.record import RunRecord, read_record
 from pipeline.storage import Store
 from pipeline.table_files import table_schema_of
@@ -47,6 +59,7 @@ def read_existing(store: Store, output: str) -> Existing:
         for name in TABLES
     ]
     holds = [next(iter(store.list(path_of(output, f"{d}/"))), None) is not None for d in (CLIPS_DIR, SHARDS_DIR)]
+    holds[1] = holds[1] or next(iter(store.list(path_of(output, f"{HF_DATA_DIR}/"))), None) is not None
     return Existing(read_record(store, output), *tables, *holds)
 
 
@@ -74,12 +87,14 @@ def _check_same_layout(opts, existing: Existing, output: str) -> None:
     if existing.record is None:
         return
     before = existing.record.options
-    was = (before.get("clip_format") or "wav", int(before.get("shards") or 0))
-    now = (opts.clip_format, opts.shards)
+    shards = int(before.get("shards") or 0)
+    was = (before.get("clip_format") or "wav", resolve_layout(before.get("layout") or FILES, shards), shards)
+    now = (opts.clip_format, opts.layout, opts.shards)
     if was != now:
+        given = "--clip_format {} --layout {} --shards {}"
         raise LaunchError(
-            f"--output {output} was built with --clip_format {was[0]} --shards {was[1]}; --append adds clips the same "
-            f"way (this run: --clip_format {now[0]} --shards {now[1]}): use those, or --skip_existing or --overwrite"
+            f"--output {output} was built with {given.format(*was)}; --append adds clips the same way (this run: "
+            f"{given.format(*now)}): use those, or --skip_existing or --overwrite"
         )
 
 

@@ -3,7 +3,7 @@
 A Python DoFn sees one element at a time per thread, so each element is handed to the worker process's
 thread pool and its result emitted when done (`InFlight`, the one loop of every layout); the bundle ends when
 all of its calls have. What becomes of a complete clip is its layout's writer's: a clip file published at
-its path (`clips.ClipFiles`), or a clip kept for its tar shard (`shards.ShardWriter`). The steps of a
+its path (`clips.ClipFiles`), or a clip kept for its shard (`shards.TarShard`, `shards.ParquetShard`). The steps of a
 run share one client and one pool per process, built when the first step is set up and closed when the
 last is torn down. They know the client's interface, not gRPC: retries, resume and throttling happen
 inside GetAudioClient (and any client with its methods, such as a test's fake, can be passed in).
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
@@ -45,10 +46,10 @@ from pipeline.clips import (
     fingerprint_of,
 )
 from pipeline.elements import EARLIER, WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest, ShardCopy
-from pipeline.layout import clip_path, name_of, path_of
+from pipeline.layout import HF_PARQUET, clip_path, name_of, path_of
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
 from pipeline.settings import ClientSettings, FetchSettings
-from pipeline.shards import ShardWriter, read_members
+from pipeline.shards import ParquetShard, Shard, TarShard
 from pipeline.storage import open_store
 from pipeline.throttle import WaitClock
 from pipeline.transcripts import clip_tokens, tokens_for
@@ -266,9 +267,19 @@ class FetchShard(_Fetch):
     clip is staged in the output. A shard whose copies all verify and that gains or loses nothing is left as
     it was."""
 
+    def __init__(self, *args, clips_schema: pa.Schema | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clips_schema = clips_schema  # a Parquet shard's columns (--layout hf-parquet)
+
+    def _writer(self, shard: int) -> Shard:
+        """The layout's writer of one shard."""
+        if self.settings.layout == HF_PARQUET:
+            return ParquetShard(self.store, self.settings.output, shard, self.clips_schema)
+        return TarShard(self.store, self.settings.output, shard)
+
     def process(self, item: tuple[int, dict[str, Iterable]]) -> Iterator[Any]:
         shard, groups = item
-        writer = ShardWriter(self.store, self.settings.output, shard)
+        writer = self._writer(shard)
         copies = list(groups["copy"])
         kept, refetch = self._copy(writer, copies)
         requests = [*groups["fetch"], *refetch]
@@ -300,7 +311,7 @@ class FetchShard(_Fetch):
         yield from self._emit([(copy, placed if published else copy.record) for copy, placed in kept])
 
     def _copy(
-        self, writer: ShardWriter, copies: list[ShardCopy]
+        self, writer: Shard, copies: list[ShardCopy]
     ) -> tuple[list[tuple[ShardCopy, ClipRecord]], list[ClipRequest]]:
         """Copy the kept clips from the shard's earlier version into the new one (each with its row there);
         those missing from it (or, verified, differing) are to be fetched again."""
@@ -310,7 +321,7 @@ class FetchShard(_Fetch):
         earlier = path_of(self.settings.output, copies[0].record.path)  # the shard's, under an earlier name maybe
         kept = []
         try:
-            for member, data in read_members(self.store, earlier, set(wanted)):
+            for member, data in writer.members(self.store, earlier, set(wanted)):
                 copy = wanted[member]
                 if copy.verify and hashlib.sha256(data).hexdigest() != copy.record.sha256:
                     continue

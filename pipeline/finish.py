@@ -23,7 +23,7 @@ from pipeline.card import ClipStats, Layout, write_card
 from pipeline.clips import KEEP
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.export import export_dataset
-from pipeline.layout import export_names, name_of, path_of, tmp_path
+from pipeline.layout import FILES, export_names, name_of, path_of, tmp_path
 from pipeline.lease import release_for
 from pipeline.record import RunRecord, now, write_record
 from pipeline.storage import StoreSettings, open_store
@@ -156,6 +156,7 @@ class RunInfo:
     options: dict[str, Any]
     clip_format: str = "wav"
     channels: str = KEEP
+    layout: str = FILES
     sharded: bool = False
     exports: tuple[str, ...] = ()  # --export: the manifests to write from the clips table
     with_transcripts: bool = False
@@ -193,7 +194,13 @@ class WriteRunFiles(beam.DoFn):
         every_error = stats.errors_by_code + stats.earlier_errors
         errors = dict(sorted(every_error.items(), key=lambda kv: (-kv[1], kv[0])))
         layout = Layout(
-            info.clip_format, info.sharded, info.with_transcripts, info.edge_words, info.exports, info.channels
+            info.clip_format,
+            info.sharded,
+            info.with_transcripts,
+            info.edge_words,
+            info.exports,
+            info.channels,
+            info.layout,
         )
         write_card(store, info.output, record, clip_stats, errors, layout)
         if info.exports:

@@ -5,7 +5,8 @@ and the exports hold names, never full paths, so a copied or uploaded dataset st
 root (`--output`: a folder, gs://bucket/prefix or s3://bucket/prefix) joined with a name.
 
     {root}/clips/{clip_id}.wav | .flac       one clip per file (the `files` layout)
-    {root}/shards/audio_NNNNN.tar            or WebDataset tar shards (`--shards N`), named as NeMo's loaders ask
+    {root}/shards/audio_NNNNN.tar            or WebDataset tar shards (`--layout webdataset`), as NeMo names them
+    {root}/data/train-NNNNN.parquet          or Hugging Face Parquet shards (`--layout hf-parquet`)
     {root}/metadata/clips-{hash}.parquet     the clips table, one file per bundle
     {root}/metadata/errors-{hash}.parquet    the errors table
     {root}/README.md, duration_histogram.png the dataset card
@@ -20,8 +21,11 @@ from __future__ import annotations
 
 import re
 
+FILES, WEBDATASET, HF_PARQUET = "files", "webdataset", "hf-parquet"
+LAYOUTS = (FILES, WEBDATASET, HF_PARQUET)  # --layout
 CLIPS_DIR = "clips"
 SHARDS_DIR = "shards"
+HF_DATA_DIR = "data"
 METADATA_DIR = "metadata"
 TABLES = ("clips", "errors")
 CARD_NAME = "README.md"
@@ -33,7 +37,9 @@ EXPORTS = (LHOTSE, NEMO)
 RECORD_NAME = "_RUN.json"
 LEASE_NAME = "_LEASE.json"
 TMP_DIR = "_tmp"  # local disk only: readers ignore names starting with "_"
-_SHARD = re.compile(r"(?:audio_|shard-)(\d+)\.tar$")  # shard-NNNNN.tar: an earlier version's name, renamed on a rerun
+_SHARD = re.compile(
+    r"(?:audio_|shard-|train-)(\d+)\.(?:tar|parquet)$"
+)  # shard-NNNNN.tar: an earlier version's name, renamed on a rerun
 
 
 def root_of(output: str) -> str:
@@ -57,8 +63,21 @@ def clip_name(clip_id: str, clip_format: str = "wav") -> str:
     return f"{CLIPS_DIR}/{clip_id}.{clip_format}"
 
 
-def shard_name(shard: int) -> str:
-    """NeMo's Lhotse-based loader takes a shard's number from its name by `audio[^/]*_(\\d+)[^/]*\\.tar`."""
+def resolve_layout(layout: str, shards: int) -> str:
+    """The layout a run writes: `--layout`, where `--shards N` alone (an earlier version's flag) is webdataset."""
+    return WEBDATASET if layout == FILES and shards > 0 else layout
+
+
+def shards_dir(layout: str) -> str:
+    """The folder of a layout's shards (or clips)."""
+    return {FILES: CLIPS_DIR, WEBDATASET: SHARDS_DIR, HF_PARQUET: HF_DATA_DIR}[layout]
+
+
+def shard_name(shard: int, layout: str = WEBDATASET) -> str:
+    """A tar is named as NeMo's Lhotse-based loader asks (`audio[^/]*_(\\d+)[^/]*\\.tar`); a Parquet shard
+    as the Hugging Face Hub's train split (the card's `configs` names them)."""
+    if layout == HF_PARQUET:
+        return f"{HF_DATA_DIR}/train-{shard:05d}.parquet"
     return f"{SHARDS_DIR}/audio_{shard:05d}.tar"
 
 

@@ -18,7 +18,7 @@ from pipeline.audio import FORMATS
 from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CHANNELS, CLIP_FORMATS, KEEP
 from pipeline.export import NO_TEXT, parse_exports
-from pipeline.layout import LHOTSE
+from pipeline.layout import FILES, HF_PARQUET, LAYOUTS, LHOTSE, WEBDATASET
 from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
 
 REQUIRED = ("manifest", "output")
@@ -117,6 +117,13 @@ class ClipOptions(PipelineOptions):
             type=float,
             default=0.05,
             help="exit non-zero when errors / rows exceeds this (the tables are written first)",
+        )
+        g.add_argument(
+            "--layout",
+            choices=LAYOUTS,
+            default=FILES,
+            help="files: one clip file each under clips/; webdataset: tar shards under shards/; hf-parquet: Hugging "
+            "Face Parquet shards under data/ (audio in the rows); the sharded layouts take --shards N",
         )
         g.add_argument(
             "--shards",
@@ -248,7 +255,11 @@ def check_values(opts: ClipOptions) -> None:
         if not getattr(opts, name):
             raise LaunchError(f"--{name} is required")
     problems = [
-        (opts.shards < 0, "--shards takes a number of tar shards (0: clip files)"),
+        (opts.shards < 0, "--shards takes a number of shards (0: clip files)"),
+        (
+            opts.layout in (WEBDATASET, HF_PARQUET) and opts.shards < 1,
+            f"--layout {opts.layout} needs --shards N, the number of shards (a hash of each clip_id picks its shard)",
+        ),
         (
             sum(map(bool, (opts.skip_existing, opts.append, opts.overwrite))) > 1,
             "--skip_existing, --append and --overwrite are different ways over an existing dataset: give one",
@@ -280,6 +291,10 @@ def check_values(opts: ClipOptions) -> None:
         raise LaunchError(f"--export needs --with_transcripts: without it {NO_TEXT}")
     if LHOTSE in parse_exports(opts.export) and opts.shards > 0:
         raise LaunchError("--export lhotse needs clip files: Lhotse does not read tar shards (--shards)")
+    if parse_exports(opts.export) and opts.layout == HF_PARQUET:
+        raise LaunchError(
+            "--export writes NeMo and Lhotse manifests of clip files or tar shards, not of --layout hf-parquet"
+        )
 
 
 def read_config(path: str) -> dict:

@@ -31,7 +31,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline import tables
 from pipeline.elements import EARLIER, NOT_COLUMNS, ClipError, ClipRecord, ClipRequest, ShardCopy
 from pipeline.existing import APPEND, OVERWRITE
-from pipeline.layout import CLIPS_DIR, SHARDS_DIR, clip_name, name_of, path_of, shard_index, shard_name
+from pipeline.layout import CLIPS_DIR, FILES, clip_name, name_of, path_of, shard_index, shard_name, shards_dir
 from pipeline.manifest import validate_row
 from pipeline.shards import shard_of
 from pipeline.storage import StoreSettings, open_store
@@ -54,6 +54,7 @@ class Plan:
     shards: int
     verify: bool
     store: StoreSettings
+    layout: str = FILES
 
 
 def manifest_columns(row: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +106,7 @@ class ListFiles(beam.DoFn):
 
     def process(self, _: Any) -> Iterator[tuple[Any, tuple[str, int]]]:
         plan = self.plan
-        folder = SHARDS_DIR if plan.shards else CLIPS_DIR
+        folder = shards_dir(plan.layout)
         for found in open_store(plan.output, plan.store).list(path_of(plan.output, f"{folder}/")):
             name = name_of(plan.output, found.path)
             key, name = listed_key(name, plan)
@@ -216,7 +217,7 @@ class ReconcileShards(beam.DoFn):
         if not isinstance(key, int):  # a file in shards/ that is no shard, or errors without a clip_id
             yield from unclaimed(plan, errors, sizes)
             return
-        name, found = _shard_file(key, sizes)
+        name, found = _shard_file(shard_name(key, plan.layout), sizes)
         yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, n)) for n in sizes if n not in (name, found))
         present = found is not None
         kept_rows = rows if present and plan.mode != OVERWRITE else []
@@ -275,10 +276,9 @@ def _fetch_or_copy(
     return fetch, copies
 
 
-def _shard_file(key: int, sizes: dict[str, int]) -> tuple[str, str | None]:
+def _shard_file(name: str, sizes: dict[str, int]) -> tuple[str, str | None]:
     """The shard's name, and the file of it that is there: under its name, or under an earlier version's
     (`shard-NNNNN.tar`), which a rebuild copies from, publishes under the name and then removes (FetchShard)."""
-    name = shard_name(key)
     return name, name if name in sizes else next(iter(sorted(sizes)), None)
 
 

@@ -51,7 +51,7 @@ from pipeline.launch import (
     stream_bound,
     workers_share_environment,
 )
-from pipeline.layout import CLIPS_DIR, path_of, record_path, tmp_path
+from pipeline.layout import CLIPS_DIR, path_of, record_path, resolve_layout, tmp_path
 from pipeline.lease import Holder, Lease, current_holder, new_run_id, refusal, take
 from pipeline.options import (
     REQUIRED,
@@ -109,6 +109,7 @@ def build(
     runner, where a shuffle would hold every request in memory), decide each against the dataset already
     there (`over`, pipeline/reconcile.py), fetch, write the tables (`schemas`: default, this manifest's),
     then remove what no row lists, count the run and write the card and the record."""
+    schemas = schemas or table_schemas(manifest, settings)
     rows = p | "ValidateRows" >> mf.ValidateRows(lambda columns: mf.ReadManifest(manifest, columns, spread))
     requests, errors = rows["requests"], [rows["errors"]]
     kept, earlier_clips, earlier_errors, orphans = [], [], [], None
@@ -128,7 +129,8 @@ def build(
         shards = (
             work
             | "GroupByShard" >> beam.CoGroupByKey()
-            | "FetchShards" >> beam.ParDo(FetchShard(settings)).with_outputs(EARLIER, main="fetched")
+            | "FetchShards"
+            >> beam.ParDo(FetchShard(settings, clips_schema=schemas["clips"])).with_outputs(EARLIER, main="fetched")
         )
         fetched = shards.fetched
         earlier_clips.append(shards[EARLIER])
@@ -137,7 +139,6 @@ def build(
     fetched = fetched | "SplitFailed" >> mf.split_errors(ClipRecord, "clips")
     errors.append(fetched.errors)
     out, store = settings.output, settings.store
-    schemas = schemas or table_schemas(manifest, settings)
     clips = [fetched.clips, *kept] | "AllClips" >> beam.Flatten() if kept else fetched.clips
     clip_files = (
         [clips, *earlier_clips]
@@ -219,6 +220,7 @@ def prepare(argv: list[str]) -> Launch:
         runner = local_runner(options)
     opts = options.view_as(ClipOptions)
     check_values(opts)
+    opts.layout = resolve_layout(opts.layout, opts.shards)  # as the record's options say it
     opts.output = local_form(opts.output)
     check_detach(opts, options)
     check_workers_get_the_key(opts, options)
@@ -251,6 +253,7 @@ def prepare(argv: list[str]) -> Launch:
         options=safe_options(options),
         clip_format=opts.clip_format,
         channels=opts.channels,
+        layout=opts.layout,
         sharded=opts.shards > 0,
         exports=exports,
         with_transcripts=opts.with_transcripts,
@@ -283,7 +286,7 @@ def over_existing(
             "clips": table_schema(store, existing.clips_tables, schemas["clips"], opts.output),
             "errors": table_schema(store, existing.errors_tables, schemas["errors"], opts.output),
         }
-    plan = Plan(opts.output, mode, opts.clip_format, opts.shards, opts.verify_existing, settings)
+    plan = Plan(opts.output, mode, opts.clip_format, opts.shards, opts.verify_existing, settings, opts.layout)
     return Over(plan, existing.clips_tables, existing.errors_tables), schemas
 
 

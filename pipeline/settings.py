@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.api_key import read_api_key
 from pipeline.client import GetAudioClient, RetryPolicy
 from pipeline.clips import KEEP
+from pipeline.layout import FILES
 from pipeline.storage import StoreSettings
 from pipeline.transcripts import MOSTLY_INSIDE
 
@@ -44,6 +45,7 @@ class FetchSettings:
     with_transcripts: bool = False
     clip_format: str = "wav"
     channels: str = KEEP
+    layout: str = FILES  # resolved: --shards N alone is webdataset (layout.resolve_layout)
     shards: int = 0
     rate_limit_service: str | None = None  # host:port of an Envoy rate limit service
     rate_limit_domain: str = "soniox-clips"

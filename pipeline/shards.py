@@ -1,9 +1,15 @@
-"""WebDataset-style tar shards: `{key}.wav` (or .flac) and `{key}.json` per sample (key: the clip_id).
+"""Sharded layouts: a shard's clips written into one local scratch file as they arrive, and the shard published
+in one write, so a reader never sees half a shard and no clip is staged in the output. One writer per layout,
+sharing the scratch file, the failure and the publish step (the shape of lhotse's `shar/writers/`):
 
-With `--shards N` the requests are grouped by a hash of their clip_id into N shards before the fetch; each
-shard's clips are written into a tar in a local scratch file as they arrive, and the tar is published in
-one write at `{output}/shards/shard-NNNNN.tar`, so a reader never sees half a shard and no clip is staged
-in the output. The clips table then points at the shard (`path`, relative to the output) and the `member`.
+- `webdataset`: a tar, `shards/audio_NNNNN.tar`, with `{key}.wav` (or .flac) and `{key}.json` (the clip's row)
+  per sample (key: the clip_id, its dots as `~`).
+- `hf-parquet`: a Parquet file, `data/train-NNNNN.parquet`, one row per clip: every clips-table column, the
+  duration in seconds, and `audio` in Hugging Face's Audio encoding ({bytes, path}) declared in the file's
+  schema metadata, so `datasets.load_dataset(root)` decodes it with no cast.
+
+The requests are grouped by a hash of their clip_id into N shards before the fetch (the same shard on every
+run); the clips table then points at the shard (`path`, relative to the root) and the clip in it (`member`).
 """
 
 from __future__ import annotations
@@ -16,13 +22,19 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.audio import SAMPLE_RATE
 from pipeline.clips import ClipFile, FinishedClip, WrittenClip
 from pipeline.elements import ClipError, ClipRecord
-from pipeline.layout import path_of, shard_name
+from pipeline.layout import HF_PARQUET, WEBDATASET, path_of, shard_name
 from pipeline.storage import Store
 from pipeline.tables import to_row
+
+ROW_GROUP_BYTES = 64 << 20  # audio held for a Parquet shard before a row group is written
 
 
 def shard_of(clip_id: str, shards: int) -> int:
@@ -36,26 +48,29 @@ def sample_key(clip_id: str) -> str:
     return clip_id.replace(".", "~")
 
 
-class ShardWriter:
-    """One tar shard, built in a local scratch file and published whole."""
+class Shard:
+    """What every sharded layout's writer does: a shard built in a local scratch file and published whole. A
+    failed write is kept in `failure` (every row of the shard becomes an error), never raised, so that the
+    calls still running are all collected."""
+
+    layout = ""
+    suffix = ""
+    content_type = ""
 
     def __init__(self, store: Store, output: str, shard: int):
         self.store = store
-        self.name = shard_name(shard)  # as the tables name it: relative to the root
+        self.name = shard_name(shard, self.layout)  # as the tables name it: relative to the root
         self.path = path_of(output, self.name)
         self.failure: OSError | None = None  # once set, clips are dropped and the shard is not published
         self._scratch: str | None = None
-        self._file: BinaryIO | None = None
-        self._tar: tarfile.TarFile | None = None
         try:
-            self._scratch = store.scratch_file(".tar")
-            self._file = open(self._scratch, "wb")  # noqa: SIM115 - closed in publish/discard
-            self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+            self._scratch = store.scratch_file(self.suffix)
+            self._open(self._scratch)
         except OSError as e:  # no scratch to write the shard into: each of its rows becomes WRITE_FAILED
             self.failure = e
 
     def finish(self, clip: ClipFile) -> tuple[WrittenClip, FinishedClip]:
-        """A complete clip's bytes, kept (in memory or a scratch file) until `place` adds them to the tar."""
+        """A complete clip's bytes, kept (in memory or a scratch file) until `place` adds them to the shard."""
         done = clip.finish()
         return WrittenClip(clip.path, clip.info, clip.info.num_frames, done.num_bytes, done.sha256), done
 
@@ -64,17 +79,12 @@ class ShardWriter:
         return self.add(out, finished) if isinstance(out, ClipRecord) else out
 
     def add(self, record: ClipRecord, clip: FinishedClip) -> ClipRecord:
-        """Add a clip and its JSON; the record as the table will hold it (the shard's path, the member).
-        A failed write is kept in `failure` (every row of the shard becomes an error), never raised, so
-        that the calls still running are all collected."""
-        key = sample_key(record.clip_id)
-        member = record.member or key + record.path[record.path.rfind(".") :]  # a copied clip keeps its name
+        """Add a clip; the record as the table will hold it (the shard's path, the member)."""
+        member = record.member or sample_key(record.clip_id) + record.path[record.path.rfind(".") :]  # a copy keeps it
         placed = dataclasses.replace(record, path=self.name, member=member)
         try:
             if self.failure is None:
-                self._add_clip(member, clip)
-                body = json.dumps(to_row(placed), default=str).encode()
-                _add(self._tar, f"{key}.json", io.BytesIO(body), len(body))
+                self._add(placed, clip)
         except OSError as e:
             self.failure = e
         finally:
@@ -82,32 +92,139 @@ class ShardWriter:
                 os.remove(clip.file)
         return placed
 
-    def _add_clip(self, member: str, clip: FinishedClip) -> None:
-        if clip.file is None:
-            _add(self._tar, member, io.BytesIO(clip.data), clip.num_bytes)
-            return
-        with open(clip.file, "rb") as f:
-            _add(self._tar, member, f, clip.num_bytes)
-
     def publish(self) -> None:
-        """Close the tar and put it at its path in one write; a failure is kept in `failure`."""
+        """Close the shard and put it at its path in one write; a failure is kept in `failure`."""
         try:
-            self._tar.close()
-            self._file.close()
-            self.store.put(self.path, file=self._scratch, content_type="application/x-tar")
+            self._close()
+            self.store.put(self.path, file=self._scratch, content_type=self.content_type)
         except OSError as e:
             self.failure = e
 
     def discard(self) -> None:
         """Drop the shard and its scratch file, whatever closing it says."""
         try:
-            for stream in (self._tar, self._file):  # the tar first, or it writes its buffer when collected
-                if stream is not None:
-                    with contextlib.suppress(OSError):  # a full disk fails the buffered bytes' write again
-                        stream.close()
+            with contextlib.suppress(OSError):  # a full disk fails the buffered bytes' write again
+                self._close()
         finally:
             if self._scratch is not None and os.path.exists(self._scratch):
                 os.remove(self._scratch)
+
+    def _open(self, scratch: str) -> None:
+        raise NotImplementedError
+
+    def _add(self, placed: ClipRecord, clip: FinishedClip) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def members(store: Store, path: str, names: set[str]) -> Iterator[tuple[str, bytes]]:
+        """The clips of the shard at `path` named in `names`, with their bytes (a rebuild copies them)."""
+        raise NotImplementedError
+
+
+def _clip_bytes(clip: FinishedClip) -> bytes:
+    if clip.file is None:
+        return clip.data
+    with open(clip.file, "rb") as f:
+        return f.read()
+
+
+class TarShard(Shard):
+    """A WebDataset tar: each clip's audio, then its row as JSON."""
+
+    layout = WEBDATASET
+    suffix = ".tar"
+    content_type = "application/x-tar"
+
+    def _open(self, scratch: str) -> None:
+        self._file: BinaryIO | None = open(scratch, "wb")  # noqa: SIM115 - closed in publish/discard
+        self._tar: tarfile.TarFile | None = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+
+    def _add(self, placed: ClipRecord, clip: FinishedClip) -> None:
+        if clip.file is None:
+            _add(self._tar, placed.member, io.BytesIO(clip.data), clip.num_bytes)
+        else:
+            with open(clip.file, "rb") as f:
+                _add(self._tar, placed.member, f, clip.num_bytes)
+        body = json.dumps(to_row(placed), default=str).encode()
+        _add(self._tar, f"{sample_key(placed.clip_id)}.json", io.BytesIO(body), len(body))
+
+    def _close(self) -> None:
+        """The tar first, or it writes its buffer when collected."""
+        for attr in ("_tar", "_file"):
+            stream = getattr(self, attr, None)
+            setattr(self, attr, None)
+            if stream is not None:
+                stream.close()
+
+    @staticmethod
+    def members(store: Store, path: str, names: set[str]) -> Iterator[tuple[str, bytes]]:
+        """In the tar's order, in one pass: a local shard read in place, a bucket's in one download."""
+        with _opened(store, path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if member.name in names:
+                    yield member.name, tar.extractfile(member).read()
+
+
+def hf_schema(clips: pa.Schema) -> pa.Schema:
+    """A Parquet shard's columns: the clips table's, `duration` in seconds (unless the manifest has one), and
+    `audio` ({bytes, path}), declared an Audio feature at 16 kHz in the metadata `datasets` reads."""
+    fields = list(clips)
+    if "duration" not in clips.names:
+        fields.append(pa.field("duration", pa.float64()))
+    fields.append(pa.field("audio", pa.struct([("bytes", pa.binary()), ("path", pa.string())])))
+    features = {"audio": {"_type": "Audio", "sampling_rate": SAMPLE_RATE}}
+    return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": features}})})
+
+
+class ParquetShard(Shard):
+    """A Hugging Face Parquet shard: one row per clip, its audio's bytes in the row."""
+
+    layout = HF_PARQUET
+    suffix = ".parquet"
+    content_type = "application/vnd.apache.parquet"
+
+    def __init__(self, store: Store, output: str, shard: int, clips_schema: pa.Schema):
+        self.schema = hf_schema(clips_schema)
+        self._rows: list[dict[str, Any]] = []
+        self._held = 0
+        super().__init__(store, output, shard)
+
+    def _open(self, scratch: str) -> None:
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(scratch, self.schema)
+
+    def _add(self, placed: ClipRecord, clip: FinishedClip) -> None:
+        row = to_row(placed)
+        row.setdefault("duration", placed.num_samples / placed.sample_rate)
+        row["audio"] = {"bytes": _clip_bytes(clip), "path": placed.member}
+        self._rows.append(row)
+        self._held += clip.num_bytes
+        if self._held >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, self.schema))
+        self._rows, self._held = [], 0
+
+    def _close(self) -> None:
+        if getattr(self, "_writer", None) is None:
+            return
+        try:
+            self._flush()
+        finally:
+            writer, self._writer, self._rows = self._writer, None, []
+            writer.close()
+
+    @staticmethod
+    def members(store: Store, path: str, names: set[str]) -> Iterator[tuple[str, bytes]]:
+        with _opened(store, path) as f:
+            table = pq.read_table(f, columns=["member", "audio"])
+        for member, audio in zip(table.column("member").to_pylist(), table.column("audio").to_pylist(), strict=True):
+            if member in names:
+                yield member, audio["bytes"]
 
 
 def _add(tar: tarfile.TarFile, name: str, data, size: int) -> None:
@@ -116,14 +233,8 @@ def _add(tar: tarfile.TarFile, name: str, data, size: int) -> None:
     tar.addfile(info, data)
 
 
-def read_members(store: Store, path: str, names: set[str]) -> Iterator[tuple[str, bytes]]:
-    """The members of the shard at `path` named in `names`, with their bytes, in the tar's order (one pass:
-    a local shard read in place, a bucket's in one download)."""
-    with _opened(store, path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if member.name in names:
-                yield member.name, tar.extractfile(member).read()
-
-
 def _opened(store: Store, path: str) -> BinaryIO:
     return open(path, "rb") if store.local else io.BytesIO(store.read(path))
+
+
+SHARDS: dict[str, type[Shard]] = {WEBDATASET: TarShard, HF_PARQUET: ParquetShard}  # one writer per sharded layout

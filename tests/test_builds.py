@@ -147,10 +147,16 @@ def check_clip(data: bytes, store: dict[str, str], object_id: str, start_ms: int
 
 
 def clip_bytes(root: str | Path, row: dict[str, Any]) -> bytes:
-    """A clips-table row's audio file: the file at its `path`, or (a sharded dataset) its `member` in that tar."""
+    """A clips-table row's audio file: the file at its `path`, or (a sharded dataset) its `member` in that tar
+    or the `audio` bytes of its row in that Parquet shard."""
     data = read_bytes(f"{str(root).rstrip('/')}/{row['path']}")
     if not row.get("member"):
         return data
+    if row["path"].endswith(".parquet"):
+        shard = pq.read_table(io.BytesIO(data), columns=["member", "audio"]).to_pylist()
+        (audio,) = [r["audio"] for r in shard if r["member"] == row["member"]]
+        assert audio["path"] == row["member"]
+        return audio["bytes"]
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         return tar.extractfile(row["member"]).read()
 

@@ -37,7 +37,8 @@ def test_each_parameter_parses_as_the_launcher_passes_it():
     """A Flex Template launch passes every parameter as --name=value, booleans as true/false."""
     examples = {
         "manifest": "gs://b/m/*.parquet", "output": "gs://b/out", "api_key_file": "gs://locked/key",
-        "api_host": "https://api.soniox.com:443", "clip_format": "flac", "channels": "mix", "max_in_flight": "32",
+        "api_host": "https://api.soniox.com:443", "clip_format": "flac", "channels": "mix",
+        "layout": "hf-parquet", "shards": "8", "max_in_flight": "32",
         "max_attempts": "4", "max_error_ratio": "0.1", "skip_existing": "true", "append": "false",
         "overwrite": "false", "verify_existing": "true",
         "with_transcripts": "false", "rate_limit_service": "10.128.0.9:8081", "rate_limit_domain": "speech",
@@ -51,6 +52,7 @@ def test_each_parameter_parses_as_the_launcher_passes_it():
     assert (opts.skip_existing, opts.with_transcripts, opts.max_in_flight) == (True, False, 32)
     assert (opts.append, opts.overwrite, opts.verify_existing) == (False, False, True)
     assert (opts.clip_format, opts.channels, opts.max_error_ratio) == ("flac", "mix", 0.1)
+    assert (opts.layout, opts.shards) == ("hf-parquet", 8)
     assert (opts.rate_limit_service, opts.rate_limit_domain) == ("10.128.0.9:8081", "speech")
 
 

@@ -47,7 +47,11 @@ def clips(root: Path) -> dict[str, dict]:
 def samples(root: Path, row: dict) -> np.ndarray:
     """A clip's samples as soundfile reads them from the dataset (a file, or its member of a tar shard), as
     float32 in [-1, 1), (frames, channels)."""
-    if row.get("member"):
+    if row["path"].endswith(".parquet"):
+        shard = pq.read_table(root / row["path"], columns=["member", "audio"]).to_pylist()
+        (data,) = [io.BytesIO(r["audio"]["bytes"]) for r in shard if r["member"] == row["member"]]
+        audio, rate = sf.read(data, dtype="float32", always_2d=True)
+    elif row.get("member"):
         with tarfile.open(root / row["path"]) as tar:
             data = io.BytesIO(tar.extractfile(row["member"]).read())
         audio, rate = sf.read(data, dtype="float32", always_2d=True)
@@ -68,6 +72,12 @@ def mixed_shards(tmp_path_factory) -> Path:
     """FLAC clips in two tar shards, every clip mono, with the NeMo (tarred) manifest."""
     flags = ("--channels=mix", "--shards=2", "--clip_format=flac", "--export=nemo")
     return build(tmp_path_factory.mktemp("shards"), "shards", *flags)
+
+
+@pytest.fixture(scope="session")
+def hf_parquet(tmp_path_factory) -> Path:
+    """Hugging Face Parquet shards (`--layout hf-parquet`), the objects' channels kept."""
+    return build(tmp_path_factory.mktemp("hf"), "hf", "--layout=hf-parquet", "--shards=2")
 
 
 @pytest.fixture(scope="session")

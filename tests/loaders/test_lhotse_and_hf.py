@@ -85,3 +85,22 @@ def test_hugging_face_decodes_every_clip_exactly(mixed_files: Path, tmp_path: Pa
         expected = samples(mixed_files, row)[:, 0]
         assert np.array_equal(decoded.data.numpy()[0], expected), row["clip_id"]
         assert example["transcript_text"] == row["transcript_text"] and example["language"] == "en"
+
+
+def test_hugging_face_decodes_the_parquet_layout_with_no_glue(hf_parquet: Path, tmp_path: Path) -> None:
+    """`--layout hf-parquet`: `load_dataset(root)` alone gives decoded audio (every channel), duration in seconds,
+    the transcript and the manifest's columns."""
+    import datasets
+
+    rows = clips(hf_parquet)
+    ds = datasets.load_dataset(str(hf_parquet), split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == len(rows)
+    channels = set()
+    for example in ds:
+        row = rows[example["clip_id"]]
+        decoded = example["audio"].get_all_samples()
+        assert decoded.sample_rate == 16_000 and example["duration"] == row["num_samples"] / 16_000
+        assert np.array_equal(decoded.data.numpy().T, samples(hf_parquet, row)), row["clip_id"]
+        assert example["transcript_text"] == row["transcript_text"] and example["language"] == "en"
+        channels.add(decoded.data.shape[0])
+    assert channels == {1, 2, 3}

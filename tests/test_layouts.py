@@ -1,0 +1,121 @@
+"""`--layout hf-parquet`: Parquet shards whose rows are the clips table's, each with its audio in Hugging Face's
+Audio encoding, loaded by `datasets.load_dataset(root)` with no cast; kept in place by reruns like tar shards."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from pipeline.local.server import LocalServer
+from tests.conftest import source_frames
+from tests.helpers import expect_exit
+from tests.test_builds import check_clips_table, clip_bytes, clips_table, run_build, total_calls, write_local_manifest
+from tests.test_modes import ids, run_record, time_rows
+
+HF = ("--layout=hf-parquet", "--shards=3")
+
+
+def shard_rows(root: Path) -> list[dict]:
+    return pq.read_table(sorted((root / "data").glob("train-*.parquet"))).to_pylist()
+
+
+@pytest.mark.parametrize("clip_format", ["wav", "flac"])
+def test_parquet_shards_hold_every_clip_row_with_its_audio(
+    server: LocalServer, store: dict[str, str], tmp_path: Path, clip_format: str
+) -> None:
+    out = tmp_path / "out"
+    rows = time_rows(12)
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
+    expect_exit(run_build(server, manifest, str(out), *HF, f"--clip_format={clip_format}", "--with_transcripts"), 0)
+    assert sorted(p.name for p in (out / "data").iterdir()) == [f"train-0000{i}.parquet" for i in range(3)]
+    assert not (out / "clips").exists() and not (out / "shards").exists()
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(rows) and total_calls(server) == len(rows)
+    for row in clips:  # each row's audio bytes: the samples of the source
+        audio, _ = sf.read(io.BytesIO(clip_bytes(out, row)), dtype="int16", always_2d=True)
+        expected = source_frames(store[row["object_id"]], row["clip_start_ms"], row["clip_duration_ms"])
+        assert np.array_equal(audio, expected), row["clip_id"]
+    by_id = {row["clip_id"]: row for row in clips}
+    for row in shard_rows(out):
+        audio, duration = row.pop("audio"), row.pop("duration")
+        assert row == by_id[row["clip_id"]], "every clips-table column, as the table holds it"
+        assert duration == row["num_samples"] / 16_000 and audio["path"] == row["member"]
+        assert audio["path"].endswith(f".{clip_format}") and row["path"].startswith("data/train-")
+        assert hashlib.sha256(audio["bytes"]).hexdigest() == row["sha256"]
+
+
+def test_hugging_face_loads_the_audio_with_no_cast(server: LocalServer, tmp_path: Path) -> None:
+    """`load_dataset(copy)` (the card's `configs` names data/): `audio` is an Audio feature at 16 kHz, the errors
+    and clips tables beside the shards are not read; bytes compared without decoding (no torchcodec here)."""
+    import datasets
+
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(9))
+    expect_exit(run_build(server, manifest, str(out), *HF), 0)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)
+    ds = datasets.load_dataset(str(copy), split="train", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(ds.features["audio"], datasets.Audio) and ds.features["audio"].sampling_rate == 16_000
+    assert len(ds) == 9 and "error_code" not in ds.column_names and "duration" in ds.column_names
+    by_id = {row["clip_id"]: row for row in clips_table(str(copy)).to_pylist()}
+    for example in ds.cast_column("audio", datasets.Audio(decode=False)):
+        row = by_id[example["clip_id"]]
+        assert hashlib.sha256(example["audio"]["bytes"]).hexdigest() == row["sha256"]
+        assert example["duration"] == row["clip_duration_ms"] / 1000
+
+
+def test_a_rerun_rewrites_only_the_parquet_shard_that_changes(
+    server: LocalServer, store: dict[str, str], tmp_path: Path
+) -> None:
+    """A changed clip: one call, its shard rebuilt (its other clips copied from the earlier file), the other
+    shards neither read nor written."""
+    out = tmp_path / "out"
+    rows = time_rows(12)
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", rows), str(out), *HF), 0)
+    before = _files(out)
+    calls = total_calls(server)
+    changed = dict(rows[4], start_ms=rows[4]["start_ms"] + 100)
+    manifest = write_local_manifest(tmp_path / "b.parquet", [*rows[:4], changed, *rows[5:]])
+    expect_exit(run_build(server, manifest, str(out), *HF, "--skip_existing"), 0)
+    assert total_calls(server) - calls == 1
+    after = _files(out)
+    assert sorted(after) == sorted(before) and sum(after[n] != before[n] for n in after) == 1
+    clips = clips_table(str(out)).to_pylist()
+    assert ids(clips) == ids(rows) and len(shard_rows(out)) == len(rows)
+    check_clips_table(clips, store, str(out))
+    assert (run_record(out).clips_written, run_record(out).clips_skipped) == (1, 11)
+
+
+def _files(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "data").iterdir()}
+
+
+def test_a_sharded_layout_needs_a_shard_count_and_hf_parquet_has_no_export(tmp_path: Path) -> None:
+    from tests.helpers import run_pipeline
+
+    for flags, message in [
+        (["--layout=hf-parquet"], "--layout hf-parquet needs --shards N"),
+        (["--layout=webdataset"], "--layout webdataset needs --shards N"),
+        ([*HF, "--with_transcripts", "--export=nemo"], "not of --layout hf-parquet"),
+    ]:
+        done = run_pipeline("run", f"--manifest={tmp_path}/m.parquet", f"--output={tmp_path}/o", *flags)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_append_keeps_the_layout(server: LocalServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", time_rows(4)), str(out), *HF), 0)
+    manifest = write_local_manifest(tmp_path / "b.parquet", time_rows(2, first=4))
+    done = run_build(server, manifest, str(out), "--layout=webdataset", "--shards=3", "--append")
+    expect_exit(done, 2)
+    assert "--layout hf-parquet --shards 3" in done.stderr, done.stderr
+    expect_exit(run_build(server, manifest, str(out), *HF, "--append"), 0)
+    assert len(shard_rows(out)) == 6 and ids(clips_table(str(out)).to_pylist()) == ids(time_rows(6))
