@@ -18,7 +18,7 @@ from pipeline.audio import FORMATS
 from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CHANNELS, CLIP_FORMATS, KEEP
 from pipeline.export import NO_TEXT, parse_exports
-from pipeline.layout import FILES, HF_PARQUET, LAYOUTS, LHOTSE, WEBDATASET
+from pipeline.layout import FILES, HF_PARQUET, LAYOUTS, LHOTSE
 from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
 
 REQUIRED = ("manifest", "output")
@@ -123,14 +123,21 @@ class ClipOptions(PipelineOptions):
             choices=LAYOUTS,
             default=FILES,
             help="files: one clip file each under clips/; webdataset: tar shards under shards/; hf-parquet: Hugging "
-            "Face Parquet shards under data/ (audio in the rows); the sharded layouts take --shards N",
+            "Face Parquet shards under data/ (audio in the rows); see --shards and --shard_mb",
+        )
+        g.add_argument(
+            "--shard_mb",
+            type=float,
+            default=0,
+            help="a sharded layout's shard size, when --shards is not given: the count is estimated from the "
+            "manifest's durations at launch; 0: 1000 for webdataset, 500 for hf-parquet",
         )
         g.add_argument(
             "--shards",
             type=int,
             default=0,
-            help="write the clips as N WebDataset-style tar shards ({clip_id}.wav + {clip_id}.json) under "
-            "shards/ instead of one file each under clips/; 0: clip files",
+            help="the number of shards of a sharded layout (0: sized by --shard_mb); alone, --shards N is --layout "
+            "webdataset: N tar shards ({key}.wav + {key}.json per clip) under shards/",
         )
         g.add_argument(
             "--with_transcripts",
@@ -256,10 +263,7 @@ def check_values(opts: ClipOptions) -> None:
             raise LaunchError(f"--{name} is required")
     problems = [
         (opts.shards < 0, "--shards takes a number of shards (0: clip files)"),
-        (
-            opts.layout in (WEBDATASET, HF_PARQUET) and opts.shards < 1,
-            f"--layout {opts.layout} needs --shards N, the number of shards (a hash of each clip_id picks its shard)",
-        ),
+        (opts.shard_mb < 0, "--shard_mb takes a size in MB (0: the layout's default)"),
         (
             sum(map(bool, (opts.skip_existing, opts.append, opts.overwrite))) > 1,
             "--skip_existing, --append and --overwrite are different ways over an existing dataset: give one",

@@ -67,6 +67,7 @@ from pipeline.reconcile import Over, Plan, RemoveOrphans, reconcile
 from pipeline.record import RunRecord, now
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import shard_of
+from pipeline.sizing import shard_count
 from pipeline.storage import Store, StoreSettings, open_store
 from pipeline.table_files import WriteTable
 
@@ -234,6 +235,7 @@ def prepare(argv: list[str]) -> Launch:
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
     check_output(store, opts.output)
     existing = read_existing(store, opts.output)
+    opts.shards = shard_count(opts, manifest, existing)  # as the record's options say it: a rerun keeps it
     settings = fetch_settings(opts, manifest, store_settings)
     over, schemas = over_existing(opts, store, store_settings, existing, table_schemas(manifest, settings))
     mode = over.plan.mode if over else NEW

@@ -98,12 +98,26 @@ def _files(out: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "data").iterdir()}
 
 
-def test_a_sharded_layout_needs_a_shard_count_and_hf_parquet_has_no_export(tmp_path: Path) -> None:
+def test_the_shard_count_comes_from_the_target_size_and_stays_for_reruns(server: LocalServer, tmp_path: Path) -> None:
+    """12 mono WAV clips of 250 ms are 96 kB of audio: --shard_mb 0.03 gives 4 shards, which a rerun keeps
+    whatever size it is given (each clip stays in its shard: no call)."""
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(12, objects=("demo-mono",)))
+    expect_exit(run_build(server, manifest, str(out), "--layout=webdataset", "--shard_mb=0.03"), 0)
+    assert run_record(out).options["shards"] == 4 and run_record(out).options["layout"] == "webdataset"
+    names = sorted(p.name for p in (out / "shards").iterdir())
+    assert 1 < len(names) <= 4 and set(names) <= {f"audio_0000{i}.tar" for i in range(4)}
+    calls = total_calls(server)
+    expect_exit(run_build(server, manifest, str(out), "--layout=webdataset", "--shard_mb=0.01", "--skip_existing"), 0)
+    assert total_calls(server) == calls and run_record(out).options["shards"] == 4
+    assert sorted(p.name for p in (out / "shards").iterdir()) == names
+
+
+def test_bad_sizes_and_hf_parquet_exports_stop_at_launch(tmp_path: Path) -> None:
     from tests.helpers import run_pipeline
 
     for flags, message in [
-        (["--layout=hf-parquet"], "--layout hf-parquet needs --shards N"),
-        (["--layout=webdataset"], "--layout webdataset needs --shards N"),
+        (["--layout=hf-parquet", "--shard_mb=-1"], "--shard_mb takes a size in MB"),
         ([*HF, "--with_transcripts", "--export=nemo"], "not of --layout hf-parquet"),
     ]:
         done = run_pipeline("run", f"--manifest={tmp_path}/m.parquet", f"--output={tmp_path}/o", *flags)
