@@ -10,8 +10,6 @@ has larger shards until it is rebuilt with --overwrite.
 
 from __future__ import annotations
 
-import math
-
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -36,7 +34,7 @@ def shard_count(opts, manifest: Manifest, existing: Existing) -> int:
     if (opts.skip_existing or opts.append) and resolve_layout(before.get("layout") or FILES, shards) == opts.layout:
         return shards  # its clips stay in their shards
     target = (opts.shard_mb or SHARD_MB.get(opts.layout, DEFAULT_SHARD_MB)) * 1e6
-    return max(1, math.ceil(estimated_bytes(manifest, opts.clip_format) / target))
+    return max(1, round(estimated_bytes(manifest, opts.clip_format) / target))  # shards within 1/2N of it
 
 
 def estimated_bytes(manifest: Manifest, clip_format: str) -> float:

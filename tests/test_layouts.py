@@ -99,11 +99,11 @@ def _files(out: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_the_shard_count_comes_from_the_target_size_and_stays_for_reruns(server: LocalServer, tmp_path: Path) -> None:
-    """12 mono WAV clips of 250 ms are 96 kB of audio: --shard_mb 0.03 gives 4 shards, which a rerun keeps
+    """12 mono WAV clips of 250 ms are 96 kB of audio: --shard_mb 0.024 gives 4 shards, which a rerun keeps
     whatever size it is given (each clip stays in its shard: no call)."""
     out = tmp_path / "out"
     manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(12, objects=("demo-mono",)))
-    expect_exit(run_build(server, manifest, str(out), "--layout=webdataset", "--shard_mb=0.03"), 0)
+    expect_exit(run_build(server, manifest, str(out), "--layout=webdataset", "--shard_mb=0.024"), 0)
     assert run_record(out).options["shards"] == 4 and run_record(out).options["layout"] == "webdataset"
     names = sorted(p.name for p in (out / "shards").iterdir())
     assert 1 < len(names) <= 4 and set(names) <= {f"audio_0000{i}.tar" for i in range(4)}
