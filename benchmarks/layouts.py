@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.run import LOGS, PY, Server, progress, run_child
-from pipeline.layout import FILES, HF_PARQUET, WEBDATASET, record_path, shards_dir
+from pipeline.layout import FILES, LAYOUTS, LHOTSE_SHAR, record_path, shards_dir
 from pipeline.local.samples import write_sample_store
 from pipeline.record import RunRecord
 from pipeline.sizing import DEFAULT_SHARD_MB, SHARD_MB
@@ -51,7 +51,7 @@ class Build:
 
     @property
     def target_mb(self) -> float | None:
-        return None if self.layout == FILES else SHARD_MB.get(self.layout, DEFAULT_SHARD_MB)
+        return None if self.layout in (FILES, LHOTSE_SHAR) else SHARD_MB.get(self.layout, DEFAULT_SHARD_MB)
 
 
 def manifest(path: str, rows: int) -> str:
@@ -115,7 +115,7 @@ def table(builds: list[Build]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.layouts", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000, help="one-second clips per run (default 100,000)")
-    parser.add_argument("--layouts", default=f"{FILES},{WEBDATASET},{HF_PARQUET}", help="comma-separated")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated (default: all)")
     args = parser.parse_args(argv)
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(LOGS, exist_ok=True)

@@ -24,10 +24,12 @@ from pipeline.layout import (
     HF_PARQUET,
     HISTOGRAM_NAME,
     LHOTSE,
+    LHOTSE_SHAR,
     METADATA_DIR,
     NEMO,
     NEMO_MANIFEST,
     RECORD_NAME,
+    SHAR_DIR,
     SHARDS_DIR,
     WEBDATASET,
     export_names,
@@ -195,9 +197,11 @@ def card_text(
 
 def _header(output: str, layout: Layout) -> str:
     name = root_of(output).rsplit("/", 1)[-1] or output
-    stored = {WEBDATASET: " in WebDataset tar shards", HF_PARQUET: " in Hugging Face Parquet shards"}.get(
-        layout.layout, ""
-    )
+    stored = {
+        WEBDATASET: " in WebDataset tar shards",
+        HF_PARQUET: " in Hugging Face Parquet shards",
+        LHOTSE_SHAR: " in Lhotse Shar shards",
+    }.get(layout.layout, "")
     mixed = " Every clip is mono: a multi-channel object's channels are averaged into one (`--channels mix`)."
     return (
         f"# Audio clips: {name}\n\n"
@@ -294,6 +298,10 @@ def _layout(output: str, clips_table: str, errors_table: str, layout: Layout) ->
             f"{HF_DATA_DIR}/train-NNNNN.parquet",
             "Parquet shards: a row per clip, every clips-table column, `duration` (s), `audio` {bytes, path}",
         ),
+        LHOTSE_SHAR: (
+            f"{SHAR_DIR}/{{recording,cuts}}.NNNNNN.*",
+            f"Lhotse Shar: {{clip_id}}.{fmt} and its recording's JSON per clip in the tar, the cuts beside it",
+        ),
     }[layout.layout]
     entries = [
         (CARD_NAME, "this card"),
@@ -320,6 +328,7 @@ def _columns(layout: Layout) -> str:
         FILES: "the clip file",
         WEBDATASET: "the tar shard holding the clip (its name in the tar: `member`)",
         HF_PARQUET: "the Parquet shard holding the clip (its row's `member`, and its audio's `path`)",
+        LHOTSE_SHAR: "the Shar recordings' tar holding the clip (its name in the tar: `member`)",
     }[layout.layout]
     lines = [
         "## Clips table",
@@ -352,7 +361,7 @@ def _loading(output: str, layout: Layout) -> str:
     root = "." if local else root_of(output)
     where = "this dataset's folder (run from it), or its path" if local else "the dataset's URI, or a local copy"
     head = ["import glob"] if local else ["import io"]
-    head += ["import tarfile"] if layout.layout == WEBDATASET else []
+    head += ["import tarfile"] if layout.layout in (WEBDATASET, LHOTSE_SHAR) else []
     head += ["", *([] if local else ["import pyarrow as pa"]), "import pyarrow.parquet as pq", "import soundfile"]
     if not local:
         head.append("from apache_beam.io.filesystems import FileSystems")
@@ -371,7 +380,7 @@ def _loading(output: str, layout: Layout) -> str:
         source = "data"
     if layout.sharded and local:
         lines.insert(0, "import io")
-    if layout.layout == WEBDATASET:
+    if layout.layout in (WEBDATASET, LHOTSE_SHAR):
         lines += [
             f"    with tarfile.open({'fileobj=data' if not local else source}) as tar:",
             '        member = io.BytesIO(tar.extractfile(row["member"]).read())',
@@ -417,13 +426,15 @@ def _hugging_face(output: str, layout: Layout) -> str:
     if layout.layout == HF_PARQUET:
         return "\n".join([*lines, *_hf_shards(output), "```"])
     lines.append(f"clips = {load}  # every column of the clips table")
-    if layout.sharded:  # HF's webdataset builder encodes Audio with torchcodec even for bytes: no torch here
+    if layout.layout == WEBDATASET:  # HF's webdataset builder encodes Audio with torchcodec even for bytes: no torch
         fmt = layout.clip_format
         lines += [
             "# The samples (audio and JSON row), with torchcodec installed: Hugging Face's webdataset builder,",
             f'# datasets.load_dataset("webdataset", data_files=f"{{root}}/shards/*.tar")  # the {fmt} column is Audio',
             'print(len(clips), *(clips[0]["path"], clips[0]["member"]) if len(clips) else ())',
         ]
+    elif layout.layout == LHOTSE_SHAR:
+        lines.append('print(len(clips), *(clips[0]["path"], clips[0]["member"]) if len(clips) else ())')
     else:
         lines += [
             'clips = clips.add_column("audio", [f"{root}/{path}" for path in clips["path"]])',
@@ -481,6 +492,14 @@ def _manifests(layout: Layout) -> list[str]:
             else ". Clips with several channels: `channel_selector: average` in the "
             "classic dataset; NeMo's tarred and Lhotse-based loaders have no average: build with `--channels mix`."
         )
+    if layout.layout == LHOTSE_SHAR:
+        lines += [
+            "",
+            f'Lhotse: `CutSet.from_shar(in_dir=f"{{root}}/{SHAR_DIR}")` (a clip without a transcript is a cut with no '
+            "supervision: `.filter(lambda cut: cut.supervisions)` leaves it out of supervised training); NeMo's "
+            f"Lhotse-based loader: `use_lhotse: true`, `shar_path: {{root}}/{SHAR_DIR}`."
+            + ("" if mono else " Several channels: build with `--channels mix` for a mono model."),
+        ]
     if LHOTSE in layout.exports:
         lines += ["", f'Lhotse: `CutSet.from_file(f"{{root}}/{cuts}").with_recording_path_prefix(root)`']
         lines[-1] += f"; NeMo's Lhotse-based loader: `use_lhotse: true`, `cuts_path: {{root}}/{cuts}`."

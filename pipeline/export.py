@@ -187,19 +187,19 @@ def lhotse_supervision(row: dict[str, Any]) -> dict[str, Any] | None:
     return supervision
 
 
-def lhotse_cut(row: dict[str, Any]) -> dict[str, Any] | None:
-    """A MonoCut for a mono clip, a MultiCut (every channel) for a multi-channel one; None for a clip with no
-    transcript."""
+def lhotse_cut(row: dict[str, Any], supervised: bool = True) -> dict[str, Any] | None:
+    """A MonoCut for a mono clip, a MultiCut (every channel) for a multi-channel one; for a clip with no
+    transcript None (`supervised`), or a cut with no supervision (a Shar shard holds every clip)."""
     channels = _channels(row)
     supervision = lhotse_supervision(row)
-    if supervision is None:
+    if supervision is None and supervised:
         return None
     return {
         "id": row["clip_id"],
         "start": 0.0,
         "duration": _seconds(row),
         "channel": channels[0] if len(channels) == 1 else channels,
-        "supervisions": [supervision],
+        "supervisions": [supervision] if supervision else [],
         "recording": lhotse_recording(row),
         "type": "MonoCut" if len(channels) == 1 else "MultiCut",
     }

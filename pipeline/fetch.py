@@ -3,7 +3,7 @@
 A Python DoFn sees one element at a time per thread, so each element is handed to the worker process's
 thread pool and its result emitted when done (`InFlight`, the one loop of every layout); the bundle ends when
 all of its calls have. What becomes of a complete clip is its layout's writer's: a clip file published at
-its path (`clips.ClipFiles`), or a clip kept for its shard (`shards.TarShard`, `shards.ParquetShard`). The steps of a
+its path (`clips.ClipFiles`), or a clip kept for its shard (`shards.SHARDS`: tar, Parquet, Lhotse Shar). The steps of a
 run share one client and one pool per process, built when the first step is set up and closed when the
 last is torn down. They know the client's interface, not gRPC: retries, resume and throttling happen
 inside GetAudioClient (and any client with its methods, such as a test's fake, can be passed in).
@@ -49,7 +49,7 @@ from pipeline.elements import EARLIER, WRITE_FAILED, CallStats, ClipError, ClipR
 from pipeline.layout import HF_PARQUET, clip_path, name_of, path_of
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
 from pipeline.settings import ClientSettings, FetchSettings
-from pipeline.shards import ParquetShard, Shard, TarShard
+from pipeline.shards import SHARDS, ParquetShard, Shard
 from pipeline.storage import open_store
 from pipeline.throttle import WaitClock
 from pipeline.transcripts import clip_tokens, tokens_for
@@ -275,7 +275,7 @@ class FetchShard(_Fetch):
         """The layout's writer of one shard."""
         if self.settings.layout == HF_PARQUET:
             return ParquetShard(self.store, self.settings.output, shard, self.clips_schema)
-        return TarShard(self.store, self.settings.output, shard)
+        return SHARDS[self.settings.layout](self.store, self.settings.output, shard)
 
     def process(self, item: tuple[int, dict[str, Iterable]]) -> Iterator[Any]:
         shard, groups = item

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import re
 
-FILES, WEBDATASET, HF_PARQUET = "files", "webdataset", "hf-parquet"
-LAYOUTS = (FILES, WEBDATASET, HF_PARQUET)  # --layout
+FILES, WEBDATASET, HF_PARQUET, LHOTSE_SHAR = "files", "webdataset", "hf-parquet", "lhotse-shar"
+LAYOUTS = (FILES, WEBDATASET, HF_PARQUET, LHOTSE_SHAR)  # --layout
 CLIPS_DIR = "clips"
 SHARDS_DIR = "shards"
 HF_DATA_DIR = "data"
+SHAR_DIR = "shar"  # only Shar's files: Lhotse takes every name in it for a field
 METADATA_DIR = "metadata"
 TABLES = ("clips", "errors")
 CARD_NAME = "README.md"
@@ -37,9 +38,9 @@ EXPORTS = (LHOTSE, NEMO)
 RECORD_NAME = "_RUN.json"
 LEASE_NAME = "_LEASE.json"
 TMP_DIR = "_tmp"  # local disk only: readers ignore names starting with "_"
-_SHARD = re.compile(
-    r"(?:audio_|shard-|train-)(\d+)\.(?:tar|parquet)$"
-)  # shard-NNNNN.tar: an earlier version's name, renamed on a rerun
+_SHARD = re.compile(  # shard-NNNNN.tar: an earlier version's name, renamed on a rerun
+    r"(?:(?:audio_|shard-|train-)(\d+)\.(?:tar|parquet)|(?:recording|cuts)\.(\d+)\.(?:tar|jsonl\.gz))$"
+)
 
 
 def root_of(output: str) -> str:
@@ -70,7 +71,7 @@ def resolve_layout(layout: str, shards: int) -> str:
 
 def shards_dir(layout: str) -> str:
     """The folder of a layout's shards (or clips)."""
-    return {FILES: CLIPS_DIR, WEBDATASET: SHARDS_DIR, HF_PARQUET: HF_DATA_DIR}[layout]
+    return {FILES: CLIPS_DIR, WEBDATASET: SHARDS_DIR, HF_PARQUET: HF_DATA_DIR, LHOTSE_SHAR: SHAR_DIR}[layout]
 
 
 def shard_name(shard: int, layout: str = WEBDATASET) -> str:
@@ -78,7 +79,15 @@ def shard_name(shard: int, layout: str = WEBDATASET) -> str:
     as the Hugging Face Hub's train split (the card's `configs` names them)."""
     if layout == HF_PARQUET:
         return f"{HF_DATA_DIR}/train-{shard:05d}.parquet"
+    if layout == LHOTSE_SHAR:
+        return f"{SHAR_DIR}/recording.{shard:06d}.tar"
     return f"{SHARDS_DIR}/audio_{shard:05d}.tar"
+
+
+def shard_names(shard: int, layout: str) -> tuple[str, ...]:
+    """Every file of one shard: its name (the tables' `path`), and a Lhotse Shar shard's cuts beside it."""
+    name = shard_name(shard, layout)
+    return (name, f"{SHAR_DIR}/cuts.{shard:06d}.jsonl.gz") if layout == LHOTSE_SHAR else (name,)
 
 
 def shard_index(name: str) -> int:
@@ -86,7 +95,7 @@ def shard_index(name: str) -> int:
     found = _SHARD.search(name)
     if found is None:
         raise ValueError(f"{name} is not a shard's name")
-    return int(found.group(1))
+    return int(found.group(1) or found.group(2))
 
 
 def table_prefix(output: str, table: str) -> str:

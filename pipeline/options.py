@@ -18,7 +18,7 @@ from pipeline.audio import FORMATS
 from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CHANNELS, CLIP_FORMATS, KEEP
 from pipeline.export import NO_TEXT, parse_exports
-from pipeline.layout import FILES, HF_PARQUET, LAYOUTS, LHOTSE
+from pipeline.layout import FILES, HF_PARQUET, LAYOUTS, LHOTSE, LHOTSE_SHAR
 from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
 
 REQUIRED = ("manifest", "output")
@@ -123,7 +123,8 @@ class ClipOptions(PipelineOptions):
             choices=LAYOUTS,
             default=FILES,
             help="files: one clip file each under clips/; webdataset: tar shards under shards/; hf-parquet: Hugging "
-            "Face Parquet shards under data/ (audio in the rows); see --shards and --shard_mb",
+            "Face Parquet shards under data/ (audio in the rows); lhotse-shar: Lhotse Shar shards under shar/ "
+            "(1,000 clips each by default); see --shards and --shard_mb",
         )
         g.add_argument(
             "--shard_mb",
@@ -295,9 +296,9 @@ def check_values(opts: ClipOptions) -> None:
         raise LaunchError(f"--export needs --with_transcripts: without it {NO_TEXT}")
     if LHOTSE in parse_exports(opts.export) and opts.shards > 0:
         raise LaunchError("--export lhotse needs clip files: Lhotse does not read tar shards (--shards)")
-    if parse_exports(opts.export) and opts.layout == HF_PARQUET:
+    if parse_exports(opts.export) and opts.layout in (HF_PARQUET, LHOTSE_SHAR):
         raise LaunchError(
-            "--export writes NeMo and Lhotse manifests of clip files or tar shards, not of --layout hf-parquet"
+            f"--export writes NeMo and Lhotse manifests of clip files or tar shards, not of --layout {opts.layout}"
         )
 
 

@@ -31,7 +31,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline import tables
 from pipeline.elements import EARLIER, NOT_COLUMNS, ClipError, ClipRecord, ClipRequest, ShardCopy
 from pipeline.existing import APPEND, OVERWRITE
-from pipeline.layout import CLIPS_DIR, FILES, clip_name, name_of, path_of, shard_index, shard_name, shards_dir
+from pipeline.layout import CLIPS_DIR, FILES, clip_name, name_of, path_of, shard_index, shard_names, shards_dir
 from pipeline.manifest import validate_row
 from pipeline.shards import shard_of
 from pipeline.storage import StoreSettings, open_store
@@ -217,8 +217,9 @@ class ReconcileShards(beam.DoFn):
         if not isinstance(key, int):  # a file in shards/ that is no shard, or errors without a clip_id
             yield from unclaimed(plan, errors, sizes)
             return
-        name, found = _shard_file(shard_name(key, plan.layout), sizes)
-        yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, n)) for n in sizes if n not in (name, found))
+        own = shard_names(key, plan.layout)
+        name, found = _shard_file(own, sizes)
+        yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, n)) for n in sizes if n not in (*own, found))
         present = found is not None
         kept_rows = rows if present and plan.mode != OVERWRITE else []
         earlier = {r["clip_id"]: r for r in kept_rows if r.get("path") == found}
@@ -230,7 +231,8 @@ class ReconcileShards(beam.DoFn):
         changed = bool(fetch) or (plan.mode != APPEND and bool(extra)) or found not in (None, name)
         if not fetch and not copies:
             if present and plan.mode != APPEND:
-                yield beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, found))
+                gone = [n for n in sizes if n in (*own, found)]
+                yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, n)) for n in gone)
             return
         if found != name and present and not copies:  # nothing to copy from the earlier name's file
             yield beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, found))
@@ -276,10 +278,12 @@ def _fetch_or_copy(
     return fetch, copies
 
 
-def _shard_file(name: str, sizes: dict[str, int]) -> tuple[str, str | None]:
-    """The shard's name, and the file of it that is there: under its name, or under an earlier version's
-    (`shard-NNNNN.tar`), which a rebuild copies from, publishes under the name and then removes (FetchShard)."""
-    return name, name if name in sizes else next(iter(sorted(sizes)), None)
+def _shard_file(own: tuple[str, ...], sizes: dict[str, int]) -> tuple[str, str | None]:
+    """The shard's name (the first of its files' names), and the file of it that is there: under its name, or
+    under an earlier version's (`shard-NNNNN.tar`), which a rebuild copies from, publishes under the name and
+    then removes (FetchShard)."""
+    name = own[0]
+    return name, name if name in sizes else next((n for n in sorted(sizes) if n not in own), None)
 
 
 def _or_none(request: ClipRequest | ClipError) -> ClipRequest | None:

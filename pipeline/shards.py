@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
@@ -30,7 +31,8 @@ import pyarrow.parquet as pq
 from pipeline.audio import SAMPLE_RATE
 from pipeline.clips import ClipFile, FinishedClip, WrittenClip
 from pipeline.elements import ClipError, ClipRecord
-from pipeline.layout import HF_PARQUET, WEBDATASET, path_of, shard_name
+from pipeline.export import lhotse_cut, lhotse_recording
+from pipeline.layout import HF_PARQUET, LHOTSE_SHAR, WEBDATASET, path_of, shard_names
 from pipeline.storage import Store
 from pipeline.tables import to_row
 
@@ -59,7 +61,9 @@ class Shard:
 
     def __init__(self, store: Store, output: str, shard: int):
         self.store = store
-        self.name = shard_name(shard, self.layout)  # as the tables name it: relative to the root
+        self.output = output
+        self.names = shard_names(shard, self.layout)  # its files, relative to the root: the tables name the first
+        self.name = self.names[0]
         self.path = path_of(output, self.name)
         self.failure: OSError | None = None  # once set, clips are dropped and the shard is not published
         self._scratch: str | None = None
@@ -78,9 +82,13 @@ class Shard:
         """The row of one finished call, its clip added to the shard (unless the shard has failed)."""
         return self.add(out, finished) if isinstance(out, ClipRecord) else out
 
+    def member(self, record: ClipRecord) -> str:
+        """A clip's name in the shard (a copied clip keeps its own)."""
+        return record.member or sample_key(record.clip_id) + record.path[record.path.rfind(".") :]
+
     def add(self, record: ClipRecord, clip: FinishedClip) -> ClipRecord:
         """Add a clip; the record as the table will hold it (the shard's path, the member)."""
-        member = record.member or sample_key(record.clip_id) + record.path[record.path.rfind(".") :]  # a copy keeps it
+        member = self.member(record)
         placed = dataclasses.replace(record, path=self.name, member=member)
         try:
             if self.failure is None:
@@ -168,6 +176,49 @@ class TarShard(Shard):
                     yield member.name, tar.extractfile(member).read()
 
 
+class SharShard(TarShard):
+    """A Lhotse Shar shard: `recording.NNNNNN.tar` with each clip's audio as it is (`{clip_id}.wav`) and its
+    recording's JSON (Lhotse's placeholder, a "shar" source), and beside it `cuts.NNNNNN.jsonl.gz`, the cuts in
+    the tar's order, each with its supervision when the clip has a transcript (Lhotse's `shar/writers/`). Read
+    by `CutSet.from_shar(in_dir=f"{root}/shar")`."""
+
+    layout = LHOTSE_SHAR
+
+    def _open(self, scratch: str) -> None:
+        super()._open(scratch)
+        self._cuts: list[str] = []
+
+    def member(self, record: ClipRecord) -> str:
+        """Shar pairs a member with its cut by the name without its last suffix: the clip_id itself."""
+        return record.member or record.clip_id + record.path[record.path.rfind(".") :]
+
+    def _add(self, placed: ClipRecord, clip: FinishedClip) -> None:
+        row = to_row(placed)
+        recording = lhotse_recording(row)
+        recording["sources"] = [{"type": "shar", "channels": recording["channel_ids"], "source": ""}]
+        if clip.file is None:
+            _add(self._tar, placed.member, io.BytesIO(clip.data), clip.num_bytes)
+        else:
+            with open(clip.file, "rb") as f:
+                _add(self._tar, placed.member, f, clip.num_bytes)
+        body = (json.dumps(recording) + "\n").encode()
+        _add(self._tar, f"{placed.clip_id}.json", io.BytesIO(body), len(body))
+        cut = lhotse_cut(row, supervised=False)
+        del cut["recording"]
+        self._cuts.append(json.dumps(cut, ensure_ascii=False))
+
+    def publish(self) -> None:
+        """The recordings' tar, then the cuts (Lhotse reads a shard once both are there)."""
+        super().publish()
+        if self.failure is not None:
+            return
+        body = gzip.compress("".join(f"{cut}\n" for cut in self._cuts).encode())
+        try:
+            self.store.put(path_of(self.output, self.names[1]), body, content_type="application/gzip")
+        except OSError as e:
+            self.failure = e
+
+
 def hf_schema(clips: pa.Schema) -> pa.Schema:
     """A Parquet shard's columns: the clips table's, `duration` in seconds (unless the manifest has one), and
     `audio` ({bytes, path}), declared an Audio feature at 16 kHz in the metadata `datasets` reads."""
@@ -237,4 +288,4 @@ def _opened(store: Store, path: str) -> BinaryIO:
     return open(path, "rb") if store.local else io.BytesIO(store.read(path))
 
 
-SHARDS: dict[str, type[Shard]] = {WEBDATASET: TarShard, HF_PARQUET: ParquetShard}  # one writer per sharded layout
+SHARDS: dict[str, type[Shard]] = {WEBDATASET: TarShard, HF_PARQUET: ParquetShard, LHOTSE_SHAR: SharShard}

@@ -1,5 +1,5 @@
 """How many shards a sharded layout gets: `--shards N`, or enough for shards of about `--shard_mb` each, estimated
-at launch from the manifest's time ranges (one column read; no call).
+at launch from the manifest's time ranges (one column read; no call); Lhotse Shar's, 1,000 clips each by default.
 
 The estimate takes 16 kHz 16-bit audio of one channel (`--channels mix`, or mono objects; a multi-channel object's
 clips are as many times larger), FLAC at about 55 % of WAV, and a token range as long as the mean time range (5 s
@@ -16,11 +16,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.audio import BYTES_PER_SAMPLE, SAMPLES_PER_MS
 from pipeline.existing import Existing
-from pipeline.layout import FILES, HF_PARQUET, resolve_layout
+from pipeline.layout import FILES, HF_PARQUET, LHOTSE_SHAR, resolve_layout
 from pipeline.manifest import Manifest
 
 SHARD_MB = {HF_PARQUET: 500}  # the default target, where it is not 1,000 MB (the Hub's advice for Parquet)
 DEFAULT_SHARD_MB = 1000
+SHARD_CLIPS = {LHOTSE_SHAR: 1000}  # a count of clips by default instead (Lhotse's own default shard size)
 FLAC_RATIO = 0.55  # of a speech clip's WAV size
 TOKEN_RANGE_MS = 5000  # a token range's length, when no row gives a time range
 
@@ -33,6 +34,8 @@ def shard_count(opts, manifest: Manifest, existing: Existing) -> int:
     shards = int(before.get("shards") or 0)
     if (opts.skip_existing or opts.append) and resolve_layout(before.get("layout") or FILES, shards) == opts.layout:
         return shards  # its clips stay in their shards
+    if opts.layout in SHARD_CLIPS and not opts.shard_mb:
+        return max(1, round(manifest.num_rows / SHARD_CLIPS[opts.layout]))
     target = (opts.shard_mb or SHARD_MB.get(opts.layout, DEFAULT_SHARD_MB)) * 1e6
     return max(1, round(estimated_bytes(manifest, opts.clip_format) / target))  # shards within 1/2N of it
 

@@ -3,9 +3,12 @@ Audio encoding, loaded by `datasets.load_dataset(root)` with no cast; kept in pl
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
+import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +136,74 @@ def test_append_keeps_the_layout(server: LocalServer, tmp_path: Path) -> None:
     assert "--layout hf-parquet --shards 3" in done.stderr, done.stderr
     expect_exit(run_build(server, manifest, str(out), *HF, "--append"), 0)
     assert len(shard_rows(out)) == 6 and ids(clips_table(str(out)).to_pylist()) == ids(time_rows(6))
+
+
+# -- lhotse-shar ----------------------------------------------------------------------------------------------
+
+
+def shar_shards(root: Path) -> dict[int, tuple[list[str], list[dict]]]:
+    """Each shard's tar members, in order, and its cuts, in order."""
+    found = {}
+    for tar_path in sorted((root / "shar").glob("recording.*.tar")):
+        index = tar_path.name.split(".")[1]
+        with tarfile.open(tar_path) as tar:
+            members = tar.getnames()
+        with gzip.open(root / "shar" / f"cuts.{index}.jsonl.gz", "rt", encoding="utf-8") as f:
+            found[int(index)] = (members, [json.loads(line) for line in f])
+    return found
+
+
+def test_lhotse_shar_pairs_each_clip_with_its_cut(server: LocalServer, store: dict[str, str], tmp_path: Path) -> None:
+    """Shar's contract (lhotse/shar/readers): per shard a tar of (audio, recording JSON) pairs and the cuts in the
+    same order, each cut's id the audio member's name without its suffix; nothing else in shar/."""
+    out = tmp_path / "out"
+    rows = [
+        *time_rows(10),
+        {"clip_id": "no.words", "object_id": "demo-44k-notokens", "start_ms": 0, "duration_ms": 500},
+    ]
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
+    expect_exit(run_build(server, manifest, str(out), "--layout=lhotse-shar", "--shards=2", "--with_transcripts"), 0)
+    assert sorted(p.name for p in (out / "shar").iterdir()) == [
+        "cuts.000000.jsonl.gz", "cuts.000001.jsonl.gz", "recording.000000.tar", "recording.000001.tar"
+    ]  # fmt: skip
+    clips = {row["clip_id"]: row for row in clips_table(str(out)).to_pylist()}
+    assert sorted(clips) == sorted(ids(rows))
+    seen = []
+    for index, (members, cuts) in shar_shards(out).items():
+        assert members[0::2] == [f"{cut['id']}.wav" for cut in cuts] and members[1::2] == [
+            f"{c['id']}.json" for c in cuts
+        ]
+        for cut in cuts:
+            row = clips[cut["id"]]
+            assert row["path"] == f"shar/recording.{index:06d}.tar" and row["member"] == f"{cut['id']}.wav"
+            assert cut["duration"] == row["num_samples"] / 16_000
+            texts = [s["text"] for s in cut["supervisions"]]
+            assert texts == ([] if row["transcript_text"] is None else [row["transcript_text"]])
+            seen.append(cut["id"])
+    assert sorted(seen) == sorted(clips) and clips["no.words"]["transcript_text"] is None
+    for row in clips.values():  # the audio as it was written: hash and samples of the source
+        data = clip_bytes(out, row)
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        if row["object_id"] == "demo-44k-notokens":  # resampled by the service: no 16 kHz source to compare
+            continue
+        audio, _ = sf.read(io.BytesIO(data), dtype="int16", always_2d=True)
+        source = source_frames(store[row["object_id"]], row["clip_start_ms"], row["clip_duration_ms"])
+        assert np.array_equal(audio, source)
+
+
+def test_a_shar_rerun_rewrites_only_the_shard_that_changes(server: LocalServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rows = time_rows(12)
+    flags = ("--layout=lhotse-shar", "--shards=3")
+    expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", rows), str(out), *flags), 0)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shar").iterdir()}
+    calls = total_calls(server)
+    changed = dict(rows[4], start_ms=rows[4]["start_ms"] + 100)
+    manifest = write_local_manifest(tmp_path / "b.parquet", [*rows[:4], changed, *rows[5:]])
+    expect_exit(run_build(server, manifest, str(out), *flags, "--skip_existing"), 0)
+    assert total_calls(server) - calls == 1
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shar").iterdir()}
+    rewritten = sorted(name for name in after if after[name] != before[name])
+    assert sorted(after) == sorted(before) and len(rewritten) == 2, rewritten  # one shard's tar and cuts
+    assert rewritten[0].split(".")[1] == rewritten[1].split(".")[1]
+    assert sum(len(cuts) for _, cuts in shar_shards(out).values()) == len(rows)

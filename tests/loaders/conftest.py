@@ -51,7 +51,7 @@ def samples(root: Path, row: dict) -> np.ndarray:
         shard = pq.read_table(root / row["path"], columns=["member", "audio"]).to_pylist()
         (data,) = [io.BytesIO(r["audio"]["bytes"]) for r in shard if r["member"] == row["member"]]
         audio, rate = sf.read(data, dtype="float32", always_2d=True)
-    elif row.get("member"):
+    elif row.get("member"):  # a WebDataset or Shar tar
         with tarfile.open(root / row["path"]) as tar:
             data = io.BytesIO(tar.extractfile(row["member"]).read())
         audio, rate = sf.read(data, dtype="float32", always_2d=True)
@@ -78,6 +78,12 @@ def mixed_shards(tmp_path_factory) -> Path:
 def hf_parquet(tmp_path_factory) -> Path:
     """Hugging Face Parquet shards (`--layout hf-parquet`), the objects' channels kept."""
     return build(tmp_path_factory.mktemp("hf"), "hf", "--layout=hf-parquet", "--shards=2")
+
+
+@pytest.fixture(scope="session")
+def mixed_shar(tmp_path_factory) -> Path:
+    """Lhotse Shar shards (`--layout lhotse-shar`), every clip mono."""
+    return build(tmp_path_factory.mktemp("shar"), "shar", "--channels=mix", "--layout=lhotse-shar", "--shards=2")
 
 
 @pytest.fixture(scope="session")

@@ -104,3 +104,21 @@ def test_hugging_face_decodes_the_parquet_layout_with_no_glue(hf_parquet: Path, 
         assert example["transcript_text"] == row["transcript_text"] and example["language"] == "en"
         channels.add(decoded.data.shape[0])
     assert channels == {1, 2, 3}
+
+
+def test_lhotse_reads_the_shar_layout_and_trains_on_its_supervised_cuts(mixed_shar: Path) -> None:
+    """`--layout lhotse-shar`: `CutSet.from_shar` gives every clip (the untranscribed one with no supervision),
+    `validate(read_data=True)` passes, and the card's filter leaves the supervised cuts for a bucketed epoch."""
+    from lhotse import validate
+
+    rows = clips(mixed_shar)
+    cuts = CutSet.from_shar(in_dir=str(mixed_shar / "shar"))
+    assert sorted(cut.id for cut in cuts) == sorted(rows)
+    validate(cuts, read_data=True)
+    for cut in cuts:
+        assert np.array_equal(cut.load_audio()[0], samples(mixed_shar, rows[cut.id])[:, 0]), cut.id
+    supervised = cuts.filter(lambda cut: cut.supervisions).to_eager()
+    assert sorted(cut.id for cut in supervised) == sorted(transcribed(mixed_shar))
+    batches = epoch(supervised, K2SpeechRecognitionDataset(input_strategy=AudioSamples(), return_cuts=True))
+    texts = [text for b in batches for text in b["supervisions"]["text"]]
+    assert sorted(texts) == sorted(row["transcript_text"] for row in transcribed(mixed_shar).values())

@@ -109,10 +109,14 @@ def lhotse_epoch(**settings) -> list[tuple[np.ndarray, list]]:
     return [item for batch in loader for item in batch]
 
 
-@pytest.mark.parametrize("source", ["nemo_manifest", "lhotse_cuts", "shards"])
-def test_lhotse_based_loader_reads_every_layout(mixed_files: Path, mixed_shards: Path, source: str) -> None:
-    root = mixed_shards if source == "shards" else mixed_files
-    if source == "nemo_manifest":
+@pytest.mark.parametrize("source", ["nemo_manifest", "lhotse_cuts", "shards", "shar"])
+def test_lhotse_based_loader_reads_every_layout(
+    mixed_files: Path, mixed_shards: Path, mixed_shar: Path, source: str
+) -> None:
+    root = {"shards": mixed_shards, "shar": mixed_shar}.get(source, mixed_files)
+    if source == "shar":  # every clip: the one without a transcript has no supervision
+        items = [item for item in lhotse_epoch(shar_path=str(root / "shar"), force_finite=True) if item[1]]
+    elif source == "nemo_manifest":
         items = lhotse_epoch(manifest_filepath=str(root / "nemo_manifest.jsonl"))
     elif source == "lhotse_cuts":
         items = lhotse_epoch(cuts_path=str(root / "lhotse_cuts.jsonl.gz"))
