@@ -143,7 +143,7 @@ def test_beam_options_and_the_shipped_configs_are_known():
     [
         (["--output=OUT"], "error: --manifest is required"),
         (["--manifest=M"], "error: --output is required"),
-        (["--manifest=M", "--output=OUT", "--shards", "-1"], "error: --shards takes a number of tar shards"),
+        (["--manifest=M", "--output=OUT", "--shards", "-1"], "error: --shards takes a number of shards"),
         (["--manifest=M", "--output=OUT", "--skip_existing", "--overwrite"], "error: --skip_existing, --append and"),
         (["--manifest=M", "--output=OUT", "--shards=x"], "error: argument --shards: invalid int value: 'x'"),
         (["--manifest=M", "--output=OUT", "--audio_format=mp3"], "error: argument --audio_format: invalid choice"),
