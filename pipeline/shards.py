@@ -7,6 +7,8 @@ sharing the scratch file, the failure and the publish step (the shape of lhotse'
 - `hf-parquet`: a Parquet file, `data/train-NNNNN.parquet`, one row per clip: every clips-table column, the
   duration in seconds, and `audio` in Hugging Face's Audio encoding ({bytes, path}) declared in the file's
   schema metadata, so `datasets.load_dataset(root)` decodes it with no cast.
+- `lhotse-shar`: Lhotse's Shar, `shar/recording.NNNNNN.tar` (each clip's audio, `{clip_id}.wav`, and its
+  recording's JSON) and `shar/cuts.NNNNNN.jsonl.gz` beside it, the cuts in the tar's order.
 
 The requests are grouped by a hash of their clip_id into N shards before the fetch (the same shard on every
 run); the clips table then points at the shard (`path`, relative to the root) and the clip in it (`member`).
@@ -151,13 +153,19 @@ class TarShard(Shard):
         self._tar: tarfile.TarFile | None = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
     def _add(self, placed: ClipRecord, clip: FinishedClip) -> None:
+        self._add_audio(placed.member, clip)
+        self._add_json(f"{sample_key(placed.clip_id)}.json", json.dumps(to_row(placed), default=str))
+
+    def _add_audio(self, member: str, clip: FinishedClip) -> None:
         if clip.file is None:
-            _add(self._tar, placed.member, io.BytesIO(clip.data), clip.num_bytes)
+            _add(self._tar, member, io.BytesIO(clip.data), clip.num_bytes)
         else:
             with open(clip.file, "rb") as f:
-                _add(self._tar, placed.member, f, clip.num_bytes)
-        body = json.dumps(to_row(placed), default=str).encode()
-        _add(self._tar, f"{sample_key(placed.clip_id)}.json", io.BytesIO(body), len(body))
+                _add(self._tar, member, f, clip.num_bytes)
+
+    def _add_json(self, member: str, text: str) -> None:
+        body = text.encode()
+        _add(self._tar, member, io.BytesIO(body), len(body))
 
     def _close(self) -> None:
         """The tar first, or it writes its buffer when collected."""
@@ -196,13 +204,8 @@ class SharShard(TarShard):
         row = to_row(placed)
         recording = lhotse_recording(row)
         recording["sources"] = [{"type": "shar", "channels": recording["channel_ids"], "source": ""}]
-        if clip.file is None:
-            _add(self._tar, placed.member, io.BytesIO(clip.data), clip.num_bytes)
-        else:
-            with open(clip.file, "rb") as f:
-                _add(self._tar, placed.member, f, clip.num_bytes)
-        body = (json.dumps(recording) + "\n").encode()
-        _add(self._tar, f"{placed.clip_id}.json", io.BytesIO(body), len(body))
+        self._add_audio(placed.member, clip)
+        self._add_json(f"{placed.clip_id}.json", json.dumps(recording) + "\n")
         cut = lhotse_cut(row, supervised=False)
         del cut["recording"]
         self._cuts.append(json.dumps(cut, ensure_ascii=False))
@@ -254,6 +257,10 @@ class ParquetShard(Shard):
         self._held += clip.num_bytes
         if self._held >= ROW_GROUP_BYTES:
             self._flush()
+
+    def discard(self) -> None:
+        self._rows = []  # not written into a file about to be removed
+        super().discard()
 
     def _flush(self) -> None:
         if self._rows:

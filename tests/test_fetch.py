@@ -132,7 +132,7 @@ class FailingClient(FakeClient):
 def test_a_shard_failed_by_an_unexpected_error_leaves_no_scratch_file(tmp_path):
     BOOMED.clear()
     long = ClipRequest("long", "long", TimeRange(0, 40_000), {}, source="m.parquet, row long")
-    shard_settings = dataclasses.replace(settings(str(tmp_path)), shards=1)
+    shard_settings = dataclasses.replace(settings(str(tmp_path)), shards=1, layout="webdataset")
     with pytest.raises(Exception, match="boom"), beam.Pipeline(runner="FnApiRunner") as p:
         _ = (
             p
