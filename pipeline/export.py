@@ -41,10 +41,12 @@ from pipeline.card import note_exports
 from pipeline.cli import LaunchError, Parser, add_logging_options
 from pipeline.layout import (
     EXPORTS,
+    HF_DATA_DIR,
     LHOTSE,
     LHOTSE_FILES,
     NEMO,
     NEMO_MANIFEST,
+    SHAR_DIR,
     export_names,
     lhotse_name,
     path_of,
@@ -243,6 +245,11 @@ def main(argv: list[str]) -> None:
         raise LaunchError(f"{output}: no clips table (metadata/clips-*.parquet): not a dataset this pipeline built")
     if "transcript_text" not in table_schema_of(store, files[0]).names:
         raise LaunchError(f"{output} was built without --with_transcripts: {NO_TEXT}")
+    folder = next((row["path"].split("/", 1)[0] for row in _rows(store, files[:1])), None)
+    if folder in (HF_DATA_DIR, SHAR_DIR):  # the layout is its own training format (options.check_values)
+        raise LaunchError(
+            f"{output}: NeMo and Lhotse manifests are written for clip files or tar shards, not {folder}/"
+        )
     try:
         for path in export_dataset(store, output, formats, files):
             print(path, flush=True)

@@ -127,6 +127,18 @@ def test_bad_sizes_and_hf_parquet_exports_stop_at_launch(tmp_path: Path) -> None
         assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
+def test_the_export_command_refuses_the_layouts_that_are_their_own_format(server: LocalServer, tmp_path: Path) -> None:
+    from tests.helpers import run_pipeline
+
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(3))
+    for layout, folder in (("hf-parquet", "data"), ("lhotse-shar", "shar")):
+        out = tmp_path / layout
+        expect_exit(run_build(server, manifest, str(out), f"--layout={layout}", "--with_transcripts"), 0)
+        done = run_pipeline("export", str(out))
+        expect_exit(done, 2)
+        assert f"not {folder}/" in done.stderr and not (out / "nemo_manifest.jsonl").exists(), done.stderr
+
+
 def test_append_keeps_the_layout(server: LocalServer, tmp_path: Path) -> None:
     out = tmp_path / "out"
     expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", time_rows(4)), str(out), *HF), 0)
