@@ -99,8 +99,11 @@ def _check_same_layout(opts, existing: Existing, output: str) -> None:
 
 
 def _check_same_channels(opts, existing: Existing, output: str) -> None:
-    """A kept clip must be what this run would write: another --channels changes every multi-channel clip."""
-    was = (existing.record.options.get("channels") if existing.record else None) or KEEP
+    """A kept clip must be what this run would write: another --channels changes every multi-channel clip. A
+    dataset without a record (a stopped run's) says nothing: its files' headers do (clips.fingerprint_of)."""
+    if existing.record is None:
+        return
+    was = existing.record.options.get("channels") or KEEP
     if was != opts.channels:
         raise LaunchError(
             f"--output {output} was built with --channels {was}; this run's --channels {opts.channels} would change "

@@ -18,7 +18,7 @@ from pipeline.audio import FORMATS
 from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CHANNELS, CLIP_FORMATS, KEEP
 from pipeline.export import NO_TEXT, parse_exports
-from pipeline.layout import FILES, HF_PARQUET, LAYOUTS, LHOTSE, LHOTSE_SHAR
+from pipeline.layout import FILES, HF_PARQUET, LAYOUTS, LHOTSE, LHOTSE_SHAR, WEBDATASET
 from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
 
 REQUIRED = ("manifest", "output")
@@ -294,7 +294,7 @@ def check_values(opts: ClipOptions) -> None:
             raise LaunchError(message)
     if parse_exports(opts.export) and not opts.with_transcripts:
         raise LaunchError(f"--export needs --with_transcripts: without it {NO_TEXT}")
-    if LHOTSE in parse_exports(opts.export) and opts.shards > 0:
+    if LHOTSE in parse_exports(opts.export) and (opts.shards > 0 or opts.layout == WEBDATASET):
         raise LaunchError("--export lhotse needs clip files: Lhotse does not read tar shards (--shards)")
     if parse_exports(opts.export) and opts.layout in (HF_PARQUET, LHOTSE_SHAR):
         raise LaunchError(

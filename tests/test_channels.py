@@ -74,3 +74,15 @@ def test_a_rerun_that_changes_channels_must_overwrite(server: LocalServer, store
         assert np.array_equal(audio[:, 0], mixed(store, row))
     expect_exit(run_build(server, manifest, str(out), "--channels=mix", "--skip_existing"), 0)
     assert total_calls(server) - calls == len(rows) and run_record(out).clips_skipped == len(rows)
+
+
+def test_a_stopped_runs_mixed_clips_are_kept_by_a_mixed_rerun(server: LocalServer, tmp_path: Path) -> None:
+    """No record (a run stopped before its end) says nothing of --channels: a --channels mix rerun keeps the
+    mixed clips the tables describe, and no call is made."""
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(6, objects=OBJECTS))
+    expect_exit(run_build(server, manifest, str(out), "--channels=mix"), 0)
+    (out / "_RUN.json").unlink()
+    calls = total_calls(server)
+    expect_exit(run_build(server, manifest, str(out), "--channels=mix", "--skip_existing"), 0)
+    assert total_calls(server) == calls and run_record(out).clips_skipped == 6

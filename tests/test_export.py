@@ -67,6 +67,7 @@ def test_export_refuses_what_it_cannot_write(make_server, tmp_path) -> None:
 def test_a_run_refuses_lhotse_with_shards_and_unknown_exports(tmp_path) -> None:
     for flags, message in [
         (["--shards=2", "--with_transcripts", "--export=lhotse"], "Lhotse does not read tar shards"),
+        (["--layout=webdataset", "--with_transcripts", "--export=lhotse"], "Lhotse does not read tar shards"),
         (["--export=kaldi"], "--export takes"),
         (["--export=nemo"], "--export needs --with_transcripts"),
     ]:
