@@ -79,6 +79,7 @@ def choose_mode(opts, existing: Existing, output: str) -> str:
         _check_same_layout(opts, existing, output)
     if mode in (SKIP_EXISTING, APPEND):
         _check_same_channels(opts, existing, output)
+        _check_same_kind(opts, existing, output)
     return mode
 
 
@@ -95,6 +96,20 @@ def _check_same_layout(opts, existing: Existing, output: str) -> None:
         raise LaunchError(
             f"--output {output} was built with {given.format(*was)}; --append adds clips the same way (this run: "
             f"{given.format(*now)}): use those, or --skip_existing or --overwrite"
+        )
+
+
+def _check_same_kind(opts, existing: Existing, output: str) -> None:
+    """A rerun reads the earlier clips in its own layout's folder only: another layout would leave them there,
+    listed by no table."""
+    if existing.record is None:
+        return
+    before = existing.record.options
+    was = resolve_layout(before.get("layout") or FILES, int(before.get("shards") or 0))
+    if was != opts.layout:
+        raise LaunchError(
+            f"--output {output} was built with --layout {was}; this run's --layout {opts.layout} would write its "
+            "clips elsewhere: use --overwrite to rebuild it that way (or another --output)"
         )
 
 

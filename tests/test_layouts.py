@@ -139,13 +139,16 @@ def test_the_export_command_refuses_the_layouts_that_are_their_own_format(server
         assert f"not {folder}/" in done.stderr and not (out / "nemo_manifest.jsonl").exists(), done.stderr
 
 
-def test_append_keeps_the_layout(server: LocalServer, tmp_path: Path) -> None:
+def test_append_and_skip_existing_keep_the_layout(server: LocalServer, tmp_path: Path) -> None:
+    """Another layout would write the clips in another folder and leave the earlier ones there: exit 2."""
     out = tmp_path / "out"
     expect_exit(run_build(server, write_local_manifest(tmp_path / "a.parquet", time_rows(4)), str(out), *HF), 0)
     manifest = write_local_manifest(tmp_path / "b.parquet", time_rows(2, first=4))
-    done = run_build(server, manifest, str(out), "--layout=webdataset", "--shards=3", "--append")
-    expect_exit(done, 2)
-    assert "--layout hf-parquet --shards 3" in done.stderr, done.stderr
+    for mode in ("--append", "--skip_existing"):
+        done = run_build(server, manifest, str(out), "--layout=webdataset", "--shards=3", mode)
+        expect_exit(done, 2)
+        assert "--layout hf-parquet" in done.stderr and "--overwrite" in done.stderr, done.stderr
+    assert not (out / "shards").exists()
     expect_exit(run_build(server, manifest, str(out), *HF, "--append"), 0)
     assert len(shard_rows(out)) == 6 and ids(clips_table(str(out)).to_pylist()) == ids(time_rows(6))
 
