@@ -31,7 +31,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline import tables
 from pipeline.elements import EARLIER, NOT_COLUMNS, ClipError, ClipRecord, ClipRequest, ShardCopy
 from pipeline.existing import APPEND, OVERWRITE
-from pipeline.layout import CLIPS_DIR, FILES, clip_name, name_of, path_of, shard_index, shard_names, shards_dir
+from pipeline.layout import CLIPS_DIR, FILES, LAYOUTS, clip_name, name_of, path_of, shard_index, shard_names, shards_dir
 from pipeline.manifest import validate_row
 from pipeline.shards import shard_of
 from pipeline.storage import StoreSettings, open_store
@@ -99,18 +99,22 @@ def listed_key(name: str, plan: Plan) -> tuple[Any, str]:
 
 
 class ListFiles(beam.DoFn):
-    """The output's clip files (or shards), as (group, (name, size)): one listing, pages of 1,000 on a bucket."""
+    """The output's clip files (or shards), as (group, (name, size)): one listing, pages of 1,000 on a bucket.
+    --overwrite also lists the other layouts' folders, whose files (a dataset rebuilt in another layout) no
+    request claims: they are removed at the end as orphans."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
 
     def process(self, _: Any) -> Iterator[tuple[Any, tuple[str, int]]]:
         plan = self.plan
-        folder = shards_dir(plan.layout)
-        for found in open_store(plan.output, plan.store).list(path_of(plan.output, f"{folder}/")):
-            name = name_of(plan.output, found.path)
-            key, name = listed_key(name, plan)
-            yield key, (name, found.size)
+        store = open_store(plan.output, plan.store)
+        folders = [shards_dir(layout) for layout in LAYOUTS] if plan.mode == OVERWRITE else [shards_dir(plan.layout)]
+        for folder in folders:
+            for found in store.list(path_of(plan.output, f"{folder}/")):
+                name = name_of(plan.output, found.path)
+                key, name = listed_key(name, plan)
+                yield key, (name, found.size)
 
 
 def group_key(request: ClipRequest, plan: Plan) -> Any:

@@ -222,3 +222,15 @@ def test_a_shar_rerun_rewrites_only_the_shard_that_changes(server: LocalServer, 
     assert sorted(after) == sorted(before) and len(rewritten) == 2, rewritten  # one shard's tar and cuts
     assert rewritten[0].split(".")[1] == rewritten[1].split(".")[1]
     assert sum(len(cuts) for _, cuts in shar_shards(out).values()) == len(rows)
+
+
+def test_overwrite_into_another_layout_removes_the_earlier_layouts_files(server: LocalServer, tmp_path: Path) -> None:
+    """--overwrite rebuilds a files dataset as Parquet shards: once the new tables are written the clip files are
+    gone (they are listed by no table), and the record counts them removed."""
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(5))
+    expect_exit(run_build(server, manifest, str(out)), 0)
+    assert len(list((out / "clips").iterdir())) == 5
+    expect_exit(run_build(server, manifest, str(out), *HF, "--overwrite"), 0)
+    assert not list((out / "clips").iterdir()) and len(shard_rows(out)) == 5
+    assert run_record(out).clips_removed == 5
