@@ -495,9 +495,13 @@ def _manifests(layout: Layout) -> list[str]:
     if layout.layout == LHOTSE_SHAR:
         lines += [
             "",
-            f'Lhotse: `CutSet.from_shar(in_dir=f"{{root}}/{SHAR_DIR}")` (a clip without a transcript is a cut with no '
-            "supervision: `.filter(lambda cut: cut.supervisions)` leaves it out of supervised training); NeMo's "
-            f"Lhotse-based loader: `use_lhotse: true`, `shar_path: {{root}}/{SHAR_DIR}`."
+            f'Lhotse: `CutSet.from_shar(in_dir=f"{{root}}/{SHAR_DIR}")`; NeMo\'s Lhotse-based loader: '
+            f"`use_lhotse: true`, `shar_path: {{root}}/{SHAR_DIR}`."
+            + (
+                " Every cut is supervised: a row whose object has no transcript is a `NO_TRANSCRIPT` error."
+                if layout.with_transcripts
+                else ""
+            )
             + ("" if mono else " Several channels: build with `--channels mix` for a mono model."),
         ]
     if LHOTSE in layout.exports:

@@ -19,6 +19,7 @@ INVALID_OBJECT_ID = "INVALID_OBJECT_ID"
 INVALID_CLIP_ID = "INVALID_CLIP_ID"
 DUPLICATE_CLIP_ID = "DUPLICATE_CLIP_ID"
 WRITE_FAILED = "WRITE_FAILED"  # the clip could not be written to the output filesystem
+NO_TRANSCRIPT = "NO_TRANSCRIPT"  # --layout lhotse-shar --with_transcripts: the object has none (not fetched)
 
 
 def segment_tag(segment: Segment) -> str:

@@ -189,22 +189,25 @@ def lhotse_supervision(row: dict[str, Any]) -> dict[str, Any] | None:
     return supervision
 
 
-def lhotse_cut(row: dict[str, Any], supervised: bool = True) -> dict[str, Any] | None:
+def lhotse_cut(row: dict[str, Any], supervised: bool = True, with_recording: bool = True) -> dict[str, Any] | None:
     """A MonoCut for a mono clip, a MultiCut (every channel) for a multi-channel one; for a clip with no
-    transcript None (`supervised`), or a cut with no supervision (a Shar shard holds every clip)."""
+    transcript None (`supervised`), or a cut with no supervision (a Shar shard built without transcripts).
+    A Shar cut has no recording (`with_recording`): its recording is in the shard's tar."""
     channels = _channels(row)
     supervision = lhotse_supervision(row)
     if supervision is None and supervised:
         return None
-    return {
+    cut = {
         "id": row["clip_id"],
         "start": 0.0,
         "duration": _seconds(row),
         "channel": channels[0] if len(channels) == 1 else channels,
         "supervisions": [supervision] if supervision else [],
-        "recording": lhotse_recording(row),
         "type": "MonoCut" if len(channels) == 1 else "MultiCut",
     }
+    if with_recording:
+        cut["recording"] = lhotse_recording(row)
+    return cut
 
 
 def lhotse_lines(row: dict[str, Any], name: str) -> list[dict[str, Any]]:

@@ -45,8 +45,17 @@ from pipeline.clips import (
     existing_clip,
     fingerprint_of,
 )
-from pipeline.elements import EARLIER, WRITE_FAILED, CallStats, ClipError, ClipRecord, ClipRequest, ShardCopy
-from pipeline.layout import HF_PARQUET, clip_path, name_of, path_of
+from pipeline.elements import (
+    EARLIER,
+    NO_TRANSCRIPT,
+    WRITE_FAILED,
+    CallStats,
+    ClipError,
+    ClipRecord,
+    ClipRequest,
+    ShardCopy,
+)
+from pipeline.layout import HF_PARQUET, LHOTSE_SHAR, clip_path, name_of, path_of
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import SHARDS, ParquetShard, Shard
@@ -144,7 +153,9 @@ class _Step(beam.DoFn):
 
 class AttachTranscripts(_Step):
     """(object_id, requests) -> each request with the object's tokens, from one GetObject call per object;
-    a ClipError for each request when the object's transcript cannot be had."""
+    a ClipError for each request when the object's transcript cannot be had, or (`lhotse-shar`) when the object
+    has none: a Shar dataset is its own training manifest, where a cut with no supervision would be trained on
+    as an empty target (NeMo's `shar_path`), so such a clip is not fetched."""
 
     def process(self, item: tuple[str, Iterable[ClipRequest]]) -> Iterator[ClipRequest | ClipError]:
         object_id, requests = item
@@ -154,6 +165,12 @@ class AttachTranscripts(_Step):
         except GetAudioError as e:
             for r in requests:
                 yield _error(r, e.code, f"GetObject: {e.message}", e.attempts)
+            return
+        if tokens is None and self.settings.layout == LHOTSE_SHAR:
+            for r in requests:
+                yield _error(
+                    r, NO_TRANSCRIPT, "the object has no transcript: a lhotse-shar dataset holds transcribed clips", 1
+                )
             return
         for r in requests:
             yield dataclasses.replace(r, tokens=tokens_for(tokens, r.segment))

@@ -206,8 +206,7 @@ class SharShard(TarShard):
         recording["sources"] = [{"type": "shar", "channels": recording["channel_ids"], "source": ""}]
         self._add_audio(placed.member, clip)
         self._add_json(f"{placed.clip_id}.json", json.dumps(recording) + "\n")
-        cut = lhotse_cut(row, supervised=False)
-        del cut["recording"]
+        cut = lhotse_cut(row, supervised=False, with_recording=False)
         self._cuts.append(json.dumps(cut, ensure_ascii=False))
 
     def publish(self) -> None:

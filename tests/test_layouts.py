@@ -19,7 +19,15 @@ import soundfile as sf
 from pipeline.local.server import LocalServer
 from tests.conftest import source_frames
 from tests.helpers import expect_exit
-from tests.test_builds import check_clips_table, clip_bytes, clips_table, run_build, total_calls, write_local_manifest
+from tests.test_builds import (
+    check_clips_table,
+    clip_bytes,
+    clips_table,
+    errors_table,
+    run_build,
+    total_calls,
+    write_local_manifest,
+)
 from tests.test_modes import ids, run_record, time_rows
 
 HF = ("--layout=hf-parquet", "--shards=3")
@@ -170,14 +178,18 @@ def shar_shards(root: Path) -> dict[int, tuple[list[str], list[dict]]]:
 
 def test_lhotse_shar_pairs_each_clip_with_its_cut(server: LocalServer, store: dict[str, str], tmp_path: Path) -> None:
     """Shar's contract (lhotse/shar/readers): per shard a tar of (audio, recording JSON) pairs and the cuts in the
-    same order, each cut's id the audio member's name without its suffix; nothing else in shar/."""
+    same order, each cut's id the audio member's name without its suffix, every cut supervised; nothing else in
+    shar/. A row whose object has no transcript is a NO_TRANSCRIPT error, not fetched (a cut with no
+    supervision would be an empty training target in NeMo's shar_path)."""
     out = tmp_path / "out"
-    rows = [
-        *time_rows(10),
-        {"clip_id": "no.words", "object_id": "demo-44k-notokens", "start_ms": 0, "duration_ms": 500},
-    ]
-    manifest = write_local_manifest(tmp_path / "m.parquet", rows)
-    expect_exit(run_build(server, manifest, str(out), "--layout=lhotse-shar", "--shards=2", "--with_transcripts"), 0)
+    rows = time_rows(10)
+    no_words = {"clip_id": "no.words", "object_id": "demo-44k-notokens", "start_ms": 0, "duration_ms": 500}
+    manifest = write_local_manifest(tmp_path / "m.parquet", [*rows, no_words])
+    flags = ("--layout=lhotse-shar", "--shards=2", "--with_transcripts", "--max_error_ratio=0.1")
+    expect_exit(run_build(server, manifest, str(out), *flags), 0)
+    assert total_calls(server) == len(rows) and server.calls["demo-44k-notokens"] == 0
+    (error,) = errors_table(str(out)).to_pylist()
+    assert (error["clip_id"], error["error_code"]) == ("no.words", "NO_TRANSCRIPT")
     assert sorted(p.name for p in (out / "shar").iterdir()) == [
         "cuts.000000.jsonl.gz", "cuts.000001.jsonl.gz", "recording.000000.tar", "recording.000001.tar"
     ]  # fmt: skip
@@ -192,15 +204,12 @@ def test_lhotse_shar_pairs_each_clip_with_its_cut(server: LocalServer, store: di
             row = clips[cut["id"]]
             assert row["path"] == f"shar/recording.{index:06d}.tar" and row["member"] == f"{cut['id']}.wav"
             assert cut["duration"] == row["num_samples"] / 16_000
-            texts = [s["text"] for s in cut["supervisions"]]
-            assert texts == ([] if row["transcript_text"] is None else [row["transcript_text"]])
+            assert [s["text"] for s in cut["supervisions"]] == [row["transcript_text"]]
             seen.append(cut["id"])
-    assert sorted(seen) == sorted(clips) and clips["no.words"]["transcript_text"] is None
+    assert sorted(seen) == sorted(clips)
     for row in clips.values():  # the audio as it was written: hash and samples of the source
         data = clip_bytes(out, row)
         assert hashlib.sha256(data).hexdigest() == row["sha256"]
-        if row["object_id"] == "demo-44k-notokens":  # resampled by the service: no 16 kHz source to compare
-            continue
         audio, _ = sf.read(io.BytesIO(data), dtype="int16", always_2d=True)
         source = source_frames(store[row["object_id"]], row["clip_start_ms"], row["clip_duration_ms"])
         assert np.array_equal(audio, source)
