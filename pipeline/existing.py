@@ -30,7 +30,7 @@ from pipeline.layout import (
 )
 from pipeline.record import RunRecord, read_record
 from pipeline.storage import Store
-from pipeline.table_files import table_schema_of
+from pipeline.tables import table_schema_of
 
 NEW, SKIP_EXISTING, APPEND, OVERWRITE = "new", "skip_existing", "append", "overwrite"
 MODES = (SKIP_EXISTING, APPEND, OVERWRITE)

@@ -1,8 +1,11 @@
 """Training-toolkit manifests of a dataset, from its clips table: NeMo JSONL and Lhotse recordings,
 supervisions and cuts.
 
-Written by a run with `--export lhotse,nemo` (its last step, after the tables) or by `python -m pipeline
-export DATASET`, which works on any dataset this pipeline built, copied or not: it reads only the clips table.
+Written by a run with `--export lhotse,nemo`, or by `python -m pipeline export DATASET`, which works on any
+dataset this pipeline built, copied or not: it reads only the clips table (in one process). In a run, each
+worker writes its part of every manifest as it writes its bundle of the clips table (`ManifestWriter`), and the
+last step joins the parts into each manifest in one publish (`assemble_exports`: on a bucket, in the bucket; a
+`.gz` manifest is then one gzip member per part, which gzip readers take as one stream).
 Every path in them is the table's `path`, relative to the dataset's root, and they sit at the root, because
 NeMo resolves a relative path against its manifest's folder (`manifest_filepath`, and `cuts_path` too):
 
@@ -40,6 +43,7 @@ import pyarrow.parquet as pq
 from pipeline.card import note_exports
 from pipeline.cli import LaunchError, Parser, add_logging_options
 from pipeline.layout import (
+    EXPORT_PARTS_DIR,
     EXPORTS,
     HF_DATA_DIR,
     LHOTSE,
@@ -48,15 +52,16 @@ from pipeline.layout import (
     NEMO_MANIFEST,
     SHAR_DIR,
     export_names,
+    export_part_of,
     lhotse_name,
+    name_of,
     path_of,
     shard_index,
     table_prefix,
     tmp_path,
 )
 from pipeline.record import read_record, write_record
-from pipeline.storage import Store, open_store
-from pipeline.table_files import table_schema_of
+from pipeline.storage import Store, StoredObject, open_store
 
 log = logging.getLogger(__name__)
 
@@ -86,39 +91,80 @@ def _rows(store: Store, files: list[str]) -> Iterator[dict[str, Any]]:
             yield from table.read_row_group(i).to_pylist()
 
 
-def _sharded(store: Store, files: list[str]) -> bool:
-    return bool(files) and "member" in table_schema_of(store, files[0]).names
+class ManifestWriter:
+    """The manifests of `formats`, written line by line into scratch files as a clips table's rows come: the
+    whole table (the export command), or one bundle of it (a run's workers write their part each)."""
 
-
-def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: list[str] | None = None) -> list[str]:
-    """Write the manifests named in `formats` under `output` from its clips table, in one pass over the table;
-    the paths written."""
-    files = clips_table_files(store, output) if files is None else files
-    sharded = _sharded(store, files)
-    if LHOTSE in formats and sharded:  # refused at launch (options.check_values); the export command says it
-        raise ValueError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
-    lines: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {}  # manifest path -> a row's lines
-    if NEMO in formats:
-        lines[path_of(output, NEMO_MANIFEST)] = lambda row: _present(nemo_line(row, sharded))
-    if LHOTSE in formats:
-        for name in LHOTSE_FILES:
-            lines[path_of(output, lhotse_name(name))] = functools.partial(lhotse_lines, name=name)
-    scratch = {path: store.scratch_file(".jsonl.gz" if path.endswith(".gz") else ".jsonl") for path in lines}
-    with contextlib.ExitStack() as stack:
-        out = {
-            path: stack.enter_context(
-                (gzip.open if path.endswith(".gz") else open)(scratch[path], "wt", encoding="utf-8")
-            )
-            for path in lines
+    def __init__(self, store: Store, formats: tuple[str, ...], sharded: bool):
+        if LHOTSE in formats and sharded:  # refused at launch (options.check_values); the export command says it
+            raise ValueError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
+        self.lines: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {}  # manifest name -> a row's lines
+        if NEMO in formats:
+            self.lines[NEMO_MANIFEST] = lambda row: _present(nemo_line(row, sharded))
+        if LHOTSE in formats:
+            for part in LHOTSE_FILES:
+                self.lines[lhotse_name(part)] = functools.partial(lhotse_lines, name=part)
+        self.scratch = {name: store.scratch_file(_suffix(name)) for name in self.lines}
+        self._files = contextlib.ExitStack()
+        self._out = {
+            name: self._files.enter_context((gzip.open if name.endswith(".gz") else open)(file, "wt", encoding="utf-8"))
+            for name, file in self.scratch.items()
         }
-        for row in _rows(store, files):
-            for path, lines_of in lines.items():
-                for line in lines_of(row):
-                    out[path].write(json.dumps(line, ensure_ascii=False) + "\n")
-    for path in lines:
-        content_type = "application/gzip" if path.endswith(".gz") else "application/jsonl"
-        store.put(path, file=scratch[path], content_type=content_type)
-    return list(lines)
+
+    def add(self, row: dict[str, Any]) -> None:
+        for name, lines_of in self.lines.items():
+            for line in lines_of(row):
+                self._out[name].write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    def close(self) -> dict[str, str]:
+        """Manifest name -> its complete scratch file (a gzip member for `.gz`: members concatenate)."""
+        self._files.close()
+        return self.scratch
+
+
+def _suffix(name: str) -> str:
+    return ".jsonl.gz" if name.endswith(".gz") else ".jsonl"
+
+
+def content_type(name: str) -> str:
+    return "application/gzip" if name.endswith(".gz") else "application/jsonl"
+
+
+def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: list[str], sharded: bool) -> list[str]:
+    """Write the manifests named in `formats` under `output` from its clips table (`files`), in one pass over
+    the table; the paths written."""
+    writer = ManifestWriter(store, formats, sharded)
+    for row in _rows(store, files):
+        writer.add(row)
+    written = []
+    for name, scratch in writer.close().items():
+        written.append(path_of(output, name))
+        store.put(written[-1], file=scratch, content_type=content_type(name))
+    return written
+
+
+def assemble_exports(store: Store, output: str, formats: tuple[str, ...], sharded: bool, parts: list[str]) -> None:
+    """A run's last step: each manifest from the parts the workers wrote (`parts`: the committed bundles'),
+    larger parts first (S3 copies those in the bucket); then every part under the parts' folder (an abandoned
+    bundle's too) is removed. A manifest with no part (a run with no clip) is written empty."""
+    committed = set(parts)
+    found = list(store.list(path_of(output, EXPORT_PARTS_DIR) + "/"))
+    by_name: dict[str, list[StoredObject]] = {name: [] for name in export_names(formats)}
+    for part in sorted(found, key=lambda o: (-o.size, o.path)):
+        if part.path in committed:
+            by_name[export_part_of(name_of(output, part.path))].append(part)
+    for name, named in by_name.items():
+        if named:
+            store.concat(path_of(output, name), named, content_type(name))
+        else:
+            store.put(
+                path_of(output, name),
+                gzip.compress(b"") if name.endswith(".gz") else b"",
+                content_type=content_type(name),
+            )
+    left = [o.path for o in found if o.path not in committed]
+    if left:
+        store.delete(left)
 
 
 def _present(line: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -246,15 +292,18 @@ def main(argv: list[str]) -> None:
     files = clips_table_files(store, output)
     if not files:
         raise LaunchError(f"{output}: no clips table (metadata/clips-*.parquet): not a dataset this pipeline built")
-    if "transcript_text" not in table_schema_of(store, files[0]).names:
+    first = pq.ParquetFile(io.BytesIO(store.read(files[0])))
+    columns = first.schema_arrow.names
+    if "transcript_text" not in columns:
         raise LaunchError(f"{output} was built without --with_transcripts: {NO_TEXT}")
-    folder = next((row["path"].split("/", 1)[0] for row in _rows(store, files[:1])), None)
+    paths = first.read(columns=["path"]).column("path").to_pylist()[:1]
+    folder = paths[0].split("/", 1)[0] if paths else None
     if folder in (HF_DATA_DIR, SHAR_DIR):  # the layout is its own training format (options.check_values)
         raise LaunchError(
             f"{output}: NeMo and Lhotse manifests are written for clip files or tar shards, not {folder}/"
         )
     try:
-        for path in export_dataset(store, output, formats, files):
+        for path in export_dataset(store, output, formats, files, sharded="member" in columns):
             print(path, flush=True)
         note_in_dataset(store, output, formats)
     except ValueError as e:  # Lhotse asked of a sharded dataset, found before anything is written

@@ -3,8 +3,8 @@
 They run inside the job, after both tables are written, so a detached launch (a Flex Template, a scheduler
 that does not wait, a launcher that dies) still gets the card, `_RUN.json` and a clean output. The numbers
 are combined in parallel (a combiner per worker, merged), so nothing but one small accumulator meets on
-the worker that writes the files; the card needs no table read back (only `--export` reads the clips table,
-a row group at a time, to write its manifests).
+the worker that writes the files; the card needs no table read back, and the exports were written in parts by
+the workers beside the clips table (this step joins them, in the bucket).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipeline.card import ClipStats, Layout, write_card
 from pipeline.clips import KEEP
 from pipeline.elements import ClipError, ClipRecord
-from pipeline.export import export_dataset
+from pipeline.export import assemble_exports
 from pipeline.layout import FILES, export_names, name_of, path_of, tmp_path
 from pipeline.lease import release_for
 from pipeline.record import RunRecord, now, write_record
@@ -177,7 +177,14 @@ class WriteRunFiles(beam.DoFn):
         self.schemas = schemas
 
     def process(
-        self, _: Any, counted: list[RunStats], objects: int, clip_files: list, error_files: list, removed: list[int]
+        self,
+        _: Any,
+        counted: list[RunStats],
+        objects: int,
+        clip_files: list,
+        error_files: list,
+        export_parts: list,
+        removed: list[int],
     ) -> Iterator[RunRecord]:
         info = self.info
         stats = RunStats()
@@ -204,7 +211,7 @@ class WriteRunFiles(beam.DoFn):
         )
         write_card(store, info.output, record, clip_stats, errors, layout)
         if info.exports:
-            export_dataset(store, info.output, info.exports, files["clips"])
+            assemble_exports(store, info.output, info.exports, info.sharded, export_parts)
         stale = [path_of(info.output, name) for name in info.stale_exports]
         store.delete([path for path in stale if store.head(path) is not None])
         write_record(store, info.output, record)
@@ -216,7 +223,8 @@ class WriteRunFiles(beam.DoFn):
 
 
 class FinishRun(beam.PTransform):
-    """{clips, errors, earlier, clip_files, error_files, removed} -> the run record, written with the card.
+    """{clips, errors, earlier, clip_files, error_files, export_parts, removed} -> the run record, written with
+    the card.
 
     `earlier` holds the rows --append carries over from earlier runs, `removed` the counts of orphans removed.
     Each input is counted apart and merged at the end: a Flatten of them would make the in-process runner
@@ -253,6 +261,7 @@ class FinishRun(beam.PTransform):
                 side.AsSingleton(objects, default_value=0),
                 side.AsList(inputs["clip_files"]),
                 side.AsList(inputs["error_files"]),
+                side.AsList(inputs["export_parts"]),
                 side.AsList(inputs["removed"]),
             )
         )

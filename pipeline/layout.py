@@ -14,7 +14,7 @@ root (`--output`: a folder, gs://bucket/prefix or s3://bucket/prefix) joined wit
     {root}/lhotse_{cuts,...}.jsonl.gz        against its manifest's folder
     {root}/_RUN.json                         the run record, written last
     {root}/_LEASE.json                       the run holding the output (pipeline/lease.py)
-    {root}/_tmp/                             a local run's scratch files
+    {root}/_tmp/                             a local run's scratch files, and a run's export parts
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ LHOTSE, NEMO = "lhotse", "nemo"  # the exports' names (--export)
 EXPORTS = (LHOTSE, NEMO)
 RECORD_NAME = "_RUN.json"
 LEASE_NAME = "_LEASE.json"
-TMP_DIR = "_tmp"  # local disk only: readers ignore names starting with "_"
+TMP_DIR = "_tmp"  # scratch (on a bucket only the exports' parts): readers ignore names starting with "_"
+EXPORT_PARTS_DIR = f"{TMP_DIR}/exports"  # the manifests' parts, one per bundle, joined by the last step
 _SHARD = re.compile(  # shard-NNNNN.tar: an earlier version's name, renamed on a rerun
     r"(?:(?:audio_|shard-|train-)(\d+)\.(?:tar|parquet)|(?:recording|cuts)\.(\d+)\.(?:tar|jsonl\.gz))$"
 )
@@ -121,6 +122,16 @@ def export_of(name: str) -> str | None:
     if name in export_names((LHOTSE,)) or name.startswith("lhotse/"):
         return LHOTSE
     return None
+
+
+def export_part_name(manifest: str, digest: str) -> str:
+    """A worker's part of an export manifest, named for its content (a retried bundle writes the same name)."""
+    return f"{EXPORT_PARTS_DIR}/{manifest}/{digest}"
+
+
+def export_part_of(name: str) -> str:
+    """The manifest that a part (by its name) belongs to."""
+    return name[len(EXPORT_PARTS_DIR) + 1 :].split("/", 1)[0]
 
 
 def clip_path(output: str, clip_id: str, clip_format: str = "wav") -> str:

@@ -69,7 +69,7 @@ from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import shard_of
 from pipeline.sizing import shard_count
 from pipeline.storage import Store, StoreSettings, open_store
-from pipeline.table_files import WriteTable
+from pipeline.table_files import WriteExportParts, WriteTable
 
 log = logging.getLogger(__name__)
 ERRORS_NAMESPACE = "errors"
@@ -141,11 +141,12 @@ def build(
     errors.append(fetched.errors)
     out, store = settings.output, settings.store
     clips = [fetched.clips, *kept] | "AllClips" >> beam.Flatten() if kept else fetched.clips
-    clip_files = (
-        [clips, *earlier_clips]
-        | "TableClips" >> beam.Flatten()
-        | "ClipRows" >> beam.Map(tables.to_row)
-        | "WriteClips" >> WriteTable(out, "clips", schemas["clips"], store)
+    clip_rows = [clips, *earlier_clips] | "TableClips" >> beam.Flatten() | "ClipRows" >> beam.Map(tables.to_row)
+    clip_files = clip_rows | "WriteClips" >> WriteTable(out, "clips", schemas["clips"], store)
+    export_parts = (
+        clip_rows | "WriteExports" >> WriteExportParts(out, info.exports, info.sharded, store)
+        if info.exports
+        else p | "NoExports" >> beam.Create([])
     )
     all_errors = errors | "AllErrors" >> beam.Flatten() | "CountErrors" >> beam.Map(_count_error)
     error_files = (
@@ -166,6 +167,7 @@ def build(
         "earlier": [*earlier_clips, *earlier_errors] | "AllEarlier" >> beam.Flatten(pipeline=p),
         "clip_files": clip_files,
         "error_files": error_files,
+        "export_parts": export_parts,
         "removed": removed,
     }
     _ = finish | "Finish" >> FinishRun(info, schemas)

@@ -20,15 +20,18 @@ import hashlib
 import importlib.util
 import itertools
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pipeline.layout import TMP_DIR
 
 S3_SINGLE_PUT_LIMIT = 256 << 20  # larger uploads (long shards) go as multipart uploads
+S3_MIN_PART = 5 << 20  # S3's smallest part of a multipart upload (but the last)
+_COMPOSE_MAX = 32  # GCS: sources in one compose request
 CONNECTIONS = 128  # per process: above the default 64 streams, so no thread waits for a connection
 ATTEMPTS = 5  # of each storage request, the libraries' own retries with backoff
 
@@ -104,6 +107,11 @@ class Store(Protocol):
         """A whole small object (the run record, a table file); FileNotFoundError when it is not there."""
 
     def delete(self, paths: Iterable[str]) -> None: ...
+
+    def concat(self, path: str, parts: list[StoredObject], content_type: str = "") -> None:
+        """Write `path` as the parts' bytes one after another, in one publish, and delete the parts. On a bucket
+        the bytes stay in the bucket (S3's UploadPartCopy, GCS's compose): a few requests, not a download."""
+        ...
 
     def abort_uploads(self, prefix: str) -> int:
         """Abort unfinished multipart uploads under `prefix` (a killed writer's); how many."""
@@ -221,6 +229,19 @@ class LocalStore:
     def delete(self, paths: Iterable[str]) -> None:
         for path in paths:
             os.remove(path)
+
+    def concat(self, path: str, parts: list[StoredObject], content_type: str = "") -> None:
+        scratch = self.scratch_file(os.path.splitext(path)[1])
+        try:
+            with open(scratch, "wb") as out:
+                for part in parts:
+                    with open(part.path, "rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 20)
+        except OSError as e:
+            _remove(scratch)
+            raise StorageError(f"{path}: {e}") from e
+        self.put(path, file=scratch)
+        self.delete(p.path for p in parts)
 
     def abort_uploads(self, prefix: str) -> int:
         return 0
@@ -442,6 +463,59 @@ class S3Store(_BucketStore):
                         f"{first.get('Code')} {first.get('Message', '')}"
                     )
 
+    def concat(self, path: str, parts: list[StoredObject], content_type: str = "") -> None:
+        """One multipart upload: a part of S3's 5 MiB minimum that starts a part of the upload is copied in the
+        bucket (UploadPartCopy); the others are read and sent together in parts of at least that size (the
+        last may be smaller). So the larger parts first: only the small ones are read."""
+        if not parts:
+            self.put(path, b"", content_type=content_type)
+            return
+        bucket, key = split_bucket(path)
+        with translated(path):
+            upload = self.client.create_multipart_upload(
+                Bucket=bucket, Key=key, ContentType=content_type or "application/octet-stream"
+            )["UploadId"]
+            try:
+                done = self._upload_parts(bucket, key, upload, parts)
+                self.client.complete_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": done}
+                )
+            except BaseException:
+                self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
+                raise
+        self.delete(p.path for p in parts)
+
+    def _upload_parts(self, bucket: str, key: str, upload: str, parts: list[StoredObject]) -> list[dict[str, Any]]:
+        done: list[dict[str, Any]] = []
+
+        def sent(answer: dict[str, Any]) -> None:
+            done.append({"PartNumber": len(done) + 1, "ETag": answer["ETag"]})
+
+        buffer = bytearray()
+        for part in parts:
+            if not buffer and part.size >= S3_MIN_PART:
+                source = dict(zip(("Bucket", "Key"), split_bucket(part.path), strict=True))
+                copied = self.client.upload_part_copy(
+                    Bucket=bucket, Key=key, UploadId=upload, PartNumber=len(done) + 1, CopySource=source
+                )
+                sent(copied["CopyPartResult"])
+                continue
+            buffer += self.read(part.path)
+            if len(buffer) >= S3_MIN_PART:
+                sent(
+                    self.client.upload_part(
+                        Bucket=bucket, Key=key, UploadId=upload, PartNumber=len(done) + 1, Body=bytes(buffer)
+                    )
+                )
+                buffer.clear()
+        if buffer:
+            sent(
+                self.client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload, PartNumber=len(done) + 1, Body=bytes(buffer)
+                )
+            )
+        return done
+
     def abort_uploads(self, prefix: str) -> int:
         bucket, key = split_bucket(prefix)
         aborted = 0
@@ -565,6 +639,22 @@ class GcsStore(_BucketStore):
         for path in paths:
             with translated(path):
                 self._blob(path).delete()
+
+    def concat(self, path: str, parts: list[StoredObject], content_type: str = "") -> None:
+        """Compose takes 32 sources a request: the first part grows by 31 at a time (composed into itself),
+        then becomes `path` in one last compose, so no reader sees `path` half made."""
+        if not parts:
+            self.put(path, b"", content_type=content_type)
+            return
+        first, rest = parts[0].path, [self._blob(p.path) for p in parts[1:]]
+        with translated(path):
+            while len(rest) > _COMPOSE_MAX - 1:  # a new blob each time: one carries the checksum it was given
+                self._blob(first).compose([self._blob(first), *rest[: _COMPOSE_MAX - 1]])
+                rest = rest[_COMPOSE_MAX - 1 :]
+            target = self._blob(path)
+            target.content_type = content_type or "application/octet-stream"
+            target.compose([self._blob(first), *rest])
+        self.delete(p.path for p in parts)
 
     def abort_uploads(self, prefix: str) -> int:
         return 0  # an unfinished resumable upload is never visible and expires by itself

@@ -24,20 +24,23 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.layout import table_prefix
+from pipeline.export import ManifestWriter, content_type
+from pipeline.layout import export_part_name, path_of, table_prefix
 from pipeline.storage import Store, StoreSettings, open_store
 
 log = logging.getLogger(__name__)
 _BATCH = 10_000  # rows per Parquet row group
 
 
+def content_digest(scratch: str) -> str:
+    """A complete scratch file's name for its content: a retried bundle's file has the same one."""
+    with open(scratch, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def table_path(output: str, name: str, scratch: str) -> str:
     """The path of a table file, named for the content of its complete scratch file."""
-    digest = hashlib.sha256()
-    with open(scratch, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return f"{table_prefix(output, name)}{digest.hexdigest()[:16]}.parquet"
+    return f"{table_prefix(output, name)}{content_digest(scratch)}.parquet"
 
 
 class WriteTable(beam.PTransform):
@@ -88,9 +91,43 @@ class _WriteFiles(beam.DoFn):
         yield WindowedValue(path, MIN_TIMESTAMP, [GlobalWindow()])
 
 
-def table_schema_of(store: Store, path: str) -> pa.Schema:
-    """The columns of one table file (its footer, from one read of the file)."""
-    return pq.read_schema(io.BytesIO(store.read(path)))
+class WriteExportParts(beam.PTransform):
+    """Clip rows -> the paths of the export manifests' parts, one per manifest per bundle that had rows: the
+    workers write the manifests as they write the clips table, and the last step only joins the parts
+    (`export.assemble_exports`, in the bucket)."""
+
+    def __init__(self, output: str, formats: tuple[str, ...], sharded: bool, store: StoreSettings):
+        super().__init__()
+        self.output, self.formats, self.sharded, self.store = output, formats, sharded, store
+
+    def expand(self, rows):
+        return rows | "WriteParts" >> beam.ParDo(_WriteParts(self.output, self.formats, self.sharded, self.store))
+
+
+class _WriteParts(beam.DoFn):
+    def __init__(self, output: str, formats: tuple[str, ...], sharded: bool, store: StoreSettings):
+        self.output, self.formats, self.sharded, self.settings = output, formats, sharded, store
+
+    def setup(self) -> None:
+        self.store = open_store(self.output, self.settings)
+
+    def start_bundle(self) -> None:
+        self.writer: ManifestWriter | None = None
+
+    def process(self, row: dict[str, Any]) -> Iterable[str]:
+        """Nothing per row: a bundle's part paths are output when the bundle ends."""
+        if self.writer is None:
+            self.writer = ManifestWriter(self.store, self.formats, self.sharded)
+        self.writer.add(row)
+        return ()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self.writer is None:
+            return
+        for name, scratch in self.writer.close().items():
+            path = path_of(self.output, export_part_name(name, content_digest(scratch)))
+            self.store.put(path, file=scratch, content_type=content_type(name))
+            yield WindowedValue(path, MIN_TIMESTAMP, [GlobalWindow()])
 
 
 def write_empty(store: Store, output: str, name: str, schema: pa.Schema) -> str:

@@ -7,11 +7,16 @@ object_id, which are fixed columns already) under its own name and Arrow type.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import io
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.elements import NOT_COLUMNS, ClipError, ClipRecord
+
+if TYPE_CHECKING:
+    from pipeline.storage import Store
 
 # The manifest.
 OBJECT_ID = "object_id"
@@ -65,3 +70,8 @@ def to_row(element: ClipRecord | ClipError) -> dict[str, Any]:
     row = {k: v for k, v in element.columns.items() if k not in SHARED}
     row.update((f.name, getattr(element, f.name)) for f in dataclasses.fields(element) if f.name not in NOT_COLUMNS)
     return row
+
+
+def table_schema_of(store: Store, path: str) -> pa.Schema:
+    """The columns of one table file (its footer, from one read of the file)."""
+    return pq.read_schema(io.BytesIO(store.read(path)))

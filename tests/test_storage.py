@@ -77,3 +77,29 @@ def test_orphans_that_cannot_be_removed_are_logged_and_not_counted(s3_server, ca
     assert list(remove.process(f"{missing}/clips/a.wav")) == []
     assert [v.value for v in remove.finish_bundle()] == [0]
     assert "could not remove 1 file(s) no row lists, e.g. " in caplog.text and "no-such-bucket" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["local", "s3", "gcs"])
+def test_concat_publishes_the_parts_in_order_and_removes_them(kind, request, monkeypatch, tmp_path) -> None:
+    """What the exports' assembly asks of a store: 70 parts (more than GCS composes in one request), two of them
+    past S3's 5 MiB part minimum (copied in the bucket) among small ones (sent together), give one object of
+    their bytes in order; the parts are gone; no parts give an empty object."""
+    if kind == "local":
+        root, settings = str(tmp_path), StoreSettings()
+    else:
+        server = request.getfixturevalue(f"{kind}_server")
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        root, settings = server.bucket_url + f"concat-{kind}", StoreSettings.from_options(PipelineOptions(server.flags))
+    store = open_store(root, settings)
+    big = storage.S3_MIN_PART + 1
+    datas = [bytes([i]) * (big if i in (0, 1) else 1000 + i) for i in range(70)]
+    parts = []
+    for i, data in enumerate(datas):
+        store.put(f"{root}/_tmp/parts/{i:03d}", data)
+        parts.append(storage.StoredObject(f"{root}/_tmp/parts/{i:03d}", len(data)))
+    store.concat(f"{root}/whole.jsonl", parts, "application/jsonl")
+    assert store.read(f"{root}/whole.jsonl") == b"".join(datas)
+    assert list(store.list(f"{root}/_tmp/parts/")) == []
+    store.concat(f"{root}/empty.jsonl", [])
+    assert store.read(f"{root}/empty.jsonl") == b""

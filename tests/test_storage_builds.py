@@ -10,13 +10,16 @@ run; a run killed mid-way, then rerun, gives a complete dataset with nothing lef
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import os
 import signal
 import subprocess
 import tarfile
 import time
 import types
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +258,21 @@ def test_a_shard_that_cannot_be_written_is_error_rows(s3_server: StorageServer, 
     assert all("/ds/shards/audio_0000" in e["error_message"] for e in errors)
     assert clips_table(target.output).num_rows == 0
     assert not [name for name in target.objects() if name.startswith("shards/")]
+
+
+def test_exports_are_joined_in_the_bucket_from_the_workers_parts(target: Target, make_server, tmp_path: Path) -> None:
+    """--export on a bucket: the workers write the manifests in parts beside the clips table, and the last step
+    joins the parts in the bucket (S3's multipart upload, GCS's compose) instead of reading the clips table back
+    on one worker; each manifest lists every transcribed clip once, and no part is left under _tmp/."""
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows(12))
+    expect_exit(target.run(make_server(), manifest, "--with_transcripts", "--export=nemo,lhotse"), 0)
+    table_reads = [r.path for r in target.proxy.log if r.kind == "GET" and "clips-" in urllib.parse.unquote(r.path)]
+    assert table_reads == [], "the clips table was read back"
+    clips = {row["path"]: row for row in clips_table(target.output).to_pylist()}
+    assert len(clips) == 12 and all(row["transcript_text"] for row in clips.values())
+    nemo = [json.loads(line) for line in read_bytes(f"{target.output}/nemo_manifest.jsonl").splitlines()]
+    assert sorted(line["audio_filepath"] for line in nemo) == sorted(clips)
+    for name in ("recordings", "supervisions", "cuts"):
+        lines = gzip.decompress(read_bytes(f"{target.output}/lhotse_{name}.jsonl.gz")).splitlines()
+        assert sorted(json.loads(line)["id"] for line in lines) == sorted(row["clip_id"] for row in clips.values())
+    assert "_tmp" not in {name.split("/")[0] for name in target.objects()}
