@@ -69,11 +69,12 @@ proto: $(VENV)/.test  ## regenerate pipeline/wire/ from schemas/speech_service.p
 	$(BIN)/python -m grpc_tools.protoc --proto_path=pipeline/wire=schemas \
 		--python_out=. --pyi_out=. --grpc_python_out=. schemas/speech_service.proto
 
-bench: $(VENV)/.test  ## the performance benchmarks (print tables, write JSON): throughput, object storage, reruns, layouts
+bench: $(VENV)/.test  ## the performance benchmarks (print tables, write JSON): throughput, object storage, reruns, layouts, exports
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.storage
 	$(BIN)/python -m benchmarks.rerun
 	$(BIN)/python -m benchmarks.layouts
+	$(BIN)/python -m benchmarks.exports
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(LOADERS) demo-output .pytest_cache

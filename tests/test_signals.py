@@ -88,7 +88,9 @@ def test_a_signal_stops_the_run_and_a_rerun_resumes_it(sig, flags, make_server, 
     assert last.startswith(f"stopped by {sig.name}: "), done
     assert "Traceback" not in stderr, done
     in_place = clip_files(out)
-    assert re.search(rf"\b{len(in_place)} clip file\(s\) are in place", last), (last, len(in_place))
+    counted = re.search(r"\bat least (\d+) clip file\(s\) are in place", last)
+    assert counted, last  # a lower bound: a call in flight in the launcher's process may publish after the count
+    assert 50 <= int(counted.group(1)) <= len(in_place), (last, len(in_place))
     assert "--skip_existing" in last and len(in_place) < ROWS
     assert sorted(p.name for p in out.iterdir()) == ["clips"], "scratch, tables or a record left at the output"
     assert_files_match_source(in_place, rows, store)
@@ -122,5 +124,5 @@ def test_the_stop_line_counts_for_seconds_at_most() -> None:
             time.sleep(0.001)
             yield i
 
-    assert count_within(range(3), 1.0) == "3" and count_within([], 1.0) == "0"
+    assert count_within(range(3), 1.0) == "at least 3" and count_within([], 1.0) == "at least 0"
     assert count_within(slow_listing(), 0.2).startswith("more than ")  # the whole listing would take 1,000 s
