@@ -53,20 +53,6 @@ def workers_share_environment(options: PipelineOptions) -> bool:
     return (options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK"
 
 
-def local_runner(options: PipelineOptions):
-    """The runner of a plain run: Beam's in-process FnApiRunner, set up as Beam's DirectRunner sets it up
-    (the workers of --direct_running_mode multi_processing get the options), but without the DirectRunner's
-    first attempt to download and run Prism when the machine is online: the same runner online or not,
-    and the one the tests run."""
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-
-    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return fn_runner.FnApiRunner(provision_info=info)
-
-
 # Runners that return once the job is submitted and leave it running elsewhere.
 DETACHABLE = ("DataflowRunner", "PortableRunner")
 

@@ -12,9 +12,10 @@ import re
 from typing import Any
 
 import yaml
-from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.audio import FORMATS
+from pipeline.beam_internals import BeamArgumentParser, actions, option_classes
 from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CHANNELS, CLIP_FORMATS, KEEP
 from pipeline.export import NO_TEXT, parse_exports
@@ -215,10 +216,10 @@ def option_names() -> list[str]:
     """The names of this pipeline's own options."""
     parser = argparse.ArgumentParser()
     ClipOptions._add_argparse_args(parser)
-    return [a.dest for a in parser._actions if a.dest != "help"]
+    return [a.dest for a in actions(parser) if a.dest != "help"]
 
 
-class _EveryOptionParser(Parser, _BeamArgumentParser):
+class _EveryOptionParser(Parser, BeamArgumentParser):
     """Beam's parser (some Beam options are ValueProvider arguments) with one-line errors."""
 
 
@@ -226,14 +227,14 @@ def every_option_parser() -> argparse.ArgumentParser:
     """A parser of every option Beam knows: every PipelineOptions subclass's arguments, ours included, as
     Beam gathers them when it lists the options (and discards what none of them parse)."""
     parser = _EveryOptionParser(prog="python -m pipeline run", add_help=False)
-    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    for cls in option_classes():
         cls._add_argparse_args(parser)
     return parser
 
 
 def known_names(parser: argparse.ArgumentParser) -> list[str]:
     """Every option name the parser knows, without dashes (as config keys are written)."""
-    return [s.lstrip("-") for a in parser._actions for s in a.option_strings]
+    return [s.lstrip("-") for a in actions(parser) for s in a.option_strings]
 
 
 def unknown(word: str, names: list[str], what: str = "option") -> str:

@@ -20,6 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline import manifest as mf
 from pipeline import tables
+from pipeline.beam_internals import actions, in_process_runner
 from pipeline.cli import LaunchError, Parser, RunError, add_logging_options, caused_by
 from pipeline.client import DEFAULT_API_HOST
 from pipeline.elements import EARLIER, ClipError, ClipRecord, ClipRequest
@@ -42,7 +43,6 @@ from pipeline.launch import (
     check_output,
     check_workers_get_the_key,
     local_form,
-    local_runner,
     own_tempdir,
     preflight,
     probe_output,
@@ -220,7 +220,7 @@ def prepare(argv: list[str]) -> Launch:
     runner = None
     if options.view_as(StandardOptions).runner in (None, "FnApiRunner"):
         options.view_as(StandardOptions).runner = "FnApiRunner"
-        runner = local_runner(options)
+        runner = in_process_runner(options)
     opts = options.view_as(ClipOptions)
     check_values(opts)
     opts.layout = resolve_layout(opts.layout, opts.shards)  # as the record's options say it
@@ -350,7 +350,7 @@ def print_help() -> None:
         "2 the run could not start (nothing written), 3 the run failed (no run record).",
     )
     ClipOptions._add_argparse_args(parser)
-    for action in parser._actions:
+    for action in actions(parser):
         action.required = action.dest in REQUIRED
     add_dry_run(parser)
     add_logging_options(parser)

@@ -1,0 +1,51 @@
+"""Each Beam (and argparse) internal that `pipeline/beam_internals.py` relies on, used as the pipeline uses it:
+after an upgrade, a failure here names the use that broke and what it was for."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.value_provider import ValueProvider
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline import beam_internals
+from pipeline.options import ClipOptions, every_option_parser, known_names, option_names
+
+
+def test_beams_parser_still_takes_value_provider_arguments() -> None:
+    parser = beam_internals.BeamArgumentParser()
+    assert hasattr(parser, "add_value_provider_argument"), (
+        "apache_beam.options.pipeline_options._BeamArgumentParser changed: every_option_parser() cannot parse "
+        "the options that Beam declares as ValueProvider arguments"
+    )
+    parser.add_value_provider_argument("--vp")
+    assert isinstance(parser.parse_args(["--vp=x"]).vp, ValueProvider)
+
+
+def test_every_options_class_is_found_as_beam_finds_them() -> None:
+    classes = beam_internals.option_classes()
+    assert ClipOptions in classes and StandardOptions in classes, (
+        "PipelineOptions.__subclasses__() no longer lists the options classes: unknown options cannot be refused"
+    )
+    names = known_names(every_option_parser())
+    assert {"manifest", "output", "runner", "direct_num_workers"} <= set(names)
+
+
+def test_a_parsers_arguments_are_listed() -> None:
+    assert {"manifest", "output", "max_in_flight"} <= set(option_names()), (
+        "argparse.ArgumentParser._actions is gone: option_names(), known_names() and run --help need another way"
+    )
+
+
+def test_the_in_process_runner_runs_a_pipeline_with_the_options() -> None:
+    options = PipelineOptions(["--manifest=m.parquet", "--output=o"])
+    try:
+        runner = beam_internals.in_process_runner(options)
+    except (AttributeError, ImportError, TypeError) as e:
+        pytest.fail(
+            f"Beam's FnApiRunner set-up changed ({type(e).__name__}: {e}): beam_internals.in_process_runner, the "
+            "runner of every local run, must be set up another way"
+        )
+    with beam.Pipeline(runner=runner, options=options) as p:
+        assert_that(p | beam.Create([1, 2, 3]) | beam.Map(lambda x: 2 * x), equal_to([2, 4, 6]))
