@@ -78,7 +78,7 @@ def demo(argv: list[str]) -> None:
 
 def export(argv: list[str]) -> None:
     """Write Lhotse and NeMo manifests of a built dataset, from its clips table."""
-    from pipeline.export import main as export_main
+    from pipeline.export_command import main as export_main
 
     export_main(argv)
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline.cli import LaunchError
 from pipeline.clips import KEEP
-from pipeline.export import NO_TEXT
+from pipeline.export_command import NO_TEXT
 from pipeline.layout import (
     CLIPS_DIR,
     EXPORTS,

@@ -1,8 +1,9 @@
 """Training-toolkit manifests of a dataset, from its clips table: NeMo JSONL and Lhotse recordings,
 supervisions and cuts.
 
-Written by a run with `--export lhotse,nemo`, or by `python -m pipeline export DATASET`, which works on any
-dataset this pipeline built, copied or not: it reads only the clips table (in one process). In a run, each
+Written by a run with `--export lhotse,nemo`, or by `python -m pipeline export DATASET`
+(pipeline/export_command.py), which works on any dataset this pipeline built, copied or not: it reads only the
+clips table (in one process). In a run, each
 worker writes its part of every manifest as it writes its bundle of the clips table (`ManifestWriter`), and the
 last step joins the parts into each manifest in one publish (`assemble_exports`: on a bucket, in the bucket; a
 `.gz` manifest is then one gzip member per part, which gzip readers take as one stream).
@@ -33,24 +34,18 @@ import gzip
 import io
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from pipeline.card import note_exports
-from pipeline.cli import LaunchError, Parser, add_logging_options
 from pipeline.layout import (
     EXPORT_PARTS_DIR,
-    EXPORTS,
-    HF_DATA_DIR,
     LHOTSE,
     LHOTSE_FILES,
     NEMO,
     NEMO_MANIFEST,
-    SHAR_DIR,
     export_names,
     export_part_of,
     lhotse_name,
@@ -58,24 +53,11 @@ from pipeline.layout import (
     path_of,
     shard_index,
     table_prefix,
-    tmp_path,
 )
 from pipeline.record import read_record, write_record
-from pipeline.storage import Store, StoredObject, open_store
+from pipeline.storage import Store, StoredObject
 
 log = logging.getLogger(__name__)
-
-
-NO_TEXT = "its training manifests would hold no text (each pairs a clip's audio with its transcript)"
-
-
-def parse_exports(value: str | None, option: str = "--export") -> tuple[str, ...]:
-    """`lhotse,nemo` -> ("lhotse", "nemo"); a name that is not an export is a LaunchError naming `option`."""
-    names = tuple(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
-    unknown = [n for n in names if n not in EXPORTS]
-    if unknown:
-        raise LaunchError(f"{option} takes a comma-separated list of {', '.join(EXPORTS)}; got {', '.join(unknown)}")
-    return names
 
 
 def clips_table_files(store: Store, output: str) -> list[str]:
@@ -274,40 +256,3 @@ def note_in_dataset(store: Store, output: str, formats: tuple[str, ...]) -> None
     record = dataclasses.replace(record, exports=sorted({*record.exports, *export_names(formats)}))
     note_exports(store, output, record)
     write_record(store, output, record)
-
-
-def main(argv: list[str]) -> None:
-    """`python -m pipeline export DATASET [--formats lhotse,nemo]`: write the manifests of a built dataset."""
-    parser = Parser(prog="python -m pipeline export", description=main.__doc__)
-    parser.add_argument("dataset", help="the dataset's root (a run's --output): a folder, gs:// or s3://")
-    parser.add_argument("--formats", default=",".join(EXPORTS), help="comma-separated: lhotse, nemo (default: both)")
-    add_logging_options(parser)
-    args = parser.parse_args(argv)
-    formats = parse_exports(args.formats, "--formats")
-    output = args.dataset if "://" in args.dataset else os.path.abspath(args.dataset)
-    try:
-        store = open_store(output)
-    except ValueError as e:
-        raise LaunchError(str(e)) from None
-    files = clips_table_files(store, output)
-    if not files:
-        raise LaunchError(f"{output}: no clips table (metadata/clips-*.parquet): not a dataset this pipeline built")
-    first = pq.ParquetFile(io.BytesIO(store.read(files[0])))
-    columns = first.schema_arrow.names
-    if "transcript_text" not in columns:
-        raise LaunchError(f"{output} was built without --with_transcripts: {NO_TEXT}")
-    paths = first.read(columns=["path"]).column("path").to_pylist()[:1]
-    folder = paths[0].split("/", 1)[0] if paths else None
-    if folder in (HF_DATA_DIR, SHAR_DIR):  # the layout is its own training format (options.check_values)
-        raise LaunchError(
-            f"{output}: NeMo and Lhotse manifests are written for clip files or tar shards, not {folder}/"
-        )
-    try:
-        for path in export_dataset(store, output, formats, files, sharded="member" in columns):
-            print(path, flush=True)
-        note_in_dataset(store, output, formats)
-    except ValueError as e:  # Lhotse asked of a sharded dataset, found before anything is written
-        raise LaunchError(str(e)) from None
-    finally:
-        if store.local:  # the scratch files went into place, or are of no use
-            shutil.rmtree(tmp_path(output), ignore_errors=True)

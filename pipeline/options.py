@@ -18,7 +18,7 @@ from pipeline.audio import FORMATS
 from pipeline.beam_internals import BeamArgumentParser, actions, option_classes
 from pipeline.cli import LaunchError, Parser
 from pipeline.clips import CHANNELS, CLIP_FORMATS, KEEP
-from pipeline.export import NO_TEXT, parse_exports
+from pipeline.export_command import NO_TEXT, parse_exports
 from pipeline.layout import FILES, HF_PARQUET, LAYOUTS, LHOTSE, LHOTSE_SHAR, WEBDATASET
 from pipeline.transcripts import EDGE_WORDS, MOSTLY_INSIDE
 

@@ -34,7 +34,7 @@ from pipeline.existing import (
     stale_exports,
     table_schema,
 )
-from pipeline.export import parse_exports
+from pipeline.export_command import parse_exports
 from pipeline.fetch import AttachTranscripts, FetchClips, FetchShard
 from pipeline.finish import FinishRun, RunInfo
 from pipeline.interrupt import stop_on_signals
