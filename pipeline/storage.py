@@ -216,19 +216,24 @@ class LocalStore:
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         folder = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
-        for dirpath, _, names in os.walk(folder or "."):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                if path.startswith(prefix):
-                    yield StoredObject(path, os.stat(path).st_size)
+        with translated(prefix):
+            for dirpath, _, names in os.walk(folder or "."):
+                for name in names:
+                    path = os.path.join(dirpath, name)
+                    if path.startswith(prefix):
+                        yield StoredObject(path, os.stat(path).st_size)
 
     def read(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise (NotFound if isinstance(e, FileNotFoundError) else StorageError)(f"{path}: {e}") from e
 
     def delete(self, paths: Iterable[str]) -> None:
         for path in paths:
-            os.remove(path)
+            with translated(path):
+                os.remove(path)
 
     def concat(self, path: str, parts: list[StoredObject], content_type: str = "") -> None:
         scratch = self.scratch_file(os.path.splitext(path)[1])

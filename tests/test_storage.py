@@ -31,6 +31,17 @@ def test_a_bucket_without_its_library_stops_the_launch(monkeypatch, tmp_path):
         run(["--manifest=unused.parquet", "--output=s3://bucket/out"])
 
 
+def test_every_local_operation_raises_storage_error(tmp_path) -> None:
+    """As a bucket store's do: a missing file reads as NotFound (a FileNotFoundError), a delete that fails is a
+    StorageError naming the path, the OS error chained."""
+    store = storage.open_store(str(tmp_path))
+    with pytest.raises(storage.NotFound, match="nothing-here"):
+        store.read(str(tmp_path / "nothing-here"))
+    with pytest.raises(StorageError, match="gone") as raised:
+        store.delete([str(tmp_path / "gone")])
+    assert isinstance(raised.value.__cause__, FileNotFoundError)
+
+
 def test_local_store_publishes_whole_files_only(tmp_path):
     store = storage.open_store(str(tmp_path))
     path = str(tmp_path / "clips" / "a.wav")
