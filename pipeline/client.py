@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -132,6 +131,14 @@ class RetryPolicy:
         return delay
 
 
+@dataclass
+class _Call:
+    """One call's own record across its attempts, passed along (not kept per thread): the seconds it waited,
+    held back, backing off or in `hooks.before_attempt`, which its result or its error reports."""
+
+    waited_s: float = 0.0
+
+
 @dataclass(frozen=True)
 class CallHooks:
     """What a caller adds around the client's calls without the client knowing of it (the Beam step's job-wide
@@ -167,7 +174,6 @@ class GetAudioClient:
         self.timeout_per_audio_s = timeout_per_audio_s
         self.throttler = AdaptiveThrottler()
         self.hooks = CallHooks()  # set by the caller before its first call
-        self._call = threading.local()  # the seconds the current thread's call has waited
 
     def __repr__(self) -> str:
         return f"GetAudioClient(target={self.target!r}, tls={self.tls})"
@@ -184,15 +190,13 @@ class GetAudioClient:
     ) -> AudioResult:
         """Stream one clip into `sink`; raises GetAudioError when it cannot be had. Both say how long the
         call waited (held back, backing off, or in `hooks.before_attempt`), for the run's record."""
-        self._call.waited_s = 0.0
-        try:
-            result = self._get_audio(object_id, segment, sink, audio_format)
-        except GetAudioError as e:
-            e.waited_s = self._call.waited_s
-            raise
-        return dataclasses.replace(result, waited_s=self._call.waited_s)
+        call = _Call()
+        result = self._get_audio(object_id, segment, sink, audio_format, call)
+        return dataclasses.replace(result, waited_s=call.waited_s)
 
-    def _get_audio(self, object_id: str, segment: Segment, sink: AudioSink, audio_format: str) -> AudioResult:
+    def _get_audio(
+        self, object_id: str, segment: Segment, sink: AudioSink, audio_format: str, call: _Call
+    ) -> AudioResult:
         started = time.monotonic()
         stream = _Stream(sink, audio_format)
         attempt = failures = held = 0  # failures: consecutive attempts that brought no audio
@@ -203,11 +207,10 @@ class GetAudioClient:
             frames_before = stream.frames_done
             request = self._request(object_id, segment, stream, audio_format)
             duration = stream.remaining_ms if stream.info else getattr(segment, "duration_ms", None)
-            held += self._throttle_wait(attempt)
-            self._before_attempt()  # outside the try: a rate limit service's own RpcError is not GetAudio's
+            held += self._throttle_wait(attempt, call)
+            self._before_attempt(call)  # outside the try: a rate limit service's own RpcError is not GetAudio's
             try:
-                call = self._stub.GetAudio(request, timeout=self._deadline(duration))
-                stream.consume(call)
+                stream.consume(self._stub.GetAudio(request, timeout=self._deadline(duration)))
                 self.throttler.accepted()
                 return stream.result(attempt, time.monotonic() - started, held, seen)
             except grpc.RpcError as e:
@@ -215,7 +218,7 @@ class GetAudioClient:
             except _StreamBroken as e:
                 code, details = grpc.StatusCode.UNAVAILABLE, str(e)
             except _BadStream as e:
-                raise self._error(BAD_STREAM, str(e), attempt, (*seen, BAD_STREAM), object_id) from None
+                raise self._error(BAD_STREAM, str(e), attempt, (*seen, BAD_STREAM), object_id, call) from None
             seen.append(code.name)
             if stream.complete:  # every frame arrived before the error
                 return stream.result(attempt, time.monotonic() - started, held, seen)
@@ -223,7 +226,7 @@ class GetAudioClient:
             if failures == 1:
                 streak_started = time.monotonic()
             streak_s = time.monotonic() - streak_started
-            self._after_failure(code, details, failures, object_id, attempt, tuple(seen), streak_s)
+            self._after_failure(code, details, failures, object_id, call, attempt, tuple(seen), streak_s)
 
     def _request(self, object_id: str, segment: Segment, stream: _Stream, fmt: str) -> pb.GetAudioRequest:
         request = pb.GetAudioRequest(api_key=self._key.reveal(), object_id=object_id, audio_bytes_format=fmt)
@@ -236,33 +239,33 @@ class GetAudioClient:
             request.token_segment.token_start, request.token_segment.token_end = segment.token_start, segment.token_end
         return request
 
-    def _throttle_wait(self, attempt: int) -> int:
+    def _throttle_wait(self, attempt: int, call: _Call) -> int:
         """Hold a call back while the server has been refusing many (client-side adaptive throttling);
         returns how many times it was held."""
         held = 0
         while self.throttler.should_hold():
             held += 1
-            self._wait(self.retry.backoff(attempt))
+            self._wait(self.retry.backoff(attempt), call)
         return held
 
-    def _before_attempt(self) -> None:
+    def _before_attempt(self, call: _Call) -> None:
         if self.hooks.before_attempt is not None:
-            with self._waiting():
+            with self._waiting(call):
                 self.hooks.before_attempt()
 
-    def _wait(self, seconds: float) -> None:
-        with self._waiting():
+    def _wait(self, seconds: float, call: _Call) -> None:
+        with self._waiting(call):
             time.sleep(seconds)
 
     @contextlib.contextmanager
-    def _waiting(self) -> Iterator[None]:
+    def _waiting(self, call: _Call) -> Iterator[None]:
         """The block's time is the current call's waiting, and on the hooks' clock while it lasts."""
         started = time.monotonic()
         try:
             with self.hooks.clock.waiting() if self.hooks.clock else contextlib.nullcontext():
                 yield
         finally:
-            self._call.waited_s = getattr(self._call, "waited_s", 0.0) + time.monotonic() - started
+            call.waited_s += time.monotonic() - started
 
     def _after_failure(
         self,
@@ -270,6 +273,7 @@ class GetAudioClient:
         details: str,
         failures: int,
         object_id: str,
+        call: _Call,
         attempt: int | None = None,
         seen: tuple[str, ...] = (),
         streak_s: float = 0.0,
@@ -284,32 +288,34 @@ class GetAudioClient:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             self.throttler.rejected()
         if code not in self.retry.retry_codes or failures >= self.retry.max_attempts:
-            raise self._error(code.name, details, attempt, seen, object_id)
+            raise self._error(code.name, details, attempt, seen, object_id, call)
         delay = self.retry.delay(failures, streak_s)
         log.debug("GetAudio %s: %s on attempt %d, retrying in %.2fs", object_id, code.name, attempt, delay)
-        self._wait(delay)
+        self._wait(delay, call)
 
-    def _error(self, code: str, message: str, attempt: int, seen: tuple[str, ...], object_id: str) -> GetAudioError:
+    def _error(
+        self, code: str, message: str, attempt: int, seen: tuple[str, ...], object_id: str, call: _Call
+    ) -> GetAudioError:
         """The final error, with the key and anything shaped like one masked in the server's words: a server may
         echo the request, and the message goes into the errors table and the log. The object ID stays."""
-        return GetAudioError(code, self._key.mask(message, keep=(object_id,)), attempt, seen)
+        return GetAudioError(code, self._key.mask(message, keep=(object_id,)), attempt, seen, call.waited_s)
 
     # -- GetObject --------------------------------------------------------------------------------------
     def get_object(self, object_id: str) -> ObjectInfo:
         """An object's duration, channels and transcript tokens, with the same retries as GetAudio."""
         request = pb.GetObjectRequest(api_key=self._key.reveal(), object_id=object_id)
-        attempt, first_failure = 0, None
+        attempt, first_failure, call = 0, None, _Call()
         while True:
             attempt += 1
             try:
-                self._throttle_wait(attempt)
+                self._throttle_wait(attempt, call)
                 obj = self._stub.GetObject(request, timeout=self.rpc_timeout_s).object
                 self.throttler.accepted()
                 break
             except grpc.RpcError as e:
                 first_failure = first_failure or time.monotonic()
                 streak_s = time.monotonic() - first_failure
-                self._after_failure(e.code(), e.details() or "", attempt, object_id, streak_s=streak_s)
+                self._after_failure(e.code(), e.details() or "", attempt, object_id, call, streak_s=streak_s)
         return ObjectInfo(obj.object_id, obj.duration_ms, obj.num_audio_channels, _tokens(obj))
 
 

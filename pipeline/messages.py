@@ -97,13 +97,13 @@ class ObjectInfo:
 class GetAudioError(Exception):
     """A call that failed for good: `code` is the gRPC status name (or BAD_STREAM)."""
 
-    def __init__(self, code: str, message: str, attempts: int, failures: tuple[str, ...] = ()):
+    def __init__(self, code: str, message: str, attempts: int, failures: tuple[str, ...] = (), waited_s: float = 0.0):
         super().__init__(f"{code}: {message} (after {attempts} attempt{'s' if attempts != 1 else ''})")
         self.code = code
         self.message = message
         self.attempts = attempts
         self.failures = failures or (code,)  # the status of each failed attempt, in order
-        self.waited_s = 0.0  # held back by throttling or backing off after failures
+        self.waited_s = waited_s  # held back by throttling or backing off after failures
 
 
 class Secret:
