@@ -8,14 +8,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
-import soundfile as sf
 
 from pipeline.local.samples import write_sample_store
 from pipeline.local.server import Faults, LocalServer, ServerSettings
-from tests.helpers import child_env, finish_started_runs, free_port
+from tests.helpers import child_env, finish_started_runs
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401  (every module may use them)
+from tests.storage_servers import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -55,13 +54,6 @@ def make_server(store_dir):
 @pytest.fixture
 def server(make_server) -> LocalServer:
     return make_server()
-
-
-def source_frames(path: str, start_ms: int, duration_ms: int) -> np.ndarray:
-    """The store's samples for a time range, as (frames, channels) int16."""
-    audio, rate = sf.read(path, dtype="int16", always_2d=True)
-    assert rate == 16_000
-    return audio[start_ms * 16 : (start_ms + duration_ms) * 16]
 
 
 @pytest.fixture

@@ -16,9 +16,17 @@ import pytest
 
 from pipeline import elements as el
 from pipeline.local.server import LocalServer
-from tests.helpers import Result, expect_exit, read_table, run_argv, run_cli, run_pipeline, write_manifest
-from tests.test_manifest import garble
-from tests.test_pipeline import summary_numbers
+from tests.helpers import (
+    Result,
+    expect_exit,
+    garble,
+    read_table,
+    run_argv,
+    run_cli,
+    run_pipeline,
+    summary_numbers,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,23 +10,16 @@ before it starts; no secret reaches any output.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import io
-import json
 import os
 import random
-import re
 import signal
 import subprocess
-import tarfile
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -34,157 +27,30 @@ import soundfile as sf
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import __version__
-from pipeline.audio import SAMPLE_RATE, parse_wav_header
-from pipeline.local.server import Faults, LocalServer
-from tests.helpers import Result, expect_exit, read_bytes, read_table_file, run_argv, run_pipeline, start_cli
+from pipeline.audio import parse_wav_header
+from pipeline.local.server import Faults
+from tests.helpers import (
+    CARD,
+    OBJECTS,
+    TABLES,
+    as_globs,
+    check_clip,
+    check_clips_table,
+    check_record_adds_up,
+    clips_table,
+    errors_table,
+    expect_exit,
+    local_files,
+    manifest_table,
+    run_argv,
+    run_build,
+    run_record,
+    start_cli,
+    total_calls,
+    write_local_manifest,
+)
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 from tests.storage_servers import StorageServer
-
-RECORD_KEYS = {
-    "started_at",
-    "finished_at",
-    "rows",
-    "clips",
-    "errors",
-    "errors_by_code",
-    "bytes",
-    "audio_seconds",
-    "options",
-    "version",
-}
-# object_id -> duration in ms, channels (the 16 kHz objects of the sample store)
-OBJECTS = {"demo-mono": (12_000, 1), "demo-stereo": (9_000, 2), "demo-flac-3ch": (5_000, 3)}
-
-
-# -- helpers -------------------------------------------------------------------------------------------
-
-
-CARD = ("README.md", "duration_histogram.png")  # the dataset card, written before the record
-
-
-def run_build(
-    server: LocalServer, manifest: str, output: str, *flags: str, env: dict[str, str] | None = None
-) -> Result:
-    """`python -m pipeline run` over `manifest` into `output` against `server`, in this process (`env` set for
-    the run only, SONIOX_* cleared)."""
-    return run_pipeline("run", *run_argv(server, manifest, output, *flags), env=env)
-
-
-def manifest_table(rows: list[dict[str, Any]], extra: dict[str, pa.DataType] | None = None) -> pa.Table:
-    """A manifest with clip_id, object_id, both range pairs (nullable) and `extra` pass-through columns."""
-    fields = [
-        ("clip_id", pa.string()),
-        ("object_id", pa.string()),
-        ("start_ms", pa.int64()),
-        ("duration_ms", pa.int64()),
-        ("token_start", pa.int64()),
-        ("token_end", pa.int64()),
-        *(extra or {}).items(),
-    ]
-    schema = pa.schema(fields)
-    return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
-
-
-def write_local_manifest(path: Path, rows: list[dict[str, Any]], extra: dict[str, pa.DataType] | None = None) -> str:
-    pq.write_table(manifest_table(rows, extra), path)
-    return str(path)
-
-
-def table_files(output: str, name: str) -> list[str]:
-    (found,) = FileSystems.match([FileSystems.join(output, "metadata", f"{name}-*.parquet")])
-    return sorted(m.path for m in found.metadata_list)
-
-
-def clips_table(output: str) -> pa.Table:
-    return pa.concat_tables(read_table_file(path) for path in table_files(output, "clips"))
-
-
-def errors_table(output: str) -> pa.Table:
-    return pa.concat_tables(read_table_file(path) for path in table_files(output, "errors"))
-
-
-TABLES = ("metadata/clips-*.parquet", "metadata/errors-*.parquet")  # a table's files, as `as_globs` shows them
-
-
-def as_globs(names) -> list[str]:
-    """Names under an output, each table file shown as its table's glob (its id differs on every run)."""
-    return [re.sub(r"^(metadata/(?:clips|errors))-[0-9a-f]{16}\.parquet$", r"\1-*.parquet", n) for n in names]
-
-
-def run_record(output: str) -> dict[str, Any]:
-    return json.loads(read_bytes(FileSystems.join(output, "_RUN.json")))
-
-
-def local_files(root: str | Path) -> set[str]:
-    """Every file under `root`, as a path relative to it."""
-    return {
-        os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for d, _, files in os.walk(root) for f in files
-    }
-
-
-def total_calls(server: LocalServer) -> int:
-    return sum(server.calls.values())
-
-
-@functools.lru_cache(maxsize=16)
-def _source(path: str) -> np.ndarray:
-    audio, rate = sf.read(path, dtype="int16", always_2d=True)
-    assert rate == SAMPLE_RATE
-    return audio
-
-
-def check_clip(data: bytes, store: dict[str, str], object_id: str, start_ms: int, duration_ms: int) -> None:
-    """The WAV bytes are a complete 16 kHz clip, sample-identical to the store's object over the range."""
-    header = parse_wav_header(data[:4096])
-    assert header is not None and header.sample_rate == SAMPLE_RATE
-    assert len(data) == header.data_offset + header.data_bytes, "file size disagrees with its header"
-    audio, rate = sf.read(io.BytesIO(data), dtype="int16", always_2d=True)
-    assert rate == SAMPLE_RATE
-    expected = _source(store[object_id])[start_ms * 16 : (start_ms + duration_ms) * 16]
-    assert audio.shape == expected.shape, f"{object_id} {start_ms}+{duration_ms}: {audio.shape} != {expected.shape}"
-    assert np.array_equal(audio, expected), f"{object_id} {start_ms}+{duration_ms}: samples differ"
-
-
-def clip_bytes(root: str | Path, row: dict[str, Any]) -> bytes:
-    """A clips-table row's audio file: the file at its `path`, or (a sharded dataset) its `member` in that tar
-    or the `audio` bytes of its row in that Parquet shard."""
-    data = read_bytes(f"{str(root).rstrip('/')}/{row['path']}")
-    if not row.get("member"):
-        return data
-    if row["path"].endswith(".parquet"):
-        shard = pq.read_table(io.BytesIO(data), columns=["member", "audio"]).to_pylist()
-        (audio,) = [r["audio"] for r in shard if r["member"] == row["member"]]
-        assert audio["path"] == row["member"]
-        return audio["bytes"]
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return tar.extractfile(row["member"]).read()
-
-
-def check_clips_table(rows: list[dict[str, Any]], store: dict[str, str], root: str) -> None:
-    """Every row's file (its `path` relative to the dataset's root) is complete, matches its row (size, hash,
-    frames) and the source audio."""
-    for row in rows:
-        assert "://" not in row["path"] and not row["path"].startswith("/"), row["path"]
-        data = clip_bytes(root, row)
-        assert len(data) == row["num_bytes"], row["clip_id"]
-        assert hashlib.sha256(data).hexdigest() == row["sha256"], row["clip_id"]
-        assert row["sample_rate"] == SAMPLE_RATE
-        assert row["num_samples"] == row["clip_duration_ms"] * 16
-        assert row["num_channels"] == OBJECTS[row["object_id"]][1]
-        check_clip(data, store, row["object_id"], row["clip_start_ms"], row["clip_duration_ms"])
-
-
-def check_record_adds_up(record: dict[str, Any], rows: int) -> None:
-    assert set(record) >= RECORD_KEYS, f"missing keys: {RECORD_KEYS - set(record)}"
-    assert record["rows"] == rows
-    assert record["rows"] == record["clips"] + record["errors"]
-    assert record["errors"] == sum(record["errors_by_code"].values())
-    assert record["version"] == __version__
-    started = datetime.fromisoformat(record["started_at"])
-    finished = datetime.fromisoformat(record["finished_at"])
-    assert started <= finished
-
 
 # -- 1. object storage ---------------------------------------------------------------------------------
 

@@ -13,10 +13,18 @@ import pytest
 import soundfile as sf
 
 from pipeline.local.server import LocalServer
-from tests.conftest import source_frames
-from tests.helpers import expect_exit
-from tests.test_builds import clip_bytes, clips_table, errors_table, run_build, total_calls, write_local_manifest
-from tests.test_modes import run_record, time_rows
+from tests.helpers import (
+    clip_bytes,
+    clips_table,
+    errors_table,
+    expect_exit,
+    run_build,
+    run_record,
+    source_frames,
+    time_rows,
+    total_calls,
+    write_local_manifest,
+)
 
 OBJECTS = ("demo-mono", "demo-stereo", "demo-flac-3ch")  # 1, 2 and 3 channels
 
@@ -73,7 +81,7 @@ def test_a_rerun_that_changes_channels_must_overwrite(server: LocalServer, store
         audio, _ = sf.read(out / row["path"], dtype="int16", always_2d=True)
         assert np.array_equal(audio[:, 0], mixed(store, row))
     expect_exit(run_build(server, manifest, str(out), "--channels=mix", "--skip_existing"), 0)
-    assert total_calls(server) - calls == len(rows) and run_record(out).clips_skipped == len(rows)
+    assert total_calls(server) - calls == len(rows) and run_record(out)["clips_skipped"] == len(rows)
 
 
 def test_a_stopped_runs_mixed_clips_are_kept_by_a_mixed_rerun(server: LocalServer, tmp_path: Path) -> None:
@@ -85,4 +93,4 @@ def test_a_stopped_runs_mixed_clips_are_kept_by_a_mixed_rerun(server: LocalServe
     (out / "_RUN.json").unlink()
     calls = total_calls(server)
     expect_exit(run_build(server, manifest, str(out), "--channels=mix", "--skip_existing"), 0)
-    assert total_calls(server) == calls and run_record(out).clips_skipped == 6
+    assert total_calls(server) == calls and run_record(out)["clips_skipped"] == 6

@@ -11,20 +11,15 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from pipeline.__main__ import main
 from pipeline.cli import LaunchError, configure_logging
 from pipeline.options import check_flags, expand_config
 from pipeline.record import RunRecord
-from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, explain, write_manifest
+from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, demo_manifest, explain
 
-SCHEMA = pa.schema(
-    [("clip_id", pa.string()), ("object_id", pa.string()), ("start_ms", pa.int64()), ("duration_ms", pa.int64())]
-)
 KEY = "sk-test-cli-key"
 
 
@@ -48,16 +43,6 @@ def env(monkeypatch):
     for name in [n for n in os.environ if n.startswith("SONIOX_")]:
         monkeypatch.delenv(name)
     return monkeypatch
-
-
-def demo_manifest(path: Path, rows: int = 2, missing: int = 0) -> str:
-    """`rows` clips of demo-mono, then `missing` rows naming an object the store does not have."""
-    ids = ["demo-mono"] * rows + ["no-such-object"] * missing
-    rows = [
-        {"clip_id": f"c{i}", "object_id": object_id, "start_ms": 300 * i, "duration_ms": 250}
-        for i, object_id in enumerate(ids)
-    ]
-    return write_manifest(path, rows, SCHEMA)
 
 
 def exits(capsys, *argv: str) -> tuple[int, str]:

@@ -20,7 +20,7 @@ from pipeline.local.server import AudioStore, Faults, ServerSettings, SpeechServ
 from pipeline.messages import BAD_STREAM, GetAudioError, StreamInfo, TimeRange, TokenRange
 from pipeline.wire import speech_service_pb2 as pb
 from pipeline.wire import speech_service_pb2_grpc as pb_grpc
-from tests.conftest import source_frames
+from tests.helpers import source_frames
 
 FAST_RETRY = RetryPolicy(max_attempts=4, backoff_base_s=0.01, backoff_max_s=0.05, min_budget_s=0)
 

@@ -35,7 +35,7 @@ from pipeline.local.server import LocalServer, ServerSettings
 from pipeline.messages import GetAudioError, ObjectToken, StreamInfo, TimeRange, TokenRange
 from pipeline.wire import speech_service_pb2 as pb
 from pipeline.wire import speech_service_pb2_grpc as pb_grpc
-from tests.helpers import REPO, child_env
+from tests.helpers import REPO, child_env, sidecar_tokens, source_audio
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,18 +81,6 @@ def sample_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def local_server(sample_store: dict[str, str]) -> Iterator[LocalServer]:
     with LocalServer(os.path.dirname(sample_store["demo-mono"]), ServerSettings(api_key=API_KEY)) as srv:
         yield srv
-
-
-def _source(sample_store: dict[str, str], object_id: str) -> np.ndarray:
-    """The stored object's samples, int16 (frames, channels)."""
-    audio, rate = sf.read(sample_store[object_id], dtype="int16", always_2d=True)
-    assert rate == SAMPLE_RATE
-    return audio
-
-
-def _tokens(sample_store: dict[str, str], object_id: str) -> list[dict]:
-    with open(os.path.splitext(sample_store[object_id])[0] + ".json", encoding="utf-8") as f:
-        return json.load(f)["tokens"]
 
 
 # -- 1. stub drift -------------------------------------------------------------------------------------
@@ -421,7 +409,7 @@ def test_sdk_get_audio_time_range(
     duration_ms: int,
     fmt: str,
 ) -> None:
-    source = _source(sample_store, object_id)
+    source = source_audio(sample_store[object_id])
     status, data, meta = _sdk_get_audio(
         local_server, tmp_path / "clip", object_id=object_id, start_ms=start_ms, duration_ms=duration_ms, format=fmt
     )
@@ -466,9 +454,9 @@ def test_sdk_get_audio_token_range(
     token_end: int,
     fmt: str,
 ) -> None:
-    source = _source(sample_store, object_id)
+    source = source_audio(sample_store[object_id])
     total_ms = len(source) // SAMPLES_PER_MS
-    tokens = _tokens(sample_store, object_id)
+    tokens = sidecar_tokens(sample_store, object_id)
     pad = local_server.settings.token_padding_ms
     start_ms = max(0, tokens[token_start]["start_ms"] - pad)
     last = tokens[token_end - 1]
@@ -612,10 +600,14 @@ def sdk_server(
     root = tmp_path_factory.mktemp("sdk-server")
     objects = {}
     for object_id in ("demo-mono", "demo-stereo"):
-        audio = _source(sample_store, object_id)
+        audio = source_audio(sample_store[object_id])
         pcm = root / f"{object_id}.pcm"
         pcm.write_bytes(audio.astype("<i2").tobytes())
-        objects[object_id] = {"pcm": str(pcm), "channels": audio.shape[1], "tokens": _tokens(sample_store, object_id)}
+        objects[object_id] = {
+            "pcm": str(pcm),
+            "channels": audio.shape[1],
+            "tokens": sidecar_tokens(sample_store, object_id),
+        }
     config = root / "config.json"
     log = root / "requests.jsonl"
     config.write_text(
@@ -689,7 +681,7 @@ def test_our_client_against_sdk_server_time_range(
     duration_ms: int,
     fmt: str,
 ) -> None:
-    source = _source(sample_store, object_id)
+    source = source_audio(sample_store[object_id])
     sink = RecordingSink()
     result = _client(sdk_server).get_audio(object_id, TimeRange(start_ms, duration_ms), sink, fmt)
 
@@ -710,8 +702,8 @@ def test_our_client_against_sdk_server_time_range(
 def test_our_client_against_sdk_server_token_range(
     sdk_server: SdkServer, sample_store: dict[str, str], fmt: str
 ) -> None:
-    source = _source(sample_store, "demo-stereo")
-    tokens = _tokens(sample_store, "demo-stereo")
+    source = source_audio(sample_store["demo-stereo"])
+    tokens = sidecar_tokens(sample_store, "demo-stereo")
     sink = RecordingSink()
     result = _client(sdk_server).get_audio("demo-stereo", TokenRange(2, 5), sink, fmt)
 
@@ -731,7 +723,7 @@ def test_our_client_against_sdk_server_token_range(
 def test_our_client_get_object_against_sdk_server(sdk_server: SdkServer, sample_store: dict[str, str]) -> None:
     obj = _client(sdk_server).get_object("demo-mono")
     assert sdk_server.last_request() == {"api_key": API_KEY, "object_id": "demo-mono"}
-    tokens = _tokens(sample_store, "demo-mono")
+    tokens = sidecar_tokens(sample_store, "demo-mono")
     assert (obj.object_id, obj.duration_ms, obj.channels) == ("demo-mono", 12_000, 1)
     assert obj.tokens == tuple(  # the server built with the SDK's types gives every token speaker 1, confidence 0.5
         ObjectToken(idx, t["text"], t["start_ms"], t["duration_ms"], 1, 0.5) for idx, t in enumerate(tokens)

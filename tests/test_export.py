@@ -15,11 +15,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.layout import LHOTSE_FILES
-from tests.helpers import Result, read_bytes, read_table_file, run_cli, run_pipeline
+from tests.helpers import ROWS, SCHEMA, Result, build, read_bytes, read_table_file, run_build, run_cli, run_pipeline
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
-from tests.test_builds import run_build
-from tests.test_loaders import ROWS, build
-from tests.test_outputs import SCHEMA
 
 
 def export(*args: str) -> Result:

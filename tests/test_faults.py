@@ -5,16 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import threading
 import time
 
 import apache_beam as beam
 import grpc
-import numpy as np
-import pyarrow as pa
 import pytest
-import soundfile as sf
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
 from apache_beam.metrics.metric import MetricsFilter
 
@@ -25,59 +21,22 @@ from pipeline.local.server import Faults, LocalServer, ServerSettings
 from pipeline.messages import GetAudioError, TimeRange
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.throttle import AdaptiveThrottler
-from tests.conftest import source_frames
 from tests.helpers import (
-    Result,
     Started,
+    assert_clips_match_source,
     explain,
-    free_port,
-    read_table,
+    fault_manifest,
+    rows_of,
     run_argv,
+    run_build,
     run_cli,
-    run_pipeline,
-    write_manifest,
 )
-
-OBJECTS = {"demo-mono": 12_000, "demo-stereo": 9_000, "demo-flac-3ch": 5_000}
-SCHEMA = pa.schema(
-    [("clip_id", pa.string()), ("object_id", pa.string()), ("start_ms", pa.int32()), ("duration_ms", pa.int32())]
-)
-
-
-def fault_manifest(path, n: int, duration_ms: int = 300) -> list[dict]:
-    """n time-range rows spread over the sample objects, each with its own clip_id, written to `path`."""
-    rows = []
-    for i in range(n):
-        object_id = list(OBJECTS)[i % len(OBJECTS)]
-        start = (i * 37) % (OBJECTS[object_id] - duration_ms)
-        rows.append({"clip_id": f"c{i:05d}", "object_id": object_id, "start_ms": start, "duration_ms": duration_ms})
-    write_manifest(path, rows, SCHEMA)
-    return rows
-
-
-def run(manifest, output, api_host, *flags) -> Result:
-    """`python -m pipeline run`, in this process."""
-    return run_pipeline("run", *run_argv(api_host, manifest, output, *flags))
+from tests.storage_servers import free_port
 
 
 def start(manifest, output, api_host, *flags) -> Started:
     """`python -m pipeline run`, in a thread of this process, for a test that changes the server meanwhile."""
     return Started("run", *run_argv(api_host, manifest, output, *flags))
-
-
-def rows_of(output, name) -> list[dict]:
-    return read_table(output, name).to_pylist()
-
-
-def assert_clips_match_source(output, rows, store):
-    clips = {r["clip_id"]: r for r in rows_of(output, "clips")}
-    for row in rows:
-        if row["clip_id"] not in clips:
-            continue
-        audio, rate = sf.read(os.path.join(output, clips[row["clip_id"]]["path"]), dtype="int16", always_2d=True)
-        expected = source_frames(store[row["object_id"]], row["start_ms"], row["duration_ms"])
-        assert rate == 16_000 and np.array_equal(audio, expected), row["clip_id"]
-    return clips
 
 
 @pytest.fixture
@@ -174,7 +133,7 @@ def test_every_clip_completes_under_the_fault_mix(make_server, store, tmp_path):
     )
     rows = fault_manifest(tmp_path / "m.parquet", 120, duration_ms=700)
     out = tmp_path / "out"
-    done = run(tmp_path / "m.parquet", out, server.address, "--rpc_timeout_s=1", "--max_attempts=12")
+    done = run_build(server.address, tmp_path / "m.parquet", out, "--rpc_timeout_s=1", "--max_attempts=12")
     assert done.returncode == 0, explain(done)
     clips = assert_clips_match_source(out, rows, store)
     assert len(clips) == len(rows) and rows_of(out, "errors") == []
@@ -194,7 +153,7 @@ def test_time_held_back_reaches_beams_throttling_counter(make_server, tmp_path):
     for fraction in (0.0, 0.6):
         server = make_server(Faults(throttle_fraction=fraction, seed=3))
         out = tmp_path / f"out-{fraction}"
-        done = run(tmp_path / "m.parquet", out, server.address, "--max_attempts=20", "--max_error_ratio=1")
+        done = run_build(server.address, tmp_path / "m.parquet", out, "--max_attempts=20", "--max_error_ratio=1")
         assert done.returncode == 0, explain(done)
         record = json.loads((out / "_RUN.json").read_text())
         assert record["clips"] == 40, record
@@ -245,7 +204,7 @@ def test_permanent_errors_are_tried_exactly_once(make_server, tmp_path, code):
     server = make_server(Faults(fail_fraction=1.0, fail_code=grpc.StatusCode[code]))
     rows = fault_manifest(tmp_path / "m.parquet", 6)
     out = tmp_path / "out"
-    done = run(tmp_path / "m.parquet", out, server.address, "--max_error_ratio=1")
+    done = run_build(server.address, tmp_path / "m.parquet", out, "--max_error_ratio=1")
     assert done.returncode == 0, explain(done)
     errors = rows_of(out, "errors")
     assert sorted(e["clip_id"] for e in errors) == [r["clip_id"] for r in rows]
@@ -331,7 +290,7 @@ def test_a_service_that_answers_the_key_check_then_fails_every_call_ends_with_er
     server = make_server(Faults(fail_fraction=1.0, fail_code=grpc.StatusCode.UNAVAILABLE))
     rows = fault_manifest(tmp_path / "m.parquet", 5)
     out = tmp_path / "out"
-    done = run(tmp_path / "m.parquet", out, server.address, "--max_attempts=3")
+    done = run_build(server.address, tmp_path / "m.parquet", out, "--max_attempts=3")
     assert done.returncode == 1, explain(done)  # every row failed: over --max_error_ratio
     errors = rows_of(out, "errors")
     assert sorted(e["clip_id"] for e in errors) == [r["clip_id"] for r in rows]

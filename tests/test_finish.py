@@ -23,9 +23,18 @@ from pipeline.options import ClipOptions
 from pipeline.record import now
 from pipeline.run import build, fetch_settings
 from pipeline.storage import StoreSettings
-from tests.helpers import Result, child_env, expect_exit, recorded_table, run_argv, run_cli
-from tests.test_builds import check_clips_table, local_files, run_build
-from tests.test_builds import write_local_manifest as write_manifest
+from tests.helpers import (
+    Result,
+    check_clips_table,
+    child_env,
+    expect_exit,
+    local_files,
+    recorded_table,
+    run_argv,
+    run_build,
+    run_cli,
+    write_local_manifest,
+)
 
 
 def rows(n: int) -> list[dict]:
@@ -38,7 +47,7 @@ def rows(n: int) -> list[dict]:
 def test_the_job_writes_its_own_card_and_record(server, store, tmp_path: Path) -> None:
     """The graph alone, run with no launcher code after it (as a detached Dataflow job or a Flex Template
     launch would be): the card, the record and both tables are there, and the numbers add up."""
-    manifest = mf.inspect_manifest(write_manifest(tmp_path / "m.parquet", rows(12)))
+    manifest = mf.inspect_manifest(write_local_manifest(tmp_path / "m.parquet", rows(12)))
     out = str(tmp_path / "out")
     options = PipelineOptions([f"--manifest={manifest.files[0]}", f"--output={out}", f"--api_host={server.address}"])
     settings = fetch_settings(options.view_as(ClipOptions), manifest, StoreSettings())
@@ -69,7 +78,7 @@ def test_each_table_is_exactly_this_runs_files(make_server, store, tmp_path: Pat
     retried bundle leaves, are removed); files are named for their content; a table with no rows gets one
     empty file with its columns."""
     server = make_server()
-    manifest = write_manifest(tmp_path / "m.parquet", rows(20)[:-1])  # no row fails
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows(20)[:-1])  # no row fails
     out = tmp_path / "out"
     expect_exit(run_build(server, manifest, str(out)), 0)
     first = json.loads((out / "_RUN.json").read_text())
@@ -104,7 +113,7 @@ def test_a_plain_run_never_tries_prism(server, tmp_path: Path, monkeypatch) -> N
 
     monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", refuse)
     monkeypatch.setenv("SONIOX_API_KEY", "any")  # the local server takes any key
-    manifest = write_manifest(tmp_path / "m.parquet", rows(3))
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows(3))
     out = str(tmp_path / "out")
     flags = [f"--manifest={manifest}", f"--output={out}", f"--api_host={server.address}", "--max_error_ratio=1"]
     summary, _ = run(flags)
@@ -148,7 +157,7 @@ def multi_processing_run(store_dir: str, tmp_path_factory: pytest.TempPathFactor
     spy_dir.mkdir()
     (spy_dir / "sitecustomize.py").write_text(SPY)
     path = tmp_path / "m.parquet"
-    write_manifest(path, rows(40))
+    write_local_manifest(path, rows(40))
     pq.write_table(pq.read_table(path), path, row_group_size=5)  # 9 row groups
     out = tmp_path / "out"
     flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", "--max_error_ratio=1"]
@@ -193,7 +202,7 @@ def test_portable_runner_with_an_external_worker_pool(make_server, store, worker
     server = make_server(api_key="pool-key")
     key_file = tmp_path / "key"
     key_file.write_text("pool-key")
-    manifest = write_manifest(tmp_path / "m.parquet", rows(6))
+    manifest = write_local_manifest(tmp_path / "m.parquet", rows(6))
     out = tmp_path / "out"
     flags = [*worker_pool, f"--api_key_file={key_file}", "--max_error_ratio=1"]
     expect_exit(run_cli("run", *run_argv(server, manifest, out, *flags), env=child_env(SONIOX_API_KEY="")), 0)

@@ -16,24 +16,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.launch import stream_bound
 from pipeline.local.server import LocalServer
-from tests.helpers import child_env, expect_exit, explain, free_port, run_argv, run_cli
-from tests.test_cli import demo_manifest
+from tests.helpers import child_env, demo_manifest, expect_exit, explain, run_argv, run_cli, tree
+from tests.storage_servers import free_port
 
 # The runner modes that run on this machine: Beam's in-process runner (one process, or several), and the
 # portable runner with an external SDK worker pool, as Dataflow runs workers.
 IN_PROCESS = []
 MULTI_PROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-
-
-def tree(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under `root` with its size and mtime: what "nothing written or deleted" compares."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            st = os.stat(path)
-            found[os.path.relpath(path, root)] = (st.st_size if name in files else 0, st.st_mtime_ns)
-    return found
 
 
 def dry_run(server: LocalServer, manifest: str, out: Path, *flags: str, dry: str = "--dry_run"):

@@ -17,18 +17,20 @@ import pytest
 import soundfile as sf
 
 from pipeline.local.server import LocalServer
-from tests.conftest import source_frames
-from tests.helpers import expect_exit
-from tests.test_builds import (
+from tests.helpers import (
     check_clips_table,
     clip_bytes,
     clips_table,
     errors_table,
+    expect_exit,
+    ids,
     run_build,
+    run_record,
+    source_frames,
+    time_rows,
     total_calls,
     write_local_manifest,
 )
-from tests.test_modes import ids, run_record, time_rows
 
 HF = ("--layout=hf-parquet", "--shards=3")
 
@@ -102,7 +104,7 @@ def test_a_rerun_rewrites_only_the_parquet_shard_that_changes(
     clips = clips_table(str(out)).to_pylist()
     assert ids(clips) == ids(rows) and len(shard_rows(out)) == len(rows)
     check_clips_table(clips, store, str(out))
-    assert (run_record(out).clips_written, run_record(out).clips_skipped) == (1, 11)
+    assert (run_record(out)["clips_written"], run_record(out)["clips_skipped"]) == (1, 11)
 
 
 def _files(out: Path) -> dict[str, tuple[int, int]]:
@@ -115,12 +117,12 @@ def test_the_shard_count_comes_from_the_target_size_and_stays_for_reruns(server:
     out = tmp_path / "out"
     manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(12, objects=("demo-mono",)))
     expect_exit(run_build(server, manifest, str(out), "--layout=webdataset", "--shard_mb=0.024"), 0)
-    assert run_record(out).options["shards"] == 4 and run_record(out).options["layout"] == "webdataset"
+    assert run_record(out)["options"]["shards"] == 4 and run_record(out)["options"]["layout"] == "webdataset"
     names = sorted(p.name for p in (out / "shards").iterdir())
     assert 1 < len(names) <= 4 and set(names) <= {f"audio_0000{i}.tar" for i in range(4)}
     calls = total_calls(server)
     expect_exit(run_build(server, manifest, str(out), "--layout=webdataset", "--shard_mb=0.01", "--skip_existing"), 0)
-    assert total_calls(server) == calls and run_record(out).options["shards"] == 4
+    assert total_calls(server) == calls and run_record(out)["options"]["shards"] == 4
     assert sorted(p.name for p in (out / "shards").iterdir()) == names
 
 
@@ -242,4 +244,4 @@ def test_overwrite_into_another_layout_removes_the_earlier_layouts_files(server:
     assert len(list((out / "clips").iterdir())) == 5
     expect_exit(run_build(server, manifest, str(out), *HF, "--overwrite"), 0)
     assert not list((out / "clips").iterdir()) and len(shard_rows(out)) == 5
-    assert run_record(out).clips_removed == 5
+    assert run_record(out)["clips_removed"] == 5

@@ -46,22 +46,29 @@ from pipeline.options import ClipOptions
 from pipeline.record import now
 from pipeline.run import build, fetch_settings
 from pipeline.storage import Precondition, Store, StoreSettings, open_store
-from tests.helpers import CHILD_TIMEOUT_S, Result, child_env, expect_exit, explain, run_argv, run_cli, start_cli
-from tests.storage_servers import StorageServer, gcs_bucket
-from tests.test_builds import (
+from tests.helpers import (
     CARD,
+    CHILD_TIMEOUT_S,
     TABLES,
+    Result,
     as_globs,
     check_clips_table,
+    child_env,
     clips_table,
     errors_table,
+    expect_exit,
+    explain,
     local_files,
     read_bytes,
+    run_argv,
     run_build,
+    run_cli,
     run_record,
+    start_cli,
+    tree,
     write_local_manifest,
 )
-from tests.test_launch import tree
+from tests.storage_servers import StorageServer, gcs_bucket
 
 LATENCY_S = 0.5  # per GetAudio call: the first run is still fetching when the second starts
 IN_FLIGHT = 4

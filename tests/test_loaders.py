@@ -15,40 +15,15 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from tests.test_outputs import SCHEMA, run
-
-ROWS = [  # the trainer's columns: `language` on most rows, `speaker` on one
-    {"clip_id": "mono-time", "object_id": "demo-mono", "start_ms": 1000, "duration_ms": 2500, "language": "en"},
-    {"clip_id": "mono-silence", "object_id": "demo-mono", "start_ms": 0, "duration_ms": 250},  # before any word
-    {"clip_id": "stereo-time", "object_id": "demo-stereo", "start_ms": 2222, "duration_ms": 1111, "language": "de"},
-    {"clip_id": "three-tokens", "object_id": "demo-flac-3ch", "token_start": 0, "token_end": 3, "speaker": "ann"},
-    {"clip_id": "untranscribed", "object_id": "demo-44k-notokens", "start_ms": 500, "duration_ms": 1000},
-    {"clip_id": None, "object_id": "demo-stereo", "start_ms": 0, "duration_ms": 700},
-    {"clip_id": "missing", "object_id": "no-such-object", "start_ms": 0, "duration_ms": 700},
-]
-
-
-def build(make_server, tmp_path, name: str, *flags: str) -> str:
-    """A dataset built with `flags`, copied to `{name}-copy` with the original deleted: the copy's path."""
-    manifest = tmp_path / f"{name}.parquet"
-    schema = SCHEMA.append(pa.field("language", pa.string())).append(pa.field("speaker", pa.string()))
-    pq.write_table(pa.Table.from_pylist(ROWS, schema), manifest)
-    original = tmp_path / name
-    run(make_server(), manifest, original, "--max_error_ratio=0.5", *flags)
-    copy = tmp_path / f"{name}-copy"
-    shutil.copytree(original, copy)
-    shutil.rmtree(original)
-    return str(copy)
+from tests.helpers import build
 
 
 def table(root: str) -> list[dict]:

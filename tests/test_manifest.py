@@ -31,13 +31,13 @@ from pipeline.manifest import (
     validate_row,
 )
 from pipeline.tables import RANGE_COLUMNS
+from tests.helpers import UNREADABLE, garble
 
 pytestmark = pytest.mark.timeout(60)
 
 WHERE = "gs://bucket/manifest/part-7.parquet row 41"
 INT32_MAX = 2**31 - 1
 FLOAT64 = pa.float64()
-UNREADABLE = (OSError, pa.ArrowException)  # what pyarrow raises for garbled pages or footers
 
 
 def row(**values) -> dict:
@@ -510,25 +510,6 @@ def test_the_smallest_int64_is_read_and_refused_as_a_range(tmp_path):
     ((where, r),) = read_rows(inspect_manifest(path))
     assert r["start_ms"] == -(2**63)
     assert validate_row((where, r)).error_code == el.INVALID_RANGE
-
-
-def garble(path: str, names: set[str] | None = None, groups: set[int] | None = None) -> None:
-    """Overwrite the middle of the pages of columns `names` (None: all) in row groups `groups` (None: all),
-    leaving the footer (the schema, the row counts) intact; check that those pages are really unreadable."""
-    meta = pq.ParquetFile(path).metadata
-    data = bytearray(Path(path).read_bytes())
-    for g in range(meta.num_row_groups) if groups is None else groups:
-        for c in range(meta.num_columns):
-            chunk = meta.row_group(g).column(c)
-            if names is None or chunk.path_in_schema in names:
-                start = chunk.dictionary_page_offset or chunk.data_page_offset
-                size = chunk.total_compressed_size
-                data[start + size // 4 : start + size - size // 4] = b"\xa5" * (size - 2 * (size // 4))
-    Path(path).write_bytes(bytes(data))
-    parquet = pq.ParquetFile(path)
-    for g in range(meta.num_row_groups) if groups is None else groups:
-        with pytest.raises(UNREADABLE):
-            parquet.read_row_group(g, columns=None if names is None else list(names))
 
 
 def test_only_float_range_columns_are_read_past_the_first_row_group_at_launch(tmp_path):

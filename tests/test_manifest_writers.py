@@ -27,9 +27,19 @@ from pipeline.ids import derive_clip_id
 from pipeline.local.server import LocalServer
 from pipeline.manifest import inspect_manifest
 from pipeline.tables import RANGE_COLUMNS
-from tests.helpers import REPO, expect_exit, read_table, run_argv, run_pipeline, write_manifest
-from tests.test_builds import check_record_adds_up, run_record
-from tests.test_pipeline import check_clip, segment_of, summary_numbers
+from tests.helpers import (
+    REPO,
+    check_clip_row,
+    check_record_adds_up,
+    expect_exit,
+    read_table,
+    run_argv,
+    run_pipeline,
+    run_record,
+    segment_of,
+    summary_numbers,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,7 +116,7 @@ def test_manifest_of_each_writer_runs_end_to_end(writer: str, server, store, tmp
     assert set(by_id) == set(CLIP_IDS)
     for clip_id, index in CLIP_IDS.items():
         row = ROWS[index]
-        check_clip(out, by_id[clip_id], row, store, server.settings.token_padding_ms)
+        check_clip_row(out, by_id[clip_id], row, store, server.settings.token_padding_ms)
         assert [by_id[clip_id][n] for n in (*RANGE_COLUMNS, "speaker")] == [row[n] for n in (*RANGE_COLUMNS, "speaker")]
 
     errors = read_table(out, "errors").to_pylist()
@@ -168,7 +178,7 @@ def test_doc_snippet_writes_a_manifest_that_runs(
     assert (numbers["rows"], numbers["clips"], numbers["errors"]) == (len(rows), len(rows), 0)
     for clip in read_table(out, "clips").to_pylist():
         (row,) = [r for r in rows if _clip_id(r) == clip["clip_id"]]
-        check_clip(out, clip, row, store, server.settings.token_padding_ms)
+        check_clip_row(out, clip, row, store, server.settings.token_padding_ms)
 
 
 def _clip_id(row: dict[str, Any]) -> str:

@@ -26,42 +26,28 @@ import pytest
 
 from pipeline.audio import parse_wav_header
 from pipeline.local.server import LocalServer, ServerSettings
-from pipeline.record import RunRecord
 from pipeline.storage import LocalStore
-from tests.helpers import Result, expect_exit, run_argv, run_pipeline
-from tests.test_builds import (
+from tests.helpers import (
+    Result,
     check_clips_table,
     clips_table,
     errors_table,
+    expect_exit,
+    ids,
     local_files,
+    run_argv,
     run_build,
+    run_pipeline,
+    run_record,
+    time_rows,
     total_calls,
     write_local_manifest,
 )
 
-OBJECT_MS = {"demo-mono": 12_000, "demo-stereo": 9_000, "demo-flac-3ch": 5_000}  # the sample store's 16 kHz objects
 MODE_FLAGS = ("--skip_existing", "--append", "--overwrite")
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-
-
-def time_rows(
-    n: int, prefix: str = "c", first: int = 0, objects: tuple[str, ...] = tuple(OBJECT_MS), duration_ms: int = 250
-) -> list[dict[str, Any]]:
-    """`n` time-range rows over `objects`, clip_ids `{prefix}{i:03d}` for i from `first`."""
-    rows = []
-    for i in range(first, first + n):
-        object_id = objects[i % len(objects)]
-        start = (i * 211) % (OBJECT_MS[object_id] - duration_ms)
-        rows.append(
-            {"clip_id": f"{prefix}{i:03d}", "object_id": object_id, "start_ms": start, "duration_ms": duration_ms}
-        )
-    return rows
-
-
-def ids(rows: list[dict[str, Any]]) -> list[str]:
-    return sorted(r["clip_id"] for r in rows)
 
 
 def table_ids(output: Path) -> list[str]:
@@ -98,10 +84,6 @@ def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
             st = os.stat(os.path.join(folder, name))
             found[os.path.normpath(os.path.join(rel, name))] = (st.st_size, st.st_mtime_ns)
     return found
-
-
-def run_record(output: Path) -> RunRecord:
-    return RunRecord.from_bytes((output / "_RUN.json").read_bytes())
 
 
 def one_error(proc: Result) -> str:
@@ -204,10 +186,10 @@ def test_retry_failures_with_append_keeps_every_row(
     assert {name: file_ids(out)[name] for name in kept_files} == kept_files, "kept clip files were rewritten"
 
     record = run_record(out)
-    assert record.mode == "append"
-    assert (record.rows, record.clips_written, record.clips_kept, record.clips_skipped) == (3, 3, 9, 0)
-    assert (record.errors, record.errors_kept, record.clips_removed) == (0, 0, 0)
-    assert record.clips + record.errors + record.errors_kept == len(rows)
+    assert record["mode"] == "append"
+    assert (record["rows"], record["clips_written"], record["clips_kept"], record["clips_skipped"]) == (3, 3, 9, 0)
+    assert (record["errors"], record["errors_kept"], record["clips_removed"]) == (0, 0, 0)
+    assert record["clips"] + record["errors"] + record["errors_kept"] == len(rows)
 
 
 # -- --skip_existing -----------------------------------------------------------------------------------
@@ -239,9 +221,9 @@ def test_skip_existing_rerun_makes_no_call_and_matches_the_manifest(
     assert {n: after[n] for n in wav_names(ids(a[:15]))} == {n: before[n] for n in wav_names(ids(a[:15]))}
 
     record = run_record(out)
-    assert record.mode == "skip_existing"
-    assert (record.rows, record.clips_skipped, record.clips_written, record.clips_removed) == (20, 15, 5, 5)
-    assert (record.clips_kept, record.errors) == (0, 0)
+    assert record["mode"] == "skip_existing"
+    assert (record["rows"], record["clips_skipped"], record["clips_written"], record["clips_removed"]) == (20, 15, 5, 5)
+    assert (record["clips_kept"], record["errors"]) == (0, 0)
 
 
 def test_skip_existing_refetches_a_clip_whose_request_changed(
@@ -269,7 +251,7 @@ def test_skip_existing_refetches_a_clip_whose_request_changed(
     name = f"{changed['clip_id']}.wav"
     assert {n: v for n, v in after.items() if n != name} == {n: v for n, v in before.items() if n != name}
     record = run_record(out)
-    assert (record.clips_written, record.clips_skipped, record.clips_removed) == (1, 9, 0)
+    assert (record["clips_written"], record["clips_skipped"], record["clips_removed"]) == (1, 9, 0)
 
 
 def test_verify_existing_replaces_a_same_size_damaged_clip(
@@ -294,7 +276,7 @@ def test_verify_existing_replaces_a_same_size_damaged_clip(
     expect_exit(run_build(server, manifest, str(out), "--skip_existing"), 0)
     assert total_calls(server) == calls
     assert damaged.read_bytes() == bytes(data)
-    assert run_record(out).clips_skipped == 10
+    assert run_record(out)["clips_skipped"] == 10
 
     before = file_ids(out)
     expect_exit(run_build(server, manifest, str(out), "--skip_existing", "--verify_existing"), 0)
@@ -308,7 +290,7 @@ def test_verify_existing_replaces_a_same_size_damaged_clip(
     after = file_ids(out)
     assert {n: v for n, v in after.items() if n != "c003.wav"} == {n: v for n, v in before.items() if n != "c003.wav"}
     record = run_record(out)
-    assert (record.clips_written, record.clips_skipped, record.clips_removed) == (1, 9, 0)
+    assert (record["clips_written"], record["clips_skipped"], record["clips_removed"]) == (1, 9, 0)
 
 
 # -- --overwrite ---------------------------------------------------------------------------------------
@@ -328,7 +310,7 @@ def test_overwrite_replaces_the_dataset(server: LocalServer, store: dict[str, st
     assert errors_table(str(out)).num_rows == 0
     assert clip_files(out) == wav_names(ids(b)), "clip files of the replaced dataset are still there"
     check_clips_table(clips, store, str(out))
-    assert run_record(out).mode == "overwrite"
+    assert run_record(out)["mode"] == "overwrite"
 
     # The same manifest again: everything is fetched again, nothing kept.
     calls = total_calls(server)
@@ -338,7 +320,7 @@ def test_overwrite_replaces_the_dataset(server: LocalServer, store: dict[str, st
     assert ids(clips) == ids(b) and {r["attempts"] for r in clips} == {1}
     check_clips_table(clips, store, str(out))
     record = run_record(out)
-    assert (record.clips_written, record.clips_skipped, record.clips_kept) == (len(b), 0, 0)
+    assert (record["clips_written"], record["clips_skipped"], record["clips_kept"]) == (len(b), 0, 0)
 
 
 # -- the run record ------------------------------------------------------------------------------------
@@ -351,23 +333,24 @@ def test_record_names_are_relative_and_survive_a_copy(server: LocalServer, tmp_p
     flags = ("--max_error_ratio=0.5", "--with_transcripts", "--export=nemo")
     expect_exit(run_build(server, manifest, str(out), *flags), 0)
     record = run_record(out)
-    assert record.mode == "new"
-    assert record.clips_table and record.errors_table and record.exports
-    names = [*record.clips_table, *record.errors_table, *record.exports]
+    assert record["mode"] == "new"
+    assert record["clips_table"] and record["errors_table"] and record["exports"]
+    names = [*record["clips_table"], *record["errors_table"], *record["exports"]]
     for name in names:
         assert not name.startswith("/") and "://" not in name and not os.path.isabs(name), name
-    assert all(n.startswith("metadata/clips-") for n in record.clips_table), record.clips_table
-    assert all(n.startswith("metadata/errors-") for n in record.errors_table), record.errors_table
+    assert all(n.startswith("metadata/clips-") for n in record["clips_table"]), record["clips_table"]
+    assert all(n.startswith("metadata/errors-") for n in record["errors_table"]), record["errors_table"]
 
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shutil.rmtree(out)  # a name that only resolves under the original fails now
-    assert sum(pq.read_table(copy / name).num_rows for name in record.clips_table) == 8
-    errors = [pq.read_table(copy / name) for name in record.errors_table]
+    assert sum(pq.read_table(copy / name).num_rows for name in record["clips_table"]) == 8
+    errors = [pq.read_table(copy / name) for name in record["errors_table"]]
     assert [r["clip_id"] for t in errors for r in t.to_pylist()] == ["gone"]
-    for name in record.exports:
+    for name in record["exports"]:
         assert (copy / name).is_file(), name
-    assert {n for n in local_files(copy) if n.startswith("metadata/")} == {*record.clips_table, *record.errors_table}
+    tables = {*record["clips_table"], *record["errors_table"]}
+    assert {n for n in local_files(copy) if n.startswith("metadata/")} == tables
 
 
 # -- the options ---------------------------------------------------------------------------------------
@@ -420,8 +403,8 @@ def test_first_run_needs_no_mode_and_makes_no_probe(
     assert ids(clips) == ids(rows)
     check_clips_table(clips, store, str(out))
     record = run_record(out)
-    assert record.mode == "new"
-    assert (record.clips_written, record.clips_skipped, record.clips_removed) == (len(rows), 0, 0)
+    assert record["mode"] == "new"
+    assert (record["clips_written"], record["clips_skipped"], record["clips_removed"]) == (len(rows), 0, 0)
 
 
 # -- tar shards ------------------------------------------------------------------------------------------
@@ -475,7 +458,7 @@ def test_sharded_rerun_rebuilds_only_the_shard_with_a_stale_clip(
     assert by_id[changed["clip_id"]]["attempts"] > 0 and f"shards/{rebuilt[0]}" == by_id[changed["clip_id"]]["path"]
     check_clips_table(clips, store, str(out))  # every clip read out of its shard equals the source
     record = run_record(out)
-    assert (record.clips_written, record.clips_skipped, record.clips_removed) == (1, 23, 0)
+    assert (record["clips_written"], record["clips_skipped"], record["clips_removed"]) == (1, 23, 0)
 
     # Drop a shard's every clip and one clip of another: the first shard goes, the other is rebuilt without it.
     first_shard = sorted(before)[0]
@@ -492,7 +475,7 @@ def test_sharded_rerun_rebuilds_only_the_shard_with_a_stale_clip(
     assert ids(clips) == ids(left)
     check_clips_table(clips, store, str(out))
     assert not any(dropped["clip_id"].replace(".", "~") in m for ms in shard_members(out).values() for m in ms)
-    assert run_record(out).clips_removed == 1
+    assert run_record(out)["clips_removed"] == 1
 
 
 def test_append_into_shards_keeps_the_earlier_clips_in_their_shards(
@@ -509,7 +492,7 @@ def test_append_into_shards_keeps_the_earlier_clips_in_their_shards(
     assert ids(clips) == ids(first + second)
     check_clips_table(clips, store, str(out))
     record = run_record(out)
-    assert (record.rows, record.clips_written, record.clips_kept) == (6, 6, 10)
+    assert (record["rows"], record["clips_written"], record["clips_kept"]) == (6, 6, 10)
 
 
 def as_an_earlier_version_named_it(out: Path) -> None:
@@ -564,7 +547,7 @@ def test_exports_are_listed_kept_current_and_replaced(server: LocalServer, tmp_p
 
     done = run_pipeline("export", str(out), "--formats=nemo")
     expect_exit(done, 0)
-    assert run_record(out).exports == ["nemo_manifest.jsonl"]
+    assert run_record(out)["exports"] == ["nemo_manifest.jsonl"]
     card = (out / "README.md").read_text()
     assert "  nemo_manifest.jsonl" in card and "manifest_filepath: {root}/nemo_manifest.jsonl" in card, card
     assert card.count("## Files") == 1 and card.count("## Loading") == 1 and not card.endswith("\n\n")
@@ -576,10 +559,10 @@ def test_exports_are_listed_kept_current_and_replaced(server: LocalServer, tmp_p
     assert "the dataset has nemo manifests" in done.stderr and "--with_transcripts" in done.stderr, done.stderr
     expect_exit(run_build(server, manifest, str(out), "--skip_existing", transcripts), 0)
     assert nemo_paths(out) == wav_names_in_clips(ids(second)), "the rerun refreshed the NeMo manifest"
-    assert run_record(out).exports == ["nemo_manifest.jsonl"]
+    assert run_record(out)["exports"] == ["nemo_manifest.jsonl"]
 
     expect_exit(run_build(server, manifest, str(out), "--overwrite"), 0)
-    assert not (out / "nemo_manifest.jsonl").exists() and run_record(out).exports == []
+    assert not (out / "nemo_manifest.jsonl").exists() and run_record(out)["exports"] == []
     assert "nemo_manifest.jsonl" not in (out / "README.md").read_text()
 
 
@@ -599,7 +582,7 @@ def test_a_rerun_moves_lhotse_manifests_an_earlier_version_wrote_under_lhotse(
     (out / "_RUN.json").write_text(json.dumps(record))
     expect_exit(run_build(server, manifest, str(out), "--with_transcripts", "--skip_existing"), 0)
     assert not list((out / "lhotse").iterdir()) and len(list(out.glob("lhotse_*.jsonl.gz"))) == 3
-    assert sorted(run_record(out).exports) == sorted(
+    assert sorted(run_record(out)["exports"]) == sorted(
         f"lhotse_{p}.jsonl.gz" for p in ("recordings", "supervisions", "cuts")
     )
 
@@ -625,7 +608,7 @@ def test_a_clip_whose_size_or_file_changed_is_fetched_again(
     assert total_calls(server) - calls == 2
     assert clip_lookups == [], "a clip was looked at"
     check_clips_table(clips_table(str(out)).to_pylist(), store, str(out))
-    assert (run_record(out).clips_written, run_record(out).clips_skipped) == (2, 6)
+    assert (run_record(out)["clips_written"], run_record(out)["clips_skipped"]) == (2, 6)
 
 
 def test_verify_existing_finds_a_damaged_member_of_a_shard(

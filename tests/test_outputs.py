@@ -12,13 +12,11 @@ import sys
 import tarfile
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from tests.conftest import source_frames
-from tests.helpers import expect_exit, read_table, run_argv, run_pipeline, write_manifest
+from tests.helpers import SCHEMA, run, segment_of, served_range, sidecar_tokens, source_frames, write_manifest
 
 PADDING_MS = 100  # the server's default token padding
 
@@ -31,39 +29,9 @@ ROWS = [
 ]
 
 
-SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("object_id", pa.string()),
-        ("start_ms", pa.int32()),
-        ("duration_ms", pa.int32()),
-        ("token_start", pa.int32()),
-        ("token_end", pa.int32()),
-    ]
-)
-
-
-def run(server, manifest, out, *flags):
-    """`python -m pipeline run`, in this process; the clips table by object_id:clip_id."""
-    done = run_pipeline("run", *run_argv(server, manifest, out, *flags))
-    expect_exit(done, 0)
-    return {r["object_id"] + ":" + r["clip_id"]: r for r in read_table(out, "clips").to_pylist()}
-
-
-def sidecar_tokens(store, object_id) -> list[dict]:
-    with open(os.path.splitext(store[object_id])[0] + ".json") as f:
-        return json.load(f)["tokens"]
-
-
 def expected_served(store, row) -> tuple[int, int]:
     """The range the server serves for a row: a time range as is, a token range widened by the padding."""
-    if row.get("start_ms") is not None:
-        return row["start_ms"], row["duration_ms"]
-    tokens = sidecar_tokens(store, row["object_id"])
-    first, last = tokens[row["token_start"]], tokens[row["token_end"] - 1]
-    start = max(0, first["start_ms"] - PADDING_MS)
-    end = min(sf.info(store[row["object_id"]]).frames // 16, last["start_ms"] + last["duration_ms"] + PADDING_MS)
-    return start, end - start
+    return served_range(store, row["object_id"], segment_of(row), PADDING_MS)
 
 
 def expected_tokens(store, row, start, duration) -> list[dict]:

@@ -22,24 +22,27 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipeline.elements import segment_tag
-from pipeline.ids import derive_clip_id
-from pipeline.messages import TimeRange, TokenRange
 from pipeline.tables import CLIP_FIELDS, ERROR_FIELDS
-from tests.conftest import source_frames
-from tests.helpers import Result, child_env, explain, read_table, run_cli, run_pipeline, write_manifest
+from tests.helpers import (
+    Result,
+    check_clip_row,
+    child_env,
+    explain,
+    read_table,
+    run_cli,
+    run_pipeline,
+    summary_numbers,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
 KEY = f"sk-MARKER-{uuid.uuid4().hex}"  # the API key given to every child; must never come out
-OBJECT_MS = {"demo-mono": 12_000, "demo-stereo": 9_000, "demo-flac-3ch": 5_000, "demo-44k-notokens": 4_000}
-CHANNELS = {"demo-mono": 1, "demo-stereo": 2, "demo-flac-3ch": 3, "demo-44k-notokens": 1}
 VALIDATION_CODES = {"MISSING_VALUE", "INVALID_RANGE", "INVALID_OBJECT_ID", "INVALID_CLIP_ID", "DUPLICATE_CLIP_ID"}
 PASSTHROUGH = [
     ("row_key", pa.string()),
@@ -79,7 +82,7 @@ def no_key_out(proc: Result) -> Result:
     return proc
 
 
-def run_build(*flags: str, expect: int = 0) -> Result:
+def keyed_run(*flags: str, expect: int = 0) -> Result:
     """`python -m pipeline run *flags` with the key in SONIOX_API_KEY, in this process."""
     proc = no_key_out(run_pipeline("run", *flags, env=key_env()))
     if proc.returncode != expect:
@@ -135,68 +138,6 @@ def manifest_row(
     }
     row.update(extra)
     return {name: row[name] for name in schema.names}
-
-
-def summary_numbers(stdout: str) -> dict[str, int]:
-    """rows in / clips / errors (and written / already there) from the printed summary."""
-
-    def number(pattern: str) -> int:
-        match = re.search(pattern, stdout, re.MULTILINE)
-        assert match, f"no {pattern!r} in the summary:\n{stdout}"
-        return int(match.group(1).replace(",", ""))
-
-    return {
-        "rows": number(r"^rows in\s+([\d,]+)\s*$"),
-        "clips": number(r"^clips\s+([\d,]+)\b"),
-        "written": number(r"^clips\s+.*?([\d,]+) written"),
-        "already": number(r"^clips\s+.*?([\d,]+) already there"),
-        "errors": number(r"^errors\s+([\d,]+)\s*$"),
-    }
-
-
-def served_range(store: dict[str, str], object_id: str, segment, pad_ms: int) -> tuple[int, int]:
-    """(start_ms, duration_ms) the server serves: a time range as asked, a token range from the sidecar."""
-    if isinstance(segment, TimeRange):
-        return segment.start_ms, segment.duration_ms
-    with open(Path(store[object_id]).with_suffix(".json"), encoding="utf-8") as f:
-        tokens = json.load(f)["tokens"]
-    first, last = tokens[segment.token_start], tokens[segment.token_end - 1]
-    start = max(0, first["start_ms"] - pad_ms)
-    stop = min(OBJECT_MS[object_id], last["start_ms"] + last["duration_ms"] + pad_ms)
-    return start, stop - start
-
-
-def segment_of(row: dict[str, Any]):
-    if row.get("start_ms") is not None:
-        return TimeRange(row["start_ms"], row["duration_ms"])
-    return TokenRange(row["token_start"], row["token_end"])
-
-
-def check_clip(out: Path, clip: dict[str, Any], row: dict[str, Any], store: dict[str, str], pad_ms: int) -> None:
-    """One clips-table row against its manifest row, its file and the source audio."""
-    object_id, segment = row["object_id"], segment_of(row)
-    clip_id = row.get("clip_id") or derive_clip_id(object_id, segment_tag(segment))
-    assert clip["clip_id"] == clip_id and clip["object_id"] == object_id
-    path = out / "clips" / f"{clip_id}.wav"
-    assert clip["path"] == f"clips/{clip_id}.wav" and path.is_file()
-    data = path.read_bytes()
-    assert clip["num_bytes"] == len(data)
-    assert clip["sha256"] == hashlib.sha256(data).hexdigest()
-    info = sf.info(str(path))
-    assert (info.samplerate, info.subtype, info.channels) == (16_000, "PCM_16", CHANNELS[object_id]), info
-    audio, _ = sf.read(str(path), dtype="int16", always_2d=True)
-    start_ms, duration_ms = served_range(store, object_id, segment, pad_ms)
-    assert (clip["clip_start_ms"], clip["clip_duration_ms"]) == (start_ms, duration_ms), clip_id
-    assert clip["object_duration_ms"] == OBJECT_MS[object_id]
-    assert (clip["num_channels"], clip["sample_rate"]) == (CHANNELS[object_id], 16_000)
-    assert clip["num_samples"] == len(audio) == duration_ms * 16
-    if object_id != "demo-44k-notokens":  # resampled by the server: no 16 kHz source to compare with
-        expected = source_frames(store[object_id], start_ms, duration_ms)
-        assert np.array_equal(audio, expected), f"{clip_id}: samples differ from the source"
-    else:
-        assert np.abs(audio.astype(np.int32)).max() > 1000, "resampled clip is silent"
-    comment = json.loads(sf.SoundFile(str(path)).comment)  # the clip describes itself (for --skip_existing)
-    assert (comment["clip_start_ms"], comment["clip_duration_ms"]) == (start_ms, duration_ms)
 
 
 def assert_passthrough(table_row: dict[str, Any], row: dict[str, Any], names: list[str]) -> None:
@@ -278,7 +219,7 @@ def test_every_kind_of_row(make_server, store, tmp_path):
     server = keyed_server(make_server, token_padding_ms=pad)
     pattern, rows = big_manifest(tmp_path)
     out = tmp_path / "out"
-    proc = run_build(f"--manifest={pattern}", f"--output={out}", f"--api_host={server.address}", expect=1)
+    proc = keyed_run(f"--manifest={pattern}", f"--output={out}", f"--api_host={server.address}", expect=1)
     assert "max_error_ratio" in proc.stderr  # more than 5% of rows failed
 
     good = {k for k, (*_, outcome) in rows.items() if outcome == "clip"}
@@ -304,7 +245,7 @@ def test_every_kind_of_row(make_server, store, tmp_path):
     # clips: exact audio, and a table row that describes the file
     for clip in clips.to_pylist():
         _, _, row, _ = rows[clip["row_key"]]
-        check_clip(out, clip, row, store, pad)
+        check_clip_row(out, clip, row, store, pad)
         assert clip["attempts"] >= 1
         assert_passthrough(clip, row, names)
     assert sorted(p.name for p in (out / "clips").iterdir()) == sorted(f"{c}.wav" for c in clips["clip_id"].to_pylist())
@@ -351,13 +292,13 @@ def test_config_file_flags_and_transfer_formats(make_server, store, tmp_path):
     common = [f"--config={config}", f"--manifest={manifest}", f"--api_host={server.address}"]
 
     wav_out = tmp_path / "wav"
-    proc = run_build(*common, f"--output={wav_out}")
+    proc = keyed_run(*common, f"--output={wav_out}")
     assert server.formats == ["wav"] * len(rows), "the config's audio_format did not reach the server"
     assert summary_numbers(proc.stdout) == {"rows": 5, "clips": 5, "written": 5, "already": 0, "errors": 0}
 
     pcm_out = tmp_path / "pcm"
     server.formats.clear()
-    proc = run_build(
+    proc = keyed_run(
         *common,
         f"--output={pcm_out}",
         "--audio_format=pcm_s16le",
@@ -376,7 +317,7 @@ def test_config_file_flags_and_transfer_formats(make_server, store, tmp_path):
         assert_schema(errors, ERROR_FIELDS, pq.read_schema(manifest))
         assert_schema(clips, CLIP_FIELDS, pq.read_schema(manifest))
         for clip in clips.to_pylist():
-            check_clip(out, clip, by_key[clip["row_key"]], store, 100)
+            check_clip_row(out, clip, by_key[clip["row_key"]], store, 100)
         tables[out] = {c["clip_id"]: {k: v for k, v in c.items() if k != "path"} for c in clips.to_pylist()}
         assert_key_nowhere(out)
     assert tables[wav_out] == tables[pcm_out]
@@ -401,7 +342,7 @@ def test_skip_existing_and_error_ratio(make_server, store, tmp_path):
     out = tmp_path / "out"
     flags = [f"--manifest={manifest}", f"--output={out}", f"--api_host={server.address}", "--max_error_ratio=0.2"]
 
-    proc = run_build(*flags)  # 1 error in 5 rows: exactly the limit, so exit 0
+    proc = keyed_run(*flags)  # 1 error in 5 rows: exactly the limit, so exit 0
     assert summary_numbers(proc.stdout) == {"rows": 5, "clips": 4, "written": 4, "already": 0, "errors": 1}
     first = {c["clip_id"]: c for c in read_table(out, "clips").to_pylist()}
     assert set(first) == {"m", "m-k", "s", "f"}
@@ -415,7 +356,7 @@ def test_skip_existing_and_error_ratio(make_server, store, tmp_path):
     f_path.write_bytes(f_path.read_bytes()[:-3000])
     before = collections.Counter(server.calls)
 
-    proc = run_build(*flags, "--skip_existing")
+    proc = keyed_run(*flags, "--skip_existing")
     made = server.calls - before
     assert made == collections.Counter({"demo-stereo": 1, "demo-flac-3ch": 1, "no-such-object": 1}), made
     assert summary_numbers(proc.stdout) == {"rows": 5, "clips": 4, "written": 2, "already": 2, "errors": 1}
@@ -424,7 +365,7 @@ def test_skip_existing_and_error_ratio(make_server, store, tmp_path):
     assert set(clips) == {"m", "m-k", "s", "f"}  # skipped clips are still listed
     by_key = {r["row_key"]: r for r in rows}
     for clip in clips.values():
-        check_clip(out, clip, by_key[clip["row_key"]], store, 100)
+        check_clip_row(out, clip, by_key[clip["row_key"]], store, 100)
     for clip_id in ("m", "m-k"):  # already there: untouched, and described as before
         assert clips[clip_id]["attempts"] == 0
         assert os.stat(out / "clips" / f"{clip_id}.wav").st_mtime_ns == mtimes[clip_id]
@@ -456,7 +397,7 @@ def test_whole_file_problem_exits_2_before_any_call(make_server, tmp_path, colum
         table = table.append_column("sha256", pa.array(["a", "b"]))
     pq.write_table(table, bad)
     out = tmp_path / "out"
-    proc = run_build(
+    proc = keyed_run(
         f"--manifest={tmp_path / 'manifest' / '*.parquet'}", f"--output={out}", f"--api_host={server.address}", expect=2
     )
     assert str(bad) in proc.stderr, proc.stderr
@@ -477,7 +418,7 @@ def test_both_tables_are_written_when_empty(make_server, tmp_path, case):
         ]
     manifest = write_manifest(tmp_path / "m.parquet", rows, FULL_SCHEMA)
     out = tmp_path / "out"
-    proc = run_build(
+    proc = keyed_run(
         f"--manifest={manifest}", f"--output={out}", f"--api_host={server.address}", expect=1 if rows else 0
     )
     clips, errors = read_table(out, "clips"), read_table(out, "errors")
@@ -609,7 +550,7 @@ def test_a_key_only_in_the_launchers_environment_is_refused(runner, make_server,
         tmp_path / "m.parquet", [manifest_row(FULL_SCHEMA, "a", "demo-mono", "a", time=(0, 1000))], FULL_SCHEMA
     )
     flags = [f for f in DATAFLOW_FLAGS if not f.startswith(("--runner", "--api_key_file"))]
-    proc = run_build(f"--manifest={manifest}", f"--api_host={server.address}", *runner, *flags, expect=2)
+    proc = keyed_run(f"--manifest={manifest}", f"--api_host={server.address}", *runner, *flags, expect=2)
     assert "--api_key_file" in proc.stderr and "Traceback" not in proc.stderr
     assert not server.calls
 

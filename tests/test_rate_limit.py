@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pipeline.local.server import Faults
 from pipeline.run import run
+from tests.helpers import write_local_manifest
 from tests.rate_limit_server import RateLimitServer
-from tests.test_builds import write_local_manifest
 
 PER_SECOND = 4
 

@@ -18,9 +18,16 @@ import pytest
 import soundfile as sf
 
 from pipeline.local.server import Faults
-from tests.conftest import source_frames
-from tests.helpers import child_env, expect_exit, explain, run_argv, run_cli
-from tests.test_faults import assert_clips_match_source, fault_manifest
+from tests.helpers import (
+    assert_clips_match_source,
+    child_env,
+    expect_exit,
+    explain,
+    fault_manifest,
+    run_argv,
+    run_cli,
+    source_frames,
+)
 
 ROWS = 2000
 

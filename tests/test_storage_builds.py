@@ -31,20 +31,24 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.local.server import Faults, LocalServer
-from tests.helpers import Result, child_env, expect_exit, run_argv, start_cli
-from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
-from tests.storage_proxy import StorageProxy
-from tests.storage_servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
-from tests.test_builds import (
+from tests.helpers import (
+    Result,
     check_clips_table,
+    child_env,
     clips_table,
     errors_table,
+    expect_exit,
     read_bytes,
+    run_argv,
     run_build,
     run_record,
+    start_cli,
     total_calls,
     write_local_manifest,
 )
+from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
+from tests.storage_proxy import StorageProxy
+from tests.storage_servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
 
 # Per run: the launch's probe of the output (written, then deleted), the lease (created, then released), the two
 # tables (one file each), the card and its histogram, the run record.

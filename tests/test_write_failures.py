@@ -41,8 +41,7 @@ from pipeline.local.samples import sample_audio, write_sample_store
 from pipeline.local.server import LocalServer
 from pipeline.messages import StreamInfo
 from pipeline.storage import Store, StoreSettings, open_store
-from tests.conftest import source_frames
-from tests.helpers import Result, explain, run_argv, run_pipeline, write_manifest
+from tests.helpers import Result, explain, run_argv, run_pipeline, source_frames, write_manifest
 
 PAGE = 4096
 FREE_BYTES = 256 << 10  # space left for the run: the short clips fit, the 9 s and 40 s ones never do
