@@ -142,9 +142,7 @@ def run(rows: int) -> list[Step]:
         "after: workers' parts (all bundles, spread over the workers)", rows, lambda: write_parts(root, bundles)
     )
     parts = [o.path for o in store.list(path_of(root, EXPORT_PARTS_DIR) + "/")]
-    last = measured(
-        "after: last step (joins the parts)", rows, lambda: assemble_exports(store, root, FORMATS, False, parts)
-    )
+    last = measured("after: last step (joins the parts)", rows, lambda: assemble_exports(store, root, FORMATS, parts))
     if lines_of(root) != expected:
         sys.exit("the joined manifests differ from the one-pass ones")
     print(f"{len(parts)} parts from {len(bundles)} bundles; manifests identical", flush=True)

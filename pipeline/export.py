@@ -3,10 +3,10 @@ supervisions and cuts.
 
 Written by a run with `--export lhotse,nemo`, or by `python -m pipeline export DATASET`
 (pipeline/export_command.py), which works on any dataset this pipeline built, copied or not: it reads only the
-clips table (in one process). In a run, each
-worker writes its part of every manifest as it writes its bundle of the clips table (`ManifestWriter`), and the
-last step joins the parts into each manifest in one publish (`assemble_exports`: on a bucket, in the bucket; a
-`.gz` manifest is then one gzip member per part, which gzip readers take as one stream).
+clips table (in one process). In a run, each worker writes its part of every manifest as it writes its bundle of
+the clips table (`ManifestWriter`), and the last step joins the parts into each manifest in one publish
+(`assemble_exports`: on a bucket, in the bucket; a `.gz` manifest is then one gzip member per part, which gzip
+readers take as one stream).
 Every path in them is the table's `path`, relative to the dataset's root, and they sit at the root, because
 NeMo resolves a relative path against its manifest's folder (`manifest_filepath`, and `cuts_path` too):
 
@@ -125,7 +125,7 @@ def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: l
     return written
 
 
-def assemble_exports(store: Store, output: str, formats: tuple[str, ...], sharded: bool, parts: list[str]) -> None:
+def assemble_exports(store: Store, output: str, formats: tuple[str, ...], parts: list[str]) -> None:
     """A run's last step: each manifest from the parts the workers wrote (`parts`: the committed bundles'),
     larger parts first (S3 copies those in the bucket); then every part under the parts' folder (an abandoned
     bundle's too) is removed. A manifest with no part (a run with no clip) is written empty."""

@@ -211,7 +211,7 @@ class WriteRunFiles(beam.DoFn):
         )
         write_card(store, info.output, record, clip_stats, errors, layout)
         if info.exports:
-            assemble_exports(store, info.output, info.exports, info.sharded, export_parts)
+            assemble_exports(store, info.output, info.exports, export_parts)
         stale = [path_of(info.output, name) for name in info.stale_exports]
         store.delete([path for path in stale if store.head(path) is not None])
         write_record(store, info.output, record)

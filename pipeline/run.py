@@ -401,8 +401,8 @@ STOP_COUNT_S = 2.0  # a stop must end within seconds: 10M clips on a bucket are 
 
 
 def count_within(items: Iterable[object], seconds: float) -> str:
-    """ "at least N" `items` (a call in flight in this process may still publish a clip after the count), or
-    "more than N" when counting them takes longer than `seconds`."""
+    """How many `items` there are, as a lower bound (a call in flight in this process may still publish a clip
+    after the count), or "more than N" when counting them takes longer than `seconds`."""
     deadline, n = time.monotonic() + seconds, 0
     for n, _ in enumerate(items, 1):
         if time.monotonic() > deadline:
