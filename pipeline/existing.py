@@ -19,13 +19,13 @@ from pipeline.layout import (
     CLIPS_DIR,
     EXPORTS,
     FILES,
-    HF_DATA_DIR,
-    SHARDS_DIR,
+    LAYOUTS,
     TABLES,
     export_names,
     export_of,
     path_of,
     resolve_layout,
+    shards_dir,
     table_prefix,
 )
 from pipeline.record import RunRecord, read_record
@@ -44,7 +44,7 @@ class Existing:
     clips_tables: tuple[str, ...] = ()  # paths of the table files
     errors_tables: tuple[str, ...] = ()
     has_clips: bool = False  # clips/ holds a file
-    has_shards: bool = False  # shards/ holds a file
+    has_shards: bool = False  # a sharded layout's folder (shards/, data/, shar/) holds a file
 
     @property
     def empty(self) -> bool:
@@ -58,9 +58,13 @@ def read_existing(store: Store, output: str) -> Existing:
         tuple(sorted(o.path for o in store.list(table_prefix(output, name)) if o.path.endswith(".parquet")))
         for name in TABLES
     ]
-    holds = [next(iter(store.list(path_of(output, f"{d}/"))), None) is not None for d in (CLIPS_DIR, SHARDS_DIR)]
-    holds[1] = holds[1] or next(iter(store.list(path_of(output, f"{HF_DATA_DIR}/"))), None) is not None
-    return Existing(read_record(store, output), *tables, *holds)
+    sharded = any(_holds(store, output, shards_dir(layout)) for layout in LAYOUTS if layout != FILES)
+    return Existing(read_record(store, output), *tables, _holds(store, output, CLIPS_DIR), sharded)
+
+
+def _holds(store: Store, output: str, folder: str) -> bool:
+    """Whether the folder holds a file: one LIST page on a bucket."""
+    return next(iter(store.list(path_of(output, f"{folder}/"))), None) is not None
 
 
 def choose_mode(opts, existing: Existing, output: str) -> str:

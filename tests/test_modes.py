@@ -148,6 +148,25 @@ def test_no_mode_over_existing_dataset_exits_2_and_changes_nothing(server: Local
     assert snapshot(out) == before, "a run that could not start changed the output"
 
 
+@pytest.mark.parametrize("layout", ["webdataset", "hf-parquet", "lhotse-shar"])
+def test_a_stopped_sharded_runs_shards_alone_need_a_mode(layout: str, server: LocalServer, tmp_path: Path) -> None:
+    """What a run stopped after publishing shards leaves (shards, no table, no record) is a dataset: a run with
+    no mode exits 2 and changes nothing, in every sharded layout's folder (shar/ was not looked at)."""
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(6))
+    expect_exit(run_build(server, manifest, str(out), f"--layout={layout}", "--shards=2"), 0)
+    for path in out.iterdir():
+        if path.is_dir() and path.name not in ("shards", "data", "shar"):
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
+    before, calls = snapshot(out), total_calls(server)
+    proc = run_build(server, manifest, str(out), f"--layout={layout}", "--shards=2")
+    expect_exit(proc, 2)
+    assert all(flag in one_error(proc) for flag in MODE_FLAGS), one_error(proc)
+    assert total_calls(server) == calls and snapshot(out) == before
+
+
 # -- --append ------------------------------------------------------------------------------------------
 
 
