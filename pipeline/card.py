@@ -116,7 +116,6 @@ def layout_of(record: RunRecord) -> Layout:
     exports = tuple(f for f in EXPORTS if set(export_names((f,))) & set(record.exports))
     return Layout(
         options.get("clip_format") or "wav",
-        int(options.get("shards") or 0) > 0,
         bool(options.get("with_transcripts")),
         options.get("edge_words") or MOSTLY_INSIDE,
         exports,
@@ -141,15 +140,18 @@ def _replace_section(text: str, section: str) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """What the dataset holds: the clips' format, files or tar shards, transcripts, exported manifests."""
+    """What the dataset holds: the clips' format, transcripts, exported manifests, channels, layout."""
 
     clip_format: str = "wav"
-    sharded: bool = False
     with_transcripts: bool = False
     edge_words: str = MOSTLY_INSIDE
     exports: tuple[str, ...] = ()
     channels: str = KEEP
-    layout: str = FILES  # files, webdataset or hf-parquet (`sharded`: one of the last two)
+    layout: str = FILES
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout != FILES
 
 
 # What a clip file is, for the card (every clip is 16 kHz, 16-bit, with the channels the service served).

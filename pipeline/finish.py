@@ -157,13 +157,16 @@ class RunInfo:
     clip_format: str = "wav"
     channels: str = KEEP
     layout: str = FILES
-    sharded: bool = False
     exports: tuple[str, ...] = ()  # --export: the manifests to write from the clips table
     with_transcripts: bool = False
     edge_words: str = MOSTLY_INSIDE
     lease_run_id: str | None = None  # a detached run's: its launcher is gone, so this step releases the lease
     mode: str = "new"  # the way over the output (pipeline/existing.py)
     stale_exports: tuple[str, ...] = ()  # the dataset's manifests that this run does not write (existing.py)
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout != FILES
 
 
 class WriteRunFiles(beam.DoFn):
@@ -202,7 +205,6 @@ class WriteRunFiles(beam.DoFn):
         errors = dict(sorted(every_error.items(), key=lambda kv: (-kv[1], kv[0])))
         layout = Layout(
             info.clip_format,
-            info.sharded,
             info.with_transcripts,
             info.edge_words,
             info.exports,

@@ -258,7 +258,6 @@ def prepare(argv: list[str]) -> Launch:
         clip_format=opts.clip_format,
         channels=opts.channels,
         layout=opts.layout,
-        sharded=opts.shards > 0,
         exports=exports,
         with_transcripts=opts.with_transcripts,
         edge_words=opts.edge_words,
