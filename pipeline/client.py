@@ -9,13 +9,13 @@ audio is sample-identical to an unbroken call.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import grpc.experimental
@@ -38,6 +38,7 @@ from pipeline.wire import speech_service_pb2 as pb
 from pipeline.wire import speech_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_API_HOST = "https://api.soniox.com:443"
 MAX_MESSAGE_BYTES = 6 * 1024 * 1024  # as the official SDK
@@ -133,10 +134,25 @@ class RetryPolicy:
 
 @dataclass
 class _Call:
-    """One call's own record across its attempts, passed along (not kept per thread): the seconds it waited,
-    held back, backing off or in `hooks.before_attempt`, which its result or its error reports."""
+    """One call's own record across its attempts, passed along (not kept per thread): what its result or its
+    error reports, and the streak of attempts without progress that the retry policy counts."""
 
-    waited_s: float = 0.0
+    object_id: str
+    started: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    held: int = 0  # times held back by client-side throttling
+    failures: list[str] = field(default_factory=list)  # the status of each failed attempt, in order
+    waited_s: float = 0.0  # held back, backing off or in `hooks.before_attempt`
+    streak: int = 0  # failed attempts in a row that brought no audio
+    streak_started: float = 0.0  # when the first of them failed
+
+    def failed(self, code: str, progressed: bool) -> None:
+        """Record a failed attempt; one that brought audio starts a new streak, so a long clip on a flaky
+        network keeps going while each attempt makes progress."""
+        self.failures.append(code)
+        self.streak = 1 if progressed else self.streak + 1
+        if self.streak == 1:
+            self.streak_started = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -190,43 +206,18 @@ class GetAudioClient:
     ) -> AudioResult:
         """Stream one clip into `sink`; raises GetAudioError when it cannot be had. Both say how long the
         call waited (held back, backing off, or in `hooks.before_attempt`), for the run's record."""
-        call = _Call()
-        result = self._get_audio(object_id, segment, sink, audio_format, call)
-        return dataclasses.replace(result, waited_s=call.waited_s)
+        call, stream = _Call(object_id), _Stream(sink, audio_format)
 
-    def _get_audio(
-        self, object_id: str, segment: Segment, sink: AudioSink, audio_format: str, call: _Call
-    ) -> AudioResult:
-        started = time.monotonic()
-        stream = _Stream(sink, audio_format)
-        attempt = failures = held = 0  # failures: consecutive attempts that brought no audio
-        streak_started = started  # when the first of those failed
-        seen: list[str] = []
-        while True:
-            attempt += 1
-            frames_before = stream.frames_done
+        def attempt() -> AudioResult:
             request = self._request(object_id, segment, stream, audio_format)
             duration = stream.remaining_ms if stream.info else getattr(segment, "duration_ms", None)
-            held += self._throttle_wait(attempt, call)
-            self._before_attempt(call)  # outside the try: a rate limit service's own RpcError is not GetAudio's
-            try:
-                stream.consume(self._stub.GetAudio(request, timeout=self._deadline(duration)))
-                self.throttler.accepted()
-                return stream.result(attempt, time.monotonic() - started, held, seen)
-            except grpc.RpcError as e:
-                code, details = e.code(), e.details() or ""
-            except _StreamBroken as e:
-                code, details = grpc.StatusCode.UNAVAILABLE, str(e)
-            except _BadStream as e:
-                raise self._error(BAD_STREAM, str(e), attempt, (*seen, BAD_STREAM), object_id, call) from None
-            seen.append(code.name)
-            if stream.complete:  # every frame arrived before the error
-                return stream.result(attempt, time.monotonic() - started, held, seen)
-            failures = 1 if stream.frames_done > frames_before else failures + 1
-            if failures == 1:
-                streak_started = time.monotonic()
-            streak_s = time.monotonic() - streak_started
-            self._after_failure(code, details, failures, object_id, call, attempt, tuple(seen), streak_s)
+            stream.consume(self._stub.GetAudio(request, timeout=self._deadline(duration)))
+            return stream.result(call)
+
+        def finished() -> AudioResult | None:  # every frame arrived before the error
+            return stream.result(call) if stream.complete else None
+
+        return self._retried(call, attempt, lambda: stream.frames_done, finished, hooked=True)
 
     def _request(self, object_id: str, segment: Segment, stream: _Stream, fmt: str) -> pb.GetAudioRequest:
         request = pb.GetAudioRequest(api_key=self._key.reveal(), object_id=object_id, audio_bytes_format=fmt)
@@ -239,14 +230,54 @@ class GetAudioClient:
             request.token_segment.token_start, request.token_segment.token_end = segment.token_start, segment.token_end
         return request
 
-    def _throttle_wait(self, attempt: int, call: _Call) -> int:
-        """Hold a call back while the server has been refusing many (client-side adaptive throttling);
-        returns how many times it was held."""
-        held = 0
+    # -- GetObject --------------------------------------------------------------------------------------
+    def get_object(self, object_id: str) -> ObjectInfo:
+        """An object's duration, channels and transcript tokens, with the same retries as GetAudio."""
+        request = pb.GetObjectRequest(api_key=self._key.reveal(), object_id=object_id)
+        obj = self._retried(_Call(object_id), lambda: self._stub.GetObject(request, timeout=self.rpc_timeout_s).object)
+        return ObjectInfo(obj.object_id, obj.duration_ms, obj.num_audio_channels, _tokens(obj))
+
+    # -- retries, shared ----------------------------------------------------------------------------------
+    def _retried(
+        self,
+        call: _Call,
+        attempt: Callable[[], T],
+        progress: Callable[[], int] = lambda: 0,
+        finished: Callable[[], T | None] = lambda: None,
+        hooked: bool = False,
+    ) -> T:
+        """`attempt` until it succeeds or a failure is final: one loop, so that GetAudio and GetObject retry,
+        throttle, back off and keep their record alike. GetAudio's `progress` (frames received) starts a new
+        streak when it grows, `finished` is its result when every frame arrived before an error, and its attempts
+        are `hooked` (they wait for `hooks.before_attempt`)."""
+        while True:
+            call.attempts += 1
+            before = progress()
+            self._throttle_wait(call)
+            if hooked:  # outside the try: a rate limit service's own RpcError is not GetAudio's
+                self._before_attempt(call)
+            try:
+                result = attempt()
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+            except _StreamBroken as e:
+                code, details = grpc.StatusCode.UNAVAILABLE, str(e)
+            except _BadStream as e:
+                call.failures.append(BAD_STREAM)
+                raise self._error(BAD_STREAM, str(e), call) from None
+            else:
+                self.throttler.accepted()
+                return result
+            call.failed(code.name, progress() > before)
+            if (done := finished()) is not None:
+                return done
+            self._after_failure(code, details, call)
+
+    def _throttle_wait(self, call: _Call) -> None:
+        """Hold a call back while the server has been refusing many (client-side adaptive throttling)."""
         while self.throttler.should_hold():
-            held += 1
-            self._wait(self.retry.backoff(attempt), call)
-        return held
+            call.held += 1
+            self._wait(self.retry.backoff(call.attempts), call)
 
     def _before_attempt(self, call: _Call) -> None:
         if self.hooks.before_attempt is not None:
@@ -267,56 +298,22 @@ class GetAudioClient:
         finally:
             call.waited_s += time.monotonic() - started
 
-    def _after_failure(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        failures: int,
-        object_id: str,
-        call: _Call,
-        attempt: int | None = None,
-        seen: tuple[str, ...] = (),
-        streak_s: float = 0.0,
-    ) -> None:
-        """Raise when the failure is final; otherwise back off before the next attempt.
-
-        `failures` counts consecutive attempts that brought no audio, the first of them `streak_s` ago: a long
-        clip on a flaky network keeps going while each attempt makes progress, and `attempt` is the total for
-        the record.
-        """
-        attempt = attempt or failures
+    def _after_failure(self, code: grpc.StatusCode, details: str, call: _Call) -> None:
+        """Raise when the failure is final; otherwise back off before the next attempt. The policy counts the
+        call's streak of attempts without progress; `call.attempts` is the total for the record."""
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             self.throttler.rejected()
-        if code not in self.retry.retry_codes or failures >= self.retry.max_attempts:
-            raise self._error(code.name, details, attempt, seen, object_id, call)
-        delay = self.retry.delay(failures, streak_s)
-        log.debug("GetAudio %s: %s on attempt %d, retrying in %.2fs", object_id, code.name, attempt, delay)
+        if code not in self.retry.retry_codes or call.streak >= self.retry.max_attempts:
+            raise self._error(code.name, details, call)
+        delay = self.retry.delay(call.streak, time.monotonic() - call.streak_started)
+        log.debug("GetAudio %s: %s on attempt %d, retrying in %.2fs", call.object_id, code.name, call.attempts, delay)
         self._wait(delay, call)
 
-    def _error(
-        self, code: str, message: str, attempt: int, seen: tuple[str, ...], object_id: str, call: _Call
-    ) -> GetAudioError:
+    def _error(self, code: str, message: str, call: _Call) -> GetAudioError:
         """The final error, with the key and anything shaped like one masked in the server's words: a server may
         echo the request, and the message goes into the errors table and the log. The object ID stays."""
-        return GetAudioError(code, self._key.mask(message, keep=(object_id,)), attempt, seen, call.waited_s)
-
-    # -- GetObject --------------------------------------------------------------------------------------
-    def get_object(self, object_id: str) -> ObjectInfo:
-        """An object's duration, channels and transcript tokens, with the same retries as GetAudio."""
-        request = pb.GetObjectRequest(api_key=self._key.reveal(), object_id=object_id)
-        attempt, first_failure, call = 0, None, _Call()
-        while True:
-            attempt += 1
-            try:
-                self._throttle_wait(attempt, call)
-                obj = self._stub.GetObject(request, timeout=self.rpc_timeout_s).object
-                self.throttler.accepted()
-                break
-            except grpc.RpcError as e:
-                first_failure = first_failure or time.monotonic()
-                streak_s = time.monotonic() - first_failure
-                self._after_failure(e.code(), e.details() or "", attempt, object_id, call, streak_s=streak_s)
-        return ObjectInfo(obj.object_id, obj.duration_ms, obj.num_audio_channels, _tokens(obj))
+        message = self._key.mask(message, keep=(call.object_id,))
+        return GetAudioError(code, message, call.attempts, tuple(call.failures), call.waited_s)
 
 
 def _tokens(obj: pb.StoredObject) -> tuple[ObjectToken, ...] | None:
@@ -340,8 +337,10 @@ class _Stream:
         self.info: StreamInfo | None = None
         self.frames_done = 0
 
-    def result(self, attempts: int, seconds: float, throttled: int, failures: list[str]) -> AudioResult:
-        return AudioResult(self.info, self.frames_done, attempts, seconds, throttled, tuple(failures))
+    def result(self, call: _Call) -> AudioResult:
+        elapsed = time.monotonic() - call.started
+        failures = tuple(call.failures)
+        return AudioResult(self.info, self.frames_done, call.attempts, elapsed, call.held, failures, call.waited_s)
 
     @property
     def complete(self) -> bool:
@@ -356,43 +355,20 @@ class _Stream:
         done_ms = self.frames_done // SAMPLES_PER_MS
         return self.info.start_ms + done_ms, self.info.duration_ms - done_ms
 
-    def consume(self, call: Iterator[pb.GetAudioResponse]) -> None:
-        """Read one attempt's stream to its end; progress survives an exception part-way."""
-        resume_start = self.frames_done - self.frames_done % SAMPLES_PER_MS
-        skip = (self.frames_done - resume_start) * (self.info.frame_bytes if self.info else 0)
-        first = next(call, None)
-        if first is None:
-            raise _BadStream("stream ended before its metadata message")
-        info = self._check_metadata(first)
-        expected = (info.num_frames - resume_start) * info.frame_bytes
-        header, received, carry = b"" if self.wav else None, 0, b""
-        for msg in call:
-            if msg.object_id or msg.start_ms or msg.duration_ms or msg.total_duration_ms or msg.num_audio_channels:
-                raise _BadStream("a data message carries metadata; only the first message may")
-            data = msg.data
-            if header is not None:
-                data, header = self._strip_wav_header(header + data, expected)
-            received += len(data)
-            if received > expected:
-                raise _BadStream(f"stream sent more than the {expected} audio bytes its metadata announced")
-            if skip:
-                cut = min(skip, len(data))
-                data, skip = data[cut:], skip - cut
-            data = carry + data
-            whole = len(data) - len(data) % info.frame_bytes
-            if whole:
-                self.sink.write(data[:whole])
-                self.frames_done += whole // info.frame_bytes
-            carry = data[whole:]
-        if received < expected:
-            raise _StreamBroken(f"stream ended after {received} of {expected} audio bytes")
+    def consume(self, messages: Iterator[pb.GetAudioResponse]) -> None:
+        """Read one attempt's stream to its end; progress survives an exception part-way, so a retry resumes."""
+        resumed_at = self.frames_done - self.frames_done % SAMPLES_PER_MS  # the frame this attempt asked from
+        info = self._begin(_stream_info(messages))
+        expected = (info.num_frames - resumed_at) * info.frame_bytes
+        chunks = _data(messages)
+        if self.wav:
+            chunks = self._without_wav_header(chunks, expected)
+        chunks = _skipped(_counted(chunks, expected), (self.frames_done - resumed_at) * info.frame_bytes)
+        self._write(chunks, info.frame_bytes)
 
-    def _check_metadata(self, msg: pb.GetAudioResponse) -> StreamInfo:
-        if msg.data:
-            raise _BadStream("the first message carries audio data; it must carry metadata only")
-        info = StreamInfo(msg.object_id, msg.start_ms, msg.duration_ms, msg.total_duration_ms, msg.num_audio_channels)
-        if info.channels < 1 or info.duration_ms <= 0 or info.start_ms < 0:
-            raise _BadStream(f"metadata is not a servable clip: {info}")
+    def _begin(self, info: StreamInfo) -> StreamInfo:
+        """The clip's metadata: the first attempt's goes to the sink; a resumed stream must serve exactly the
+        rest, or its audio would not join the frames already written."""
         if self.info is None:
             self.info = info
             self.sink.begin(info)
@@ -402,18 +378,86 @@ class _Stream:
             raise _BadStream(f"resumed stream serves {info}, not {start_ms}+{duration_ms} ms")
         return self.info
 
-    def _strip_wav_header(self, buf: bytes, expected: int) -> tuple[bytes, bytes | None]:
-        """(audio after the header, None) once the header is whole and checked; else (b"", buf)."""
+    def _without_wav_header(self, chunks: Iterator[bytes], expected: int) -> Iterator[bytes]:
+        """The audio after a WAV stream's header: the sink takes bare PCM whatever the transfer format, and the
+        header (which may span messages) must agree with the metadata."""
+        buf = b""
+        for chunk in chunks:
+            buf += chunk
+            if (offset := self._wav_data_offset(buf, expected)) is not None:
+                yield buf[offset:]
+                break
+        yield from chunks
+
+    def _wav_data_offset(self, buf: bytes, expected: int) -> int | None:
+        """Where the audio starts once the header is whole (None before), checked against the metadata."""
         try:
             header = parse_wav_header(buf)
         except WavHeaderError as e:
             raise _BadStream(str(e)) from None
         if header is None:
-            return b"", buf
+            return None
         channels = self.info.channels
         if (header.channels, header.sample_rate, header.data_bytes) != (channels, SAMPLE_RATE, expected):
             raise _BadStream(
                 f"WAV header says {header.channels} ch, {header.sample_rate} Hz, {header.data_bytes} bytes; "
                 f"metadata says {channels} ch, {SAMPLE_RATE} Hz, {expected} bytes"
             )
-        return buf[header.data_offset :], None
+        return header.data_offset
+
+    def _write(self, chunks: Iterator[bytes], frame_bytes: int) -> None:
+        """Hand whole frames to the sink as they arrive, carrying a split frame over: progress is counted in
+        frames, which a resumed request can ask for."""
+        carry = b""
+        for chunk in chunks:
+            data = carry + chunk
+            whole = len(data) - len(data) % frame_bytes
+            if whole:
+                self.sink.write(data[:whole])
+                self.frames_done += whole // frame_bytes
+            carry = data[whole:]
+
+
+def _stream_info(messages: Iterator[pb.GetAudioResponse]) -> StreamInfo:
+    """The first message's metadata, checked: it alone says which audio follows and how much."""
+    msg = next(messages, None)
+    if msg is None:
+        raise _BadStream("stream ended before its metadata message")
+    if msg.data:
+        raise _BadStream("the first message carries audio data; it must carry metadata only")
+    info = StreamInfo(msg.object_id, msg.start_ms, msg.duration_ms, msg.total_duration_ms, msg.num_audio_channels)
+    if info.channels < 1 or info.duration_ms <= 0 or info.start_ms < 0:
+        raise _BadStream(f"metadata is not a servable clip: {info}")
+    return info
+
+
+def _data(messages: Iterator[pb.GetAudioResponse]) -> Iterator[bytes]:
+    """The audio of the messages after the first, which carry audio only: metadata in one is a server that
+    does not keep the contract this reader relies on."""
+    for msg in messages:
+        if msg.object_id or msg.start_ms or msg.duration_ms or msg.total_duration_ms or msg.num_audio_channels:
+            raise _BadStream("a data message carries metadata; only the first message may")
+        yield msg.data
+
+
+def _counted(chunks: Iterator[bytes], expected: int) -> Iterator[bytes]:
+    """The audio, held to the byte count the metadata announced: more breaks the contract (never retried);
+    fewer when the stream ends is a break without an error status, resumed like UNAVAILABLE."""
+    received = 0
+    for chunk in chunks:
+        received += len(chunk)
+        if received > expected:
+            raise _BadStream(f"stream sent more than the {expected} audio bytes its metadata announced")
+        yield chunk
+    if received < expected:
+        raise _StreamBroken(f"stream ended after {received} of {expected} audio bytes")
+
+
+def _skipped(chunks: Iterator[bytes], skip: int) -> Iterator[bytes]:
+    """The audio without its first `skip` bytes: a resumed range starts on a whole millisecond, so it repeats
+    the frames of that millisecond already written."""
+    for chunk in chunks:
+        if skip:
+            cut = min(skip, len(chunk))
+            chunk, skip = chunk[cut:], skip - cut
+        yield chunk
