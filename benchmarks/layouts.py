@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.run import LOGS, PY, Server, progress, run_child
+from benchmarks.harness import LOGS, PY, progress, run_child, taskset
+from benchmarks.server import Server
 from pipeline.layout import FILES, LAYOUTS, LHOTSE_SHAR, record_path, shards_dir
 from pipeline.local.samples import write_sample_store
 from pipeline.record import RunRecord
@@ -77,7 +78,7 @@ def build(server: Server, manifest_path: str, layout: str, rows: int) -> Build:
         *(f"--api_host={server.address}", f"--layout={layout}"),
     ]
     progress(f"{layout}: {rows:,} clips")
-    child = run_child(f"layout-{layout}-{rows}", cmd, server, {"SONIOX_API_KEY": "any"}, prefix=_pin(RUN_CPU))
+    child = run_child(f"layout-{layout}-{rows}", cmd, server, {"SONIOX_API_KEY": "any"}, prefix=taskset(RUN_CPU))
     try:
         with open(record_path(output), "rb") as f:
             clips = RunRecord.from_bytes(f.read()).clips
@@ -90,10 +91,6 @@ def build(server: Server, manifest_path: str, layout: str, rows: int) -> Build:
         layout, rows, child.rc, clips, child.wall_s, child.user_s + child.sys_s, child.max_rss_mib, len(sizes),
         min(sizes) / 1e6, max(sizes) / 1e6,
     )  # fmt: skip
-
-
-def _pin(cpu: int) -> tuple[str, ...]:
-    return ("taskset", "-c", str(cpu))
 
 
 def table(builds: list[Build]) -> list[str]:
@@ -121,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(LOGS, exist_ok=True)
     store = os.path.dirname(next(iter(write_sample_store(os.path.join(WORK, "store")).values())))
     manifest_path = manifest(os.path.join(WORK, "manifest.parquet"), args.rows)
-    server = Server(store, 0.0, prefix=_pin(SERVER_CPU), name="layouts-server")
+    server = Server(store, 0.0, prefix=taskset(SERVER_CPU), name="layouts-server")
     try:
         server.warm_up([OBJECT_ID])
         builds = [build(server, manifest_path, layout, args.rows) for layout in args.layouts.split(",")]

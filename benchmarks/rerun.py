@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.run import LOGS, PY, ROOT, run_child
+from benchmarks.harness import LOGS, PY, ROOT, run_child, taskset
 from pipeline import tables
 from pipeline.audio import BYTES_PER_SAMPLE, SAMPLES_PER_MS, wav_header
 from pipeline.layout import clip_name, record_path, table_prefix
@@ -43,6 +43,9 @@ OBJECT_MS = int(SAMPLES[OBJECT_ID][0] * 1000)
 CLIP_MS = 10
 WARM_UP_ROWS = 100
 TABLE_ROWS = 10_000  # rows per clips table file, as the pipeline writes a bundle's rows
+# The --skip_existing issue's target (docs/performance.md, "Rerun over an existing dataset"): one more existing clip
+# costs a rerun at most 0.1 ms of CPU, start-up taken out (the marginal cost between the smallest and largest runs).
+MARGINAL_CPU_MS_TARGET = 0.1
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ def rerun(server: LocalServer, manifest: str, root: str, rows: int) -> Rerun:
         [*cmd, "--skip_existing"],
         None,
         env={"SONIOX_API_KEY": "any"},
-        prefix=("taskset", "-c", str(RUN_CPU)),
+        prefix=taskset(RUN_CPU),
     )
     busy = busy_s(RUN_CPU) - busy_before
     try:
@@ -258,11 +261,11 @@ def marginal(results: list[Rerun]) -> str:
     if small.rows == large.rows:
         return "marginal CPU per existing clip: needs two row counts"
     ms = 1000 * (large.cpu_s - small.cpu_s) / (large.rows - small.rows)
-    verdict = "met" if ms <= 0.1 else "not met"
+    verdict = "met" if ms <= MARGINAL_CPU_MS_TARGET else "not met"
     return (
         f"marginal CPU per existing clip, {small.rows:,} -> {large.rows:,} rows: "
         f"({large.cpu_s:.1f} - {small.cpu_s:.1f}) s / {large.rows - small.rows:,} = {ms:.4f} ms "
-        f"(target: at most 0.1 ms, {verdict})"
+        f"(target: at most {MARGINAL_CPU_MS_TARGET} ms, {verdict})"
     )
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from pipeline.local.samples import write_sample_store
 from pipeline.local.server import Faults, LocalServer, ServerSettings
+from pipeline.local.storage_servers import free_port
 from tests.helpers import child_env, finish_started_runs
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401  (every module may use them)
-from tests.storage_servers import free_port
 
 
 @pytest.fixture(autouse=True)

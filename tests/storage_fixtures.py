@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.storage_servers import StorageServer, start_gcs_server, start_s3_server
+from pipeline.local.storage_servers import StorageServer, start_gcs_server, start_s3_server
 
 
 @pytest.fixture(scope="session")

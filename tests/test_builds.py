@@ -29,6 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.audio import parse_wav_header
 from pipeline.local.server import Faults
+from pipeline.local.storage_servers import StorageServer
 from tests.helpers import (
     CARD,
     OBJECTS,
@@ -50,7 +51,6 @@ from tests.helpers import (
     write_local_manifest,
 )
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
-from tests.storage_servers import StorageServer
 
 # -- 1. object storage ---------------------------------------------------------------------------------
 

@@ -27,12 +27,12 @@ from PIL import Image
 from pipeline.card import BACKGROUND, SIZE, ClipStats, write_card
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.finish import RunStats
+from pipeline.local.storage_servers import StorageServer
 from pipeline.record import RunRecord
 from pipeline.storage import StoreSettings, open_store
 from pipeline.tables import clips_schema, errors_schema
 from tests.helpers import CHILD_TIMEOUT_S, expect_exit, read_bytes, read_table_file, run_build, write_local_manifest
 from tests.helpers import clips_table as built_clips
-from tests.storage_servers import StorageServer
 
 MANIFEST = pa.schema([("clip_id", pa.string()), ("object_id", pa.string()), ("speaker", pa.string())])
 # (clip_id, object_id, duration_ms, channels)

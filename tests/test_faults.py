@@ -18,6 +18,7 @@ from pipeline import fetch
 from pipeline.client import GetAudioClient, RetryPolicy
 from pipeline.elements import ClipRequest
 from pipeline.local.server import Faults, LocalServer, ServerSettings
+from pipeline.local.storage_servers import free_port
 from pipeline.messages import GetAudioError, TimeRange
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.throttle import AdaptiveThrottler
@@ -31,7 +32,6 @@ from tests.helpers import (
     run_build,
     run_cli,
 )
-from tests.storage_servers import free_port
 
 
 def start(manifest, output, api_host, *flags) -> Started:

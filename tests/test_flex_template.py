@@ -71,7 +71,7 @@ def test_the_launcher_builds_the_dataflow_job_detached(gcs_server, server, tmp_p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tests.storage_servers import gcs_bucket
+    from pipeline.local.storage_servers import gcs_bucket
 
     gcs_bucket(gcs_server).blob("locked/key").upload_from_string("any")
 

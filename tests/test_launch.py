@@ -16,8 +16,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.launch import stream_bound
 from pipeline.local.server import LocalServer
+from pipeline.local.storage_servers import free_port
 from tests.helpers import child_env, demo_manifest, expect_exit, explain, run_argv, run_cli, tree
-from tests.storage_servers import free_port
 
 # The runner modes that run on this machine: Beam's in-process runner (one process, or several), and the
 # portable runner with an external SDK worker pool, as Dataflow runs workers.
@@ -202,7 +202,7 @@ def test_a_missing_bucket_stops_the_launch(kind, server, s3_server, gcs_server, 
 def test_refused_storage_credentials_stop_the_launch(kind, server, s3_server, gcs_server, tmp_path) -> None:
     """Every storage request answered 403 (as for wrong credentials): exit 2 naming the output, no call; before,
     a traceback and exit 3."""
-    from tests.storage_proxy import KINDS, StorageProxy
+    from pipeline.local.storage_proxy import KINDS, StorageProxy
 
     storage = s3_server if kind == "s3" else gcs_server
     with StorageProxy(storage.endpoint_url) as proxy:

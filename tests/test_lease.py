@@ -42,6 +42,7 @@ from pipeline.finish import RunInfo
 from pipeline.layout import lease_path
 from pipeline.lease import DETACHED_LEASE_S, LEASE_S_ENV, Holder, Lease, LeaseHeld, take
 from pipeline.local.server import Faults, LocalServer
+from pipeline.local.storage_servers import StorageServer, gcs_bucket
 from pipeline.options import ClipOptions
 from pipeline.record import now
 from pipeline.run import build, fetch_settings
@@ -68,7 +69,6 @@ from tests.helpers import (
     tree,
     write_local_manifest,
 )
-from tests.storage_servers import StorageServer, gcs_bucket
 
 LATENCY_S = 0.5  # per GetAudio call: the first run is still fetching when the second starts
 IN_FLIGHT = 4

@@ -502,7 +502,7 @@ def test_dataflow_dry_run_builds_the_job_offline(make_server, gcs_server, tmp_pa
     """--runner=DataflowRunner --dry_run=True with a local manifest: the key file and the output are checked
     (on the GCS emulator), the job is built with no Google Cloud credentials and no network, nothing is fetched
     or written, and the key is not in the job."""
-    from tests.storage_servers import gcs_bucket
+    from pipeline.local.storage_servers import gcs_bucket
 
     server = keyed_server(make_server)
     bucket = gcs_bucket(gcs_server)

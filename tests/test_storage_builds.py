@@ -31,6 +31,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.local.server import Faults, LocalServer
+from pipeline.local.storage_proxy import StorageProxy
+from pipeline.local.storage_servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
 from tests.helpers import (
     Result,
     check_clips_table,
@@ -47,8 +49,6 @@ from tests.helpers import (
     write_local_manifest,
 )
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
-from tests.storage_proxy import StorageProxy
-from tests.storage_servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
 
 # Per run: the launch's probe of the output (written, then deleted), the lease (created, then released), the two
 # tables (one file each), the card and its histogram, the run record.

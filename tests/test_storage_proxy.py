@@ -17,9 +17,9 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
+from pipeline.local.storage_proxy import StorageProxy, classify
+from pipeline.local.storage_servers import GCS_PROJECT, S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
-from tests.storage_proxy import StorageProxy, classify
-from tests.storage_servers import GCS_PROJECT, S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
 
 BUCKET = "test-bucket"
 # One attempt in all: botocore's `max_attempts` counts retries after the first attempt, so

@@ -1,6 +1,8 @@
-"""Real object-storage servers on loopback for tests: moto (S3) and gcp-storage-emulator (GCS).
+"""Real object-storage servers on loopback for tests and benchmarks: moto (S3) and gcp-storage-emulator (GCS).
 
-Plain functions (no pytest) so that fixtures, scripts and benchmarks can share them. Each server
+A development tool, not the product: moto and the emulator come with the `test` extra (`pip install -e
+".[test]"`) and are imported inside the functions that start them, so `import pipeline` never needs them.
+Plain functions (no pytest) so that the tests' fixtures, scripts and benchmarks can share them. Each server
 comes back as a `StorageServer` that says how to point Beam at it:
 
 * `flags` -- pipeline options, for `PipelineOptions(flags)` / `FileSystems.set_options(...)` or a

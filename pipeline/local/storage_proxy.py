@@ -1,6 +1,6 @@
 """A request-counting, fault-injecting HTTP reverse proxy for the loopback storage servers.
 
-Put a `StorageProxy` in front of a server from `tests.storage_servers` (moto S3 or the GCS emulator)
+Put a `StorageProxy` in front of a server from `pipeline.local.storage_servers` (moto S3 or the GCS emulator)
 and point the client at `proxy.endpoint_url` instead. It is for tests and benchmarks that need to
 
 * count the storage requests a pipeline makes, by kind (PUT, COPY, LIST, ...), e.g. per clip, and
@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-from tests.storage_servers import LOOPBACK
+from pipeline.local.storage_servers import LOOPBACK
 
 KINDS = ("PUT", "POST_INIT", "COMPLETE", "COPY", "DELETE", "ABORT", "GET", "HEAD", "LIST", "BUCKET", "OTHER")
 UPLOAD_KINDS = frozenset({"PUT", "POST_INIT", "COMPLETE"})
