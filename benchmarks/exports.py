@@ -99,10 +99,10 @@ def synthesize(root: str, rows: int) -> list[str]:
     os.makedirs(os.path.join(root, "metadata"))
     store, files = open_store(root), []
     for start in range(0, rows, TABLE_ROWS):
-        scratch = store.scratch_file(".parquet")
-        pq.write_table(clips_table(start, min(TABLE_ROWS, rows - start)), scratch)
-        files.append(table_path(root, "clips", scratch))
-        os.replace(scratch, files[-1])
+        with store.scratch_file(".parquet") as scratch:
+            pq.write_table(clips_table(start, min(TABLE_ROWS, rows - start)), scratch.path)
+            files.append(table_path(root, "clips", scratch.path))
+            store.put(files[-1], file=scratch)
     return files
 
 
@@ -113,8 +113,7 @@ def write_parts(root: str, bundles: list[list[dict]]) -> None:
         writer = ManifestWriter(store, FORMATS, sharded=False)
         for row in rows:
             writer.add(row)
-        for name, scratch in writer.close().items():
-            store.put(path_of(root, export_part_name(name, content_digest(scratch))), file=scratch)
+        writer.publish(lambda name, scratch: path_of(root, export_part_name(name, content_digest(scratch))))
 
 
 def lines_of(root: str) -> dict[str, list[bytes]]:

@@ -148,10 +148,10 @@ def write_tables(root: str, manifest: pa.Table, clips: pa.Table) -> tuple[list[s
     os.makedirs(os.path.dirname(table_prefix(root, "clips")), exist_ok=True)
     clip_files = []
     for start in range(0, clips.num_rows, TABLE_ROWS):
-        scratch = store.scratch_file(".parquet")
-        pq.write_table(clips.slice(start, TABLE_ROWS), scratch)
-        path = table_path(root, "clips", scratch)
-        os.replace(scratch, path)  # the scratch is under the root's _tmp/, removed below
+        with store.scratch_file(".parquet") as scratch:  # under the root's _tmp/, removed below
+            pq.write_table(clips.slice(start, TABLE_ROWS), scratch.path)
+            path = table_path(root, "clips", scratch.path)
+            store.put(path, file=scratch)
         clip_files.append(os.path.relpath(path, root))
     errors = write_empty(store, root, "errors", tables.errors_schema(manifest.schema))
     shutil.rmtree(os.path.join(root, "_tmp"), ignore_errors=True)

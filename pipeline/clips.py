@@ -2,7 +2,7 @@
 
 A crash or a retried bundle never leaves a partial file at a final path: the store publishes a clip in one
 write (one upload to a bucket, write-then-rename on a local disk), and only once the writer has checked it
-is complete. A writer whose write fails (a full disk, libsndfile) drops its scratch file and raises OSError,
+is complete. A writer whose write fails (a full disk, libsndfile) closes its scratch file and raises OSError,
 which makes the row WRITE_FAILED. Audio is kept in memory up to `SPILL_BYTES` and then streamed to a local
 scratch file, so a short clip costs one write and a one-hour clip never sits in memory.
 
@@ -28,7 +28,7 @@ import soundfile as sf
 
 from pipeline.audio import BYTES_PER_SAMPLE, SAMPLE_RATE, SAMPLES_PER_MS, parse_wav_header, wav_header
 from pipeline.messages import StreamInfo
-from pipeline.storage import Store, StoredObject
+from pipeline.storage import Scratch, Store, StoredObject
 
 KEEP, MIX = "keep", "mix"
 CHANNELS = (KEEP, MIX)  # --channels: a clip keeps the object's channels, or holds their mix in one
@@ -53,9 +53,14 @@ class FinishedClip:
     """A complete clip's bytes, in memory (`data`) or in a local scratch file (`file`), not yet published."""
 
     data: bytes | None
-    file: str | None
+    file: Scratch | None
     num_bytes: int
     sha256: str
+
+    def close(self) -> None:
+        """Remove its scratch file, once its bytes are published or in a shard (or of no use)."""
+        if self.file is not None:
+            self.file.close()
 
 
 class ClipFile:
@@ -68,7 +73,7 @@ class ClipFile:
         self.store = store
         self.path = path
         self.fingerprint = fingerprint
-        self._scratch: str | None = None
+        self._scratch: Scratch | None = None  # named on first use: a short WAV clip never has one
         self._bytes = 0  # PCM (and header) bytes received
         self._expected = 0
         self.info: StreamInfo | None = None
@@ -83,7 +88,7 @@ class ClipFile:
     def _scratch_file(self) -> str:
         if self._scratch is None:
             self._scratch = self.store.scratch_file("." + self.clip_format)
-        return self._scratch
+        return self._scratch.path
 
     def finish(self) -> FinishedClip:
         """The complete clip, checked against the length the stream announced. A clip that cannot be
@@ -100,17 +105,15 @@ class ClipFile:
         raise NotImplementedError
 
     def publish(self) -> WrittenClip:
-        """Put the complete clip at its path, with what it is in the object's metadata."""
+        """Put the complete clip at its path, with what it is in the object's metadata (where the store keeps any)."""
         done = self.finish()
         written = WrittenClip(self.path, self.info, self.info.num_frames, done.num_bytes, done.sha256)
-        metadata = None if self.store.local else to_metadata(self.fingerprint, written)  # a file has it in its header
         mime = _MIME[self.clip_format]
         try:
+            metadata = to_metadata(self.fingerprint, written)
             self.store.put(self.path, done.data, file=done.file, content_type=mime, metadata=metadata)
-        except BaseException:
-            self.discard()
-            raise
-        self._scratch = None  # the store took the file
+        finally:
+            self.discard()  # the scratch file, published or not
         return written
 
     def _close(self) -> None:
@@ -122,9 +125,9 @@ class ClipFile:
             with contextlib.suppress(OSError):  # a file that failed to write may fail to close (a full disk)
                 self._close()
         finally:
-            if self._scratch is not None and os.path.exists(self._scratch):
-                os.remove(self._scratch)
-            self._scratch = None
+            scratch, self._scratch = self._scratch, None
+            if scratch is not None:
+                scratch.close()
 
 
 class WavClip(ClipFile):
@@ -197,7 +200,7 @@ class FlacClip(ClipFile):
     def _finish(self) -> FinishedClip:
         self._close()
         self._check_complete()
-        digest, size = _hash_file(self._scratch)
+        digest, size = _hash_file(self._scratch.path)
         return FinishedClip(None, self._scratch, size, digest)
 
     def _check_complete(self) -> None:
@@ -205,7 +208,7 @@ class FlacClip(ClipFile):
         STREAMINFO with the length) and reports success; such a file claims 2**63-1 frames. So the closed
         file's header is read back, and a clip that does not say it has all its frames is not published."""
         with _encoder_errors(self.path):
-            frames = sf.info(self._scratch).frames
+            frames = sf.info(self._scratch.path).frames
         if frames != self.info.num_frames:
             raise OSError(f"clip {self.path}: the FLAC file is incomplete ({frames} of {self.info.num_frames} frames)")
 
@@ -303,7 +306,8 @@ def existing_clip(store: Store, path: str, fingerprint: str, clip_format: str = 
     """The clip already at `path`, if it is complete and was made for the same request.
 
     On a bucket: one metadata request, no audio read. On a local disk: the header, then the file's hash.
-    An object without our metadata (written by an older version) counts as absent and is fetched again.
+    An object without our metadata (written by an older version) counts as absent and is fetched again: on a
+    bucket its header would cost a download per clip, which the metadata is there to spare.
     """
     found = store.head(path)
     if found is None:

@@ -75,9 +75,11 @@ def _rows(store: Store, files: list[str]) -> Iterator[dict[str, Any]]:
 
 class ManifestWriter:
     """The manifests of `formats`, written line by line into scratch files as a clips table's rows come: the
-    whole table (the export command), or one bundle of it (a run's workers write their part each)."""
+    whole table (the export command), or one bundle of it (a run's workers write their part each); it owns the
+    scratch files until `publish` has put them."""
 
     def __init__(self, store: Store, formats: tuple[str, ...], sharded: bool):
+        self.store = store
         if LHOTSE in formats and sharded:  # refused at launch (options.check_values); the export command says it
             raise ValueError("Lhotse reads clip files, not tar shards: export it from a dataset built without --shards")
         self.lines: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {}  # manifest name -> a row's lines
@@ -88,20 +90,29 @@ class ManifestWriter:
                 self.lines[lhotse_name(part)] = functools.partial(lhotse_lines, name=part)
         self.scratch = {name: store.scratch_file(_suffix(name)) for name in self.lines}
         self._files = contextlib.ExitStack()
-        self._out = {
-            name: self._files.enter_context((gzip.open if name.endswith(".gz") else open)(file, "wt", encoding="utf-8"))
-            for name, file in self.scratch.items()
-        }
+        self._out: dict[str, Any] = {}
+        for name, scratch in self.scratch.items():
+            opener = gzip.open if name.endswith(".gz") else open
+            self._out[name] = self._files.enter_context(opener(scratch.path, "wt", encoding="utf-8"))
 
     def add(self, row: dict[str, Any]) -> None:
         for name, lines_of in self.lines.items():
             for line in lines_of(row):
                 self._out[name].write(json.dumps(line, ensure_ascii=False) + "\n")
 
-    def close(self) -> dict[str, str]:
-        """Manifest name -> its complete scratch file (a gzip member for `.gz`: members concatenate)."""
-        self._files.close()
-        return self.scratch
+    def publish(self, path_for: Callable[[str, str], str]) -> list[str]:
+        """Put each manifest (a gzip member for `.gz`: members concatenate) at `path_for(its name, its complete
+        scratch file)`; the paths written. The scratch files are removed, whatever happens."""
+        try:
+            self._files.close()
+            written = []
+            for name, scratch in self.scratch.items():
+                written.append(path_for(name, scratch.path))
+                self.store.put(written[-1], file=scratch, content_type=content_type(name))
+            return written
+        finally:
+            for scratch in self.scratch.values():
+                scratch.close()
 
 
 def _suffix(name: str) -> str:
@@ -118,11 +129,7 @@ def export_dataset(store: Store, output: str, formats: tuple[str, ...], files: l
     writer = ManifestWriter(store, formats, sharded)
     for row in _rows(store, files):
         writer.add(row)
-    written = []
-    for name, scratch in writer.close().items():
-        written.append(path_of(output, name))
-        store.put(written[-1], file=scratch, content_type=content_type(name))
-    return written
+    return writer.publish(lambda name, _: path_of(output, name))
 
 
 def assemble_exports(store: Store, output: str, formats: tuple[str, ...], parts: list[str]) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 
 import pyarrow.parquet as pq
 
 from pipeline.cli import LaunchError, Parser, add_logging_options
 from pipeline.export import clips_table_files, export_dataset, note_in_dataset
-from pipeline.layout import EXPORTS, HF_DATA_DIR, SHAR_DIR, tmp_path
+from pipeline.layout import EXPORTS, HF_DATA_DIR, SHAR_DIR
 from pipeline.storage import open_store
 
 NO_TEXT = "its training manifests would hold no text (each pairs a clip's audio with its transcript)"
@@ -60,5 +59,4 @@ def main(argv: list[str]) -> None:
     except ValueError as e:  # Lhotse asked of a sharded dataset, found before anything is written
         raise LaunchError(str(e)) from None
     finally:
-        if store.local:  # the scratch files went into place, or are of no use
-            shutil.rmtree(tmp_path(output), ignore_errors=True)
+        store.remove_scratch()  # what the scratch files left went into place, or is of no use

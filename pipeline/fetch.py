@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import queue
 import tarfile
 import threading
@@ -59,7 +58,7 @@ from pipeline.layout import HF_PARQUET, LHOTSE_SHAR, clip_path, name_of, path_of
 from pipeline.messages import AudioResult, AudioSink, GetAudioError, ObjectInfo, Segment
 from pipeline.settings import ClientSettings, FetchSettings
 from pipeline.shards import SHARDS, ParquetShard, Shard
-from pipeline.storage import open_store
+from pipeline.storage import StorageError, open_store
 from pipeline.throttle import WaitClock
 from pipeline.transcripts import clip_tokens, tokens_for
 
@@ -96,7 +95,6 @@ class _Resources:
             client.hooks = CallHooks(limiter.allow if limiter else None, self.clock)
         self.pool = futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="getaudio")
         self.progress = Progress(total_rows)
-        self.users = 0
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -104,10 +102,47 @@ class _Resources:
             self.client.close()
 
 
-# The steps' shared client and pool, by what they are built from: an entry lives while a step that set it
-# up has not been torn down, so nothing of a finished run stays in the process.
-_in_use: dict[tuple, _Resources] = {}
-_in_use_lock = threading.Lock()
+class _Held:
+    """The fetch steps' one process-wide state, and its owner: the resources the steps of a worker process
+    share, by what they are built from, with the number of steps holding them. The first step set up builds
+    them, the last torn down closes them, so nothing of a finished run stays in the process.
+
+    Not Beam's `utils.shared.Shared`: it keeps the object acquired last alive until another is acquired (so a
+    finished run's channel and pool threads would stay open), and its handle is one step's, where
+    AttachTranscripts and the fetch step share one client."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[tuple, tuple[_Resources, int]] = {}
+
+    def hold(self, key: tuple, build: Callable[[], _Resources]) -> _Resources:
+        """The resources for `key`, built if no step holds them yet."""
+        with self._lock:
+            resources, holders = self._held.get(key) or (build(), 0)
+            self._held[key] = resources, holders + 1
+        return resources
+
+    def let_go(self, key: tuple) -> None:
+        """One step is done with the resources for `key`: the last one closes them."""
+        with self._lock:
+            resources, holders = self._held.pop(key)
+            if holders > 1:
+                self._held[key] = resources, holders - 1
+                return
+        resources.close()
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+
+_HELD = _Held()
+
+
+def held() -> int:
+    """How many clients (each with its pool) the fetch steps hold in this process: 0 once a run's steps are
+    torn down, which a test can check after an in-process run."""
+    return _HELD.count()
 
 
 class _Step(beam.DoFn):
@@ -123,31 +158,18 @@ class _Step(beam.DoFn):
 
     def setup(self) -> None:
         s = self.settings
-        self.key = (
-            s.client,
-            s.max_in_flight,
-            s.rate_limit_service,
-            s.rate_limit_domain,
-            self.make_client,
-        )
-        with _in_use_lock:
-            if self.key not in _in_use:
-                client = self.make_client(s.client)
-                _in_use[self.key] = _Resources(client, s.max_in_flight, s.total_rows, s.rate_limiter())
-            self.resources = _in_use[self.key]
-            self.resources.users += 1
+        self.key = (s.client, s.max_in_flight, s.rate_limit_service, s.rate_limit_domain, self.make_client)
+        self.resources = _HELD.hold(self.key, self._build)
         self.client = self.resources.client
+
+    def _build(self) -> _Resources:
+        s = self.settings
+        return _Resources(self.make_client(s.client), s.max_in_flight, s.total_rows, s.rate_limiter())
 
     def teardown(self) -> None:
         if getattr(self, "resources", None) is None:  # setup did not get as far
             return
-        with _in_use_lock:
-            self.resources.users -= 1
-            last = self.resources.users == 0
-            if last:
-                del _in_use[self.key]
-        if last:
-            self.resources.close()
+        _HELD.let_go(self.key)
         self.resources = self.client = None
 
 
@@ -362,7 +384,7 @@ class FetchShard(_Fetch):
         one that cannot be removed is left (a next rerun removes it) and said."""
         try:
             self.store.delete([path])
-        except OSError as e:
+        except StorageError as e:
             log.warning("cannot remove %s, the shard's earlier name (%s); a rerun removes it", path, e)
 
 
@@ -411,8 +433,8 @@ class InFlight:
         for _ in range(self.pending):
             future = self.done.get()
             finished = None if future.exception() else future.result().finished
-            if finished is not None and finished.file is not None and os.path.exists(finished.file):
-                os.remove(finished.file)
+            if finished is not None:
+                finished.close()
         self.pending = 0
 
 

@@ -34,7 +34,7 @@ from pipeline.messages import GetAudioError
 from pipeline.options import ClipOptions
 from pipeline.record import remove_record
 from pipeline.settings import ClientSettings, FetchSettings
-from pipeline.storage import Store
+from pipeline.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
 
@@ -94,36 +94,21 @@ def probe_output(store: Store, output: str) -> None:
     try:
         store.put(marker, b"")
         store.delete([marker])
-    except Exception as e:  # StorageError, or a store's own error type
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise LaunchError(f"--output {output}: cannot write to it ({reason})") from None
+    except StorageError as e:
+        raise LaunchError(f"--output {output}: cannot write to it ({_one_line(e)})") from None
 
 
 def check_output(store: Store, output: str) -> None:
     """The output can be written: a folder (or one that can be made) on local disk, a bucket that can be
     listed with the credentials given. Found here, before any call, not after every clip is fetched."""
-    if store.local:
-        _check_local_output(output)
-        return
     try:
-        next(iter(store.list(root_of(output) + "/")), None)
-    except Exception as e:  # botocore, google-cloud or OS errors: the bucket or the credentials
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise LaunchError(f"--output {output}: cannot list it ({type(e).__name__}: {reason})") from None
+        store.check_writable(root_of(output), (TMP_DIR, METADATA_DIR, CLIPS_DIR, SHARDS_DIR))
+    except StorageError as e:
+        raise LaunchError(f"--output {output}: {_one_line(e)}") from None
 
 
-def _check_local_output(output: str) -> None:
-    for name in ("", TMP_DIR, METADATA_DIR, CLIPS_DIR, SHARDS_DIR):
-        path = os.path.join(output, name) if name else output
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise LaunchError(f"--output {output}: {path} is a file, not a folder")
-    existing = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise LaunchError(f"--output {output}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise LaunchError(f"--output {output}: {existing} is not writable")
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def check_workers_get_the_key(opts: ClipOptions, options: PipelineOptions) -> None:
@@ -248,27 +233,12 @@ def remove_leftovers(store: Store, output: str) -> None:
 
     Older versions also staged clips and Beam's table files under `_tmp/` and `metadata/beam-temp-*`."""
     root = root_of(output)
-    if store.local:
-        for folder in [tmp_path(root), *_beam_temp_folders(root)]:
-            shutil.rmtree(folder, ignore_errors=True)
-    else:
-        left = [o.path for o in store.list(tmp_path(root) + "/")]
-        left += [o.path for o in store.list(path_of(root, f"{METADATA_DIR}/beam-temp-"))]
-        if left:
-            store.delete(left)
-        aborted = store.abort_uploads(f"{root}/")
-        if aborted:
-            log.info("aborted %d unfinished multipart upload(s) under %s", aborted, root)
+    store.remove_all(tmp_path(root) + "/")
+    store.remove_all(path_of(root, f"{METADATA_DIR}/beam-temp-"))
+    aborted = store.abort_uploads(f"{root}/")
+    if aborted:
+        log.info("aborted %d unfinished multipart upload(s) under %s", aborted, root)
     remove_record(store, output)
-
-
-def _beam_temp_folders(root: str) -> list[str]:
-    metadata = os.path.join(root, METADATA_DIR)
-    return (
-        [os.path.join(metadata, d) for d in os.listdir(metadata) if d.startswith("beam-temp-")]
-        if os.path.isdir(metadata)
-        else []
-    )
 
 
 TEMPDIR_PREFIX = "clip-pipeline-"
@@ -276,9 +246,13 @@ TEMPDIR_PREFIX = "clip-pipeline-"
 
 @contextlib.contextmanager
 def own_tempdir() -> Iterator[str]:
-    """Beam leaves folders in $TMPDIR after every run (its job server's, the staged dependencies'): the run
-    gets a folder of its own, for this process and the worker processes it starts, removed at the end. The
-    folder is named for the process, so the next run removes those of runs that were killed (SIGKILL)."""
+    """A folder of the run's own, removed at its end: Beam leaves folders in the temporary folder after every run
+    (its job server's, the staged dependencies'), and a bucket store's scratch files go there too.
+
+    The one place the pipeline sets tempfile's default folder for its whole process (`tempfile.tempdir`) and
+    the worker processes it starts (`TMPDIR`), put back on exit; `run.main` holds it for the run. No folder can
+    be passed instead: Beam's job server, artifact staging and stager take tempfile's default, with no option
+    for it. The folder is named for the process, so the next run removes those of runs killed (SIGKILL)."""
     remove_dead_tempdirs(tempfile.gettempdir())
     folder = tempfile.mkdtemp(prefix=f"{TEMPDIR_PREFIX}{os.getpid()}-")
     saved = tempfile.tempdir, os.environ.get("TMPDIR")

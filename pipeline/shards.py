@@ -22,7 +22,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -35,7 +34,7 @@ from pipeline.clips import ClipFile, FinishedClip, WrittenClip
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.export import lhotse_cut, lhotse_recording
 from pipeline.layout import HF_PARQUET, LHOTSE_SHAR, WEBDATASET, path_of, shard_names
-from pipeline.storage import Store
+from pipeline.storage import Scratch, StorageError, Store
 from pipeline.tables import to_row
 
 ROW_GROUP_BYTES = 64 << 20  # audio held for a Parquet shard before a row group is written
@@ -68,10 +67,10 @@ class Shard:
         self.name = self.names[0]
         self.path = path_of(output, self.name)
         self.failure: OSError | None = None  # once set, clips are dropped and the shard is not published
-        self._scratch: str | None = None
+        self._scratch: Scratch | None = None
         try:
             self._scratch = store.scratch_file(self.suffix)
-            self._open(self._scratch)
+            self._open(self._scratch.path)
         except OSError as e:  # no scratch to write the shard into: each of its rows becomes WRITE_FAILED
             self.failure = e
 
@@ -98,15 +97,15 @@ class Shard:
         except OSError as e:
             self.failure = e
         finally:
-            if clip.file is not None and os.path.exists(clip.file):
-                os.remove(clip.file)
+            clip.close()
         return placed
 
     def publish(self) -> None:
         """Close the shard and put it at its path in one write; a failure is kept in `failure`."""
         try:
             self._close()
-            self.store.put(self.path, file=self._scratch, content_type=self.content_type)
+            with self._scratch:
+                self.store.put(self.path, file=self._scratch, content_type=self.content_type)
         except OSError as e:
             self.failure = e
 
@@ -116,8 +115,8 @@ class Shard:
             with contextlib.suppress(OSError):  # a full disk fails the buffered bytes' write again
                 self._close()
         finally:
-            if self._scratch is not None and os.path.exists(self._scratch):
-                os.remove(self._scratch)
+            if self._scratch is not None:
+                self._scratch.close()
 
     def _open(self, scratch: str) -> None:
         raise NotImplementedError
@@ -137,7 +136,7 @@ class Shard:
 def _clip_bytes(clip: FinishedClip) -> bytes:
     if clip.file is None:
         return clip.data
-    with open(clip.file, "rb") as f:
+    with open(clip.file.path, "rb") as f:
         return f.read()
 
 
@@ -160,7 +159,7 @@ class TarShard(Shard):
         if clip.file is None:
             _add(self._tar, member, io.BytesIO(clip.data), clip.num_bytes)
         else:
-            with open(clip.file, "rb") as f:
+            with open(clip.file.path, "rb") as f:
                 _add(self._tar, member, f, clip.num_bytes)
 
     def _add_json(self, member: str, text: str) -> None:
@@ -168,17 +167,21 @@ class TarShard(Shard):
         _add(self._tar, member, io.BytesIO(body), len(body))
 
     def _close(self) -> None:
-        """The tar first, or it writes its buffer when collected."""
-        for attr in ("_tar", "_file"):
-            stream = getattr(self, attr, None)
-            setattr(self, attr, None)
-            if stream is not None:
-                stream.close()
+        """The tar first, or it writes its buffer when collected; then the file, even when the tar's last write
+        fails: a removed scratch file still open holds its space on a full disk until it is collected."""
+        tar, file = getattr(self, "_tar", None), getattr(self, "_file", None)
+        self._tar = self._file = None
+        try:
+            if tar is not None:
+                tar.close()
+        finally:
+            if file is not None:
+                file.close()
 
     @staticmethod
     def members(store: Store, path: str, names: set[str]) -> Iterator[tuple[str, bytes]]:
         """In the tar's order, in one pass: a local shard read in place, a bucket's in one download."""
-        with _opened(store, path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with store.open_for_read(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
                 if member.name in names:
                     yield member.name, tar.extractfile(member).read()
@@ -217,7 +220,7 @@ class SharShard(TarShard):
         body = gzip.compress("".join(f"{cut}\n" for cut in self._cuts).encode())
         try:
             self.store.put(path_of(self.output, self.names[1]), body, content_type="application/gzip")
-        except OSError as e:
+        except StorageError as e:
             self.failure = e
 
 
@@ -277,7 +280,7 @@ class ParquetShard(Shard):
 
     @staticmethod
     def members(store: Store, path: str, names: set[str]) -> Iterator[tuple[str, bytes]]:
-        with _opened(store, path) as f:
+        with store.open_for_read(path) as f:
             table = pq.read_table(f, columns=["member", "audio"])
         for member, audio in zip(table.column("member").to_pylist(), table.column("audio").to_pylist(), strict=True):
             if member in names:
@@ -288,10 +291,6 @@ def _add(tar: tarfile.TarFile, name: str, data, size: int) -> None:
     info = tarfile.TarInfo(name)
     info.size = size
     tar.addfile(info, data)
-
-
-def _opened(store: Store, path: str) -> BinaryIO:
-    return open(path, "rb") if store.local else io.BytesIO(store.read(path))
 
 
 SHARDS: dict[str, type[Shard]] = {WEBDATASET: TarShard, HF_PARQUET: ParquetShard, LHOTSE_SHAR: SharShard}

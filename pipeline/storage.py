@@ -6,11 +6,18 @@ and delete it: six requests a clip. Here a write is one request. An object store
 when its upload completes, so an upload goes straight to its final name; a local file is written under
 `{output}/_tmp/` and renamed into place. Reading the manifest stays with Beam (a few reads a job).
 
-The per-process client cache: one boto3 client and one google-cloud-storage client per worker process
-(per settings), built on first use and shared by every thread and clip. Both are thread-safe.
+Bytes too large to hold go through a `Scratch`, a local file that one object owns from its naming to its
+removal: the writer writes into it, `put` publishes it (on a local disk by a rename, so scratch lives beside
+the output), and the writer closes it, which removes whatever `put` left.
+
+The per-process client cache (`_clients`, this module's only process-wide state): one boto3 client and one
+google-cloud-storage client per worker process (per settings), built on first use and shared by every
+thread, step and clip; both are thread-safe. A client cannot be a step's own: one costs about 119 ms of CPU
+and holds the process's connection pool, and stores are opened outside any step too (the launcher, the last
+step). `clear_clients` empties it, as a new process would.
 The libraries retry what is transient (throttling, 5xx, timeouts, dropped connections) a bounded number
-of times; whatever still fails is raised as `StorageError`, which the fetch step turns into a
-`WRITE_FAILED` row.
+of times; whatever still fails, and any error of a local disk, is raised as `StorageError` (the library's
+error chained), which the fetch step turns into a `WRITE_FAILED` row.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import io
 import itertools
 import os
 import shutil
@@ -25,7 +33,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from pipeline.layout import TMP_DIR
 
@@ -37,11 +45,12 @@ ATTEMPTS = 5  # of each storage request, the libraries' own retries with backoff
 
 
 class StorageError(OSError):
-    """A write or listing that failed after the library's retries."""
+    """Any store operation that failed (after the library's retries): one kind of error whatever the store, an
+    OSError as a failed local write is, so that a writer catching OSError catches both."""
 
 
 class NotFound(StorageError, FileNotFoundError):
-    """A read of an object that is not there (a local store raises FileNotFoundError itself)."""
+    """A read of an object or file that is not there."""
 
 
 class Precondition(StorageError):
@@ -87,15 +96,51 @@ class StoredObject:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+class Scratch:
+    """A local scratch file for bytes on their way to `put(file=...)`, from `store.scratch_file`. It owns the file
+    from its naming to its removal: write into `path`, pass it to `put` (which never removes it), then `close`
+    it, or leave the `with` block, which removes what is left."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._gone = False  # renamed into place by a local store's put, or removed
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the file if it is there (idempotent)."""
+        if not self._gone:
+            self._gone = True
+            with translated(self.path, OSError), contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    def _rename(self, path: str) -> None:
+        """LocalStore.put's publish: the file becomes `path`, so nothing is left to remove."""
+        os.replace(self.path, path)
+        self._gone = True
+
+
 class Store(Protocol):
-    """What the pipeline does with its output. Paths are full paths (a local path, s3://b/k, gs://b/k)."""
+    """What the pipeline does with its output. Paths are full paths (a local path, s3://b/k, gs://b/k). Every
+    operation raises StorageError (NotFound, Precondition) naming the path, its cause chained."""
 
     local: bool
 
     def put(
-        self, path: str, data: bytes | None = None, *, file: str | None = None, content_type: str = "", metadata=None
+        self,
+        path: str,
+        data: bytes | None = None,
+        *,
+        file: Scratch | None = None,
+        content_type: str = "",
+        metadata: dict[str, str] | None = None,
     ) -> None:
-        """Publish `data`, or the local file `file` (which is consumed: moved or uploaded, then removed)."""
+        """Publish `data`, or the scratch file `file` (still its owner's to close). `metadata` is kept where the
+        store keeps any (a bucket object's); a local file says what it is in its header."""
 
     def head(self, path: str) -> StoredObject | None:
         """The object at `path` with its metadata (one request), or None."""
@@ -104,9 +149,23 @@ class Store(Protocol):
         """Every object whose path starts with `prefix` (sizes only)."""
 
     def read(self, path: str) -> bytes:
-        """A whole small object (the run record, a table file); FileNotFoundError when it is not there."""
+        """A whole small object (the run record, a table file); NotFound when it is not there."""
+
+    def open_for_read(self, path: str) -> BinaryIO:
+        """The object as a binary file to read through: a local file opened in place, a bucket's object
+        downloaded into memory (one request)."""
 
     def delete(self, paths: Iterable[str]) -> None: ...
+
+    def remove_all(self, prefix: str) -> None:
+        """Everything whose path starts with `prefix`, gone (a killed run's leftovers)."""
+
+    def remove_scratch(self) -> None:
+        """Remove, at once, the scratch this store stages beside the output (a finished or stopped run's)."""
+
+    def check_writable(self, root: str, folders: Iterable[str]) -> None:
+        """StorageError saying why nothing could be written under `root`, as far as can be told without writing;
+        `folders`: the ones under it that a run writes into."""
 
     def concat(self, path: str, parts: list[StoredObject], content_type: str = "") -> None:
         """Write `path` as the parts' bytes one after another, in one publish, and delete the parts. On a bucket
@@ -116,8 +175,8 @@ class Store(Protocol):
     def abort_uploads(self, prefix: str) -> int:
         """Abort unfinished multipart uploads under `prefix` (a killed writer's); how many."""
 
-    def scratch_file(self, suffix: str) -> str:
-        """A fresh local file name (or an empty file) for bytes on their way to `put(file=...)`."""
+    def scratch_file(self, suffix: str) -> Scratch:
+        """A new scratch file (maybe not created yet) for bytes on their way to `put(file=...)`."""
 
     # Conditional writes of one small object (the lease): each is one request, decided by the store itself,
     # so of two processes racing for the same object exactly one succeeds. A version is an opaque string.
@@ -170,6 +229,13 @@ _clients: dict[tuple[str, StoreSettings], object] = {}
 _clients_lock = threading.Lock()
 
 
+def clear_clients() -> None:
+    """Forget the clients built so far, as a new process would (a test pointing the same settings at another
+    server)."""
+    with _clients_lock:
+        _clients.clear()
+
+
 def _client(scheme: str, settings: StoreSettings):
     """The per-process client cache (see the module's docstring)."""
     key = (scheme, settings)
@@ -183,7 +249,8 @@ def _client(scheme: str, settings: StoreSettings):
 
 
 class LocalStore:
-    """A folder: each write goes to `{root}/_tmp/` and is renamed into place, so no reader sees half a file."""
+    """A folder: each write goes to `{root}/_tmp/` and is renamed into place, so no reader sees half a file.
+    Its OSErrors are raised as StorageError (NotFound for a missing file)."""
 
     local = True
 
@@ -195,28 +262,26 @@ class LocalStore:
         self._prefix, self._count = uuid.uuid4().hex[:12], itertools.count()
 
     def put(self, path, data=None, *, file=None, content_type="", metadata=None) -> None:
-        try:
-            if file is None:
-                file = self.scratch_file(os.path.splitext(path)[1])
-                _write_file(file, data)
-            try:
-                os.replace(file, path)
-            except FileNotFoundError:  # the first file in a new folder: no makedirs call for every clip
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                os.replace(file, path)
-        except OSError as e:
-            _remove(file)  # consumed, as a bucket store's is: a partial file in _tmp/ would hold the disk's space
-            raise StorageError(f"{path}: {e}") from e
+        """Renamed into place: `file` (this store's scratch, on the same disk), or `data` written into a scratch
+        file first. No metadata: a local file has none (a clip says what it is in its header)."""
+        with translated(path, OSError):
+            if file is not None:
+                _rename(file, path)
+                return
+            with self.scratch_file(os.path.splitext(path)[1]) as scratch:
+                _write_file(scratch.path, data)
+                _rename(scratch, path)
 
     def head(self, path: str) -> StoredObject | None:
-        try:
-            return StoredObject(path, os.stat(path).st_size)
-        except FileNotFoundError:
-            return None
+        with translated(path, OSError):
+            try:
+                return StoredObject(path, os.stat(path).st_size)
+            except FileNotFoundError:
+                return None
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         folder = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
-        with translated(prefix):
+        with translated(prefix, OSError):
             for dirpath, _, names in os.walk(folder or "."):
                 for name in names:
                     path = os.path.join(dirpath, name)
@@ -224,53 +289,84 @@ class LocalStore:
                         yield StoredObject(path, os.stat(path).st_size)
 
     def read(self, path: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise (NotFound if isinstance(e, FileNotFoundError) else StorageError)(f"{path}: {e}") from e
+        with self.open_for_read(path) as f, translated(path, OSError):
+            return f.read()
+
+    def open_for_read(self, path: str) -> BinaryIO:
+        with translated(path, OSError):
+            return open(path, "rb")
 
     def delete(self, paths: Iterable[str]) -> None:
         for path in paths:
-            with translated(path):
+            with translated(path, OSError):
                 os.remove(path)
 
-    def concat(self, path: str, parts: list[StoredObject], content_type: str = "") -> None:
-        scratch = self.scratch_file(os.path.splitext(path)[1])
+    def remove_all(self, prefix: str) -> None:
+        """Each file and folder whose path starts with `prefix`, with what is in it (a folder is no object).
+        What cannot be removed stays, as a leftover's leftover, not a reason to stop."""
+        self._tmp_made = False  # `_tmp/` may be among them
+        folder, start = os.path.split(prefix)
         try:
-            with open(scratch, "wb") as out:
+            paths = [e.path for e in os.scandir(folder or ".") if e.name.startswith(start)] if start else [folder]
+        except OSError:  # no such folder: nothing to remove
+            return
+        for path in paths:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+    def remove_scratch(self) -> None:
+        """The output's `_tmp/` with all in it (a run's export parts too)."""
+        self.remove_all(self.tmp + os.sep)
+
+    def check_writable(self, root: str, folders: Iterable[str]) -> None:
+        """No file where `root` or one of its `folders` should be a folder, and a writable folder to make it in."""
+        for path in (root, *(os.path.join(root, f) for f in folders)):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise StorageError(f"{path} is a file, not a folder")
+        existing = os.path.dirname(os.path.abspath(root))
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise StorageError(f"{existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"{existing} is not writable")
+
+    def concat(self, path: str, parts: list[StoredObject], content_type: str = "") -> None:
+        with self.scratch_file(os.path.splitext(path)[1]) as scratch:
+            with translated(path, OSError), open(scratch.path, "wb") as out:
                 for part in parts:
                     with open(part.path, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 20)
-        except OSError as e:
-            _remove(scratch)
-            raise StorageError(f"{path}: {e}") from e
-        self.put(path, file=scratch)
+            self.put(path, file=scratch)
         self.delete(p.path for p in parts)
 
     def abort_uploads(self, prefix: str) -> int:
         return 0
 
     def create(self, path: str, data: bytes) -> str:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with _folder_lock(path):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                raise Precondition(f"{path}: exists") from None
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        with translated(path, OSError):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with _folder_lock(path):
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                except FileExistsError as e:
+                    raise Precondition(f"{path}: exists") from e
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
         return _local_version(data)
 
     def read_versioned(self, path: str) -> tuple[bytes, str] | None:
         if not os.path.isdir(os.path.dirname(path) or "."):
             return None
-        with _folder_lock(path):
+        with translated(path, OSError), _folder_lock(path):
             data = _read_if_there(path)
         return None if data is None else (data, _local_version(data))
 
     def replace(self, path: str, data: bytes, version: str) -> str:
-        with _folder_lock(path):
+        with translated(path, OSError), _folder_lock(path):
             _check_version(path, version)
             staged = f"{path}.{uuid.uuid4().hex}"  # renamed over it: a reader without the lock sees old or new
             _write_file(staged, data)
@@ -278,16 +374,26 @@ class LocalStore:
         return _local_version(data)
 
     def delete_version(self, path: str, version: str) -> None:
-        with _folder_lock(path):
+        with translated(path, OSError), _folder_lock(path):
             _check_version(path, version)
             os.remove(path)
 
-    def scratch_file(self, suffix: str) -> str:
+    def scratch_file(self, suffix: str) -> Scratch:
+        """In the output's `_tmp/`, so that `put` renames it into place. Named, not created: one open per clip,
+        not two."""
         if not self._tmp_made:
-            os.makedirs(self.tmp, exist_ok=True)
+            with translated(self.tmp, OSError):
+                os.makedirs(self.tmp, exist_ok=True)
             self._tmp_made = True
-        # Not created here: one open per clip, not two.
-        return os.path.join(self.tmp, f"{self._prefix}-{next(self._count)}{suffix}")
+        return Scratch(os.path.join(self.tmp, f"{self._prefix}-{next(self._count)}{suffix}"))
+
+
+def _rename(scratch: Scratch, path: str) -> None:
+    try:
+        scratch._rename(path)
+    except FileNotFoundError:  # the first file in a new folder: no makedirs call for every clip
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        scratch._rename(path)
 
 
 @contextlib.contextmanager
@@ -339,15 +445,6 @@ def _write_file(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _scratch_file(suffix: str) -> str:
-    """A file in the machine's temporary folder, for bytes on their way to a bucket."""
-    import tempfile
-
-    fd, path = tempfile.mkstemp(prefix="clip-", suffix=suffix)
-    os.close(fd)
-    return path
-
-
 # S3, through boto3 (what Beam's [aws] extra installs).
 
 
@@ -395,7 +492,33 @@ class _BucketStore:
     def client(self):
         return _client(self.scheme, self.settings)
 
-    scratch_file = staticmethod(_scratch_file)
+    def scratch_file(self, suffix: str) -> Scratch:
+        """A file in the machine's temporary folder: bytes bound for a bucket need no room beside the output."""
+        import tempfile
+
+        with translated(f"a scratch file *{suffix}", OSError):
+            fd, path = tempfile.mkstemp(prefix="clip-", suffix=suffix)
+            os.close(fd)
+        return Scratch(path)
+
+    def remove_scratch(self) -> None:
+        """Nothing: each scratch file is in the machine's temporary folder and removed by its Scratch (the
+        exports' parts under the bucket's `_tmp/` are the last step's to join, or the next run's to remove)."""
+
+    def open_for_read(self, path: str) -> BinaryIO:
+        return io.BytesIO(self.read(path))
+
+    def remove_all(self, prefix: str) -> None:
+        left = [o.path for o in self.list(prefix)]
+        if left:
+            self.delete(left)
+
+    def check_writable(self, root: str, folders: Iterable[str]) -> None:
+        """A listing works: the bucket is there and the credentials are taken (what a write needs is probed)."""
+        try:
+            next(iter(self.list(root + "/")), None)
+        except StorageError as e:
+            raise StorageError(f"cannot list it: {e}") from e
 
 
 class S3Store(_BucketStore):
@@ -406,21 +529,17 @@ class S3Store(_BucketStore):
     def put(self, path, data=None, *, file=None, content_type="", metadata=None) -> None:
         bucket, key = split_bucket(path)
         extra = {"ContentType": content_type or "application/octet-stream", "Metadata": metadata or {}}
-        try:
+        with translated(path):
             if file is None:
                 self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
-            elif os.path.getsize(file) <= S3_SINGLE_PUT_LIMIT:
-                with open(file, "rb") as f:
+            elif os.path.getsize(file.path) <= S3_SINGLE_PUT_LIMIT:
+                with open(file.path, "rb") as f:
                     self.client.put_object(Bucket=bucket, Key=key, Body=f, **extra)
             else:
                 from boto3.s3.transfer import TransferConfig
 
                 config = TransferConfig(multipart_threshold=S3_SINGLE_PUT_LIMIT, use_threads=False)
-                self.client.upload_file(file, bucket, key, ExtraArgs=extra, Config=config)
-        except Exception as e:  # botocore's errors share no base class with the connection errors
-            raise StorageError(f"{path}: {type(e).__name__}: {e}") from e
-        finally:
-            _remove(file)
+                self.client.upload_file(file.path, bucket, key, ExtraArgs=extra, Config=config)
 
     def head(self, path: str) -> StoredObject | None:
         from botocore.exceptions import ClientError
@@ -606,25 +725,19 @@ class GcsStore(_BucketStore):
     def put(self, path, data=None, *, file=None, content_type="", metadata=None) -> None:
         from google.cloud.storage.retry import DEFAULT_RETRY
 
-        blob = self._blob(path)
-        blob.metadata = metadata or None
         content_type = content_type or "application/octet-stream"
-        try:
+        with translated(path):
+            blob = self._blob(path)
+            blob.metadata = metadata or None
             if file is None:
                 blob.upload_from_string(data, content_type=content_type, retry=DEFAULT_RETRY)
             else:
-                blob.upload_from_filename(file, content_type=content_type, retry=DEFAULT_RETRY)
-        except Exception as e:  # google-api-core, requests and urllib3 errors share no base class
-            raise StorageError(f"{path}: {type(e).__name__}: {e}") from e
-        finally:
-            _remove(file)
+                blob.upload_from_filename(file.path, content_type=content_type, retry=DEFAULT_RETRY)
 
     def head(self, path: str) -> StoredObject | None:
         bucket, name = split_bucket(path)
-        try:
+        with translated(path):
             blob = self.client.bucket(bucket).get_blob(name)
-        except Exception as e:
-            raise StorageError(f"{path}: {type(e).__name__}: {e}") from e
         return None if blob is None else StoredObject(path, blob.size, dict(blob.metadata or {}))
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
@@ -651,8 +764,8 @@ class GcsStore(_BucketStore):
         if not parts:
             self.put(path, b"", content_type=content_type)
             return
-        first, rest = parts[0].path, [self._blob(p.path) for p in parts[1:]]
         with translated(path):
+            first, rest = parts[0].path, [self._blob(p.path) for p in parts[1:]]
             while len(rest) > _COMPOSE_MAX - 1:  # a new blob each time: one carries the checksum it was given
                 self._blob(first).compose([self._blob(first), *rest[: _COMPOSE_MAX - 1]])
                 rest = rest[_COMPOSE_MAX - 1 :]
@@ -674,8 +787,8 @@ class GcsStore(_BucketStore):
         return self._upload_if(path, data, int(version))
 
     def _upload_if(self, path: str, data: bytes, generation: int) -> str:
-        blob = self._blob(path)
         try:
+            blob = self._blob(path)
             blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
         except Exception as e:
             raise _gcs_error(path, e) from e
@@ -711,17 +824,14 @@ def _gcs_error(path: str, e: Exception) -> StorageError:
 
 
 @contextlib.contextmanager
-def translated(where: str) -> Iterator[None]:
-    """A storage library's error (botocore, google-cloud, requests) as StorageError naming `where`, its cause
+def translated(where: str, errors: type[Exception] = Exception) -> Iterator[None]:
+    """A storage library's error (botocore, google-cloud, requests: any, as they share no base class), or a
+    local disk's OSError (`errors`), as StorageError naming `where` (NotFound for a missing file), its cause
     chained, so that a caller handles one kind of error whatever the store."""
     try:
         yield
     except StorageError:
         raise
-    except Exception as e:
-        raise StorageError(f"{where}: {type(e).__name__}: {e}") from e
-
-
-def _remove(file: str | None) -> None:
-    if file is not None and os.path.exists(file):
-        os.remove(file)
+    except errors as e:
+        kind = NotFound if isinstance(e, FileNotFoundError) else StorageError
+        raise kind(f"{where}: {type(e).__name__}: {e}") from e

@@ -24,9 +24,9 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.export import ManifestWriter, content_type
+from pipeline.export import ManifestWriter
 from pipeline.layout import export_part_name, path_of, table_prefix
-from pipeline.storage import Store, StoreSettings, open_store
+from pipeline.storage import Scratch, Store, StoreSettings, open_store
 
 log = logging.getLogger(__name__)
 _BATCH = 10_000  # rows per Parquet row group
@@ -63,7 +63,7 @@ class _WriteFiles(beam.DoFn):
 
     def start_bundle(self) -> None:
         self.batch: list[dict[str, Any]] = []
-        self.scratch: str | None = None
+        self.scratch: Scratch | None = None
         self.writer: pq.ParquetWriter | None = None
 
     def process(self, row: dict[str, Any]) -> Iterable[str]:
@@ -76,7 +76,7 @@ class _WriteFiles(beam.DoFn):
     def _flush(self) -> None:
         if self.writer is None:
             self.scratch = self.store.scratch_file(".parquet")
-            self.writer = pq.ParquetWriter(self.scratch, self.schema)
+            self.writer = pq.ParquetWriter(self.scratch.path, self.schema)
         self.writer.write_table(pa.Table.from_pylist(self.batch, self.schema))
         self.batch.clear()
 
@@ -86,8 +86,9 @@ class _WriteFiles(beam.DoFn):
         if self.writer is None:
             return
         self.writer.close()
-        path = table_path(self.output, self.name, self.scratch)
-        self.store.put(path, file=self.scratch, content_type="application/vnd.apache.parquet")
+        with self.scratch:
+            path = table_path(self.output, self.name, self.scratch.path)
+            self.store.put(path, file=self.scratch, content_type="application/vnd.apache.parquet")
         yield WindowedValue(path, MIN_TIMESTAMP, [GlobalWindow()])
 
 
@@ -124,18 +125,20 @@ class _WriteParts(beam.DoFn):
     def finish_bundle(self) -> Iterator[WindowedValue]:
         if self.writer is None:
             return
-        for name, scratch in self.writer.close().items():
-            path = path_of(self.output, export_part_name(name, content_digest(scratch)))
-            self.store.put(path, file=scratch, content_type=content_type(name))
+        for path in self.writer.publish(self._part_path):
             yield WindowedValue(path, MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _part_path(self, name: str, scratch: str) -> str:
+        """A part's path, named for its content: a retried bundle's part is the same file."""
+        return path_of(self.output, export_part_name(name, content_digest(scratch)))
 
 
 def write_empty(store: Store, output: str, name: str, schema: pa.Schema) -> str:
     """A table with no rows still gets a file, with its columns."""
-    scratch = store.scratch_file(".parquet")
-    pq.write_table(schema.empty_table(), scratch)
-    path = table_path(output, name, scratch)
-    store.put(path, file=scratch, content_type="application/vnd.apache.parquet")
+    with store.scratch_file(".parquet") as scratch:
+        pq.write_table(schema.empty_table(), scratch.path)
+        path = table_path(output, name, scratch.path)
+        store.put(path, file=scratch, content_type="application/vnd.apache.parquet")
     return path
 
 

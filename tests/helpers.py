@@ -142,28 +142,18 @@ class _LogText(logging.Handler):
             self.buffer.write(self.format(record) + "\n")
 
 
-def _forget_process_caches() -> list:
+def _forget_process_caches() -> None:
     """After an in-process run, empty what a child's exit would: the one per-process cache, the object-storage
-    clients (a later test may point the same settings at another emulator), and any fetch client and pool the
-    run's steps left (the last step's teardown should have closed them). Returns what the steps left, closed
-    here so that a later run starts clean whatever this one did."""
-    from pipeline import fetch, storage
+    clients (a later test may point the same settings at another emulator)."""
+    from pipeline import storage
 
-    with storage._clients_lock:
-        storage._clients.clear()
-    with fetch._in_use_lock:
-        left = dict(fetch._in_use)
-        fetch._in_use.clear()
-    for resources in left.values():
-        resources.close()
-    return list(left)
+    storage.clear_clients()
 
 
 @contextlib.contextmanager
-def _process_state(left_behind: list) -> Iterator[None]:
+def _process_state() -> Iterator[None]:
     """Put back what `python -m pipeline` sets for its whole process: logging levels, handlers and filters,
-    Beam's global filesystem options; and empty the caches the run filled (what its fetch steps left goes
-    into `left_behind`)."""
+    Beam's global filesystem options; and empty the caches the run filled."""
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.value_provider import RuntimeValueProvider
 
@@ -178,19 +168,19 @@ def _process_state(left_behind: list) -> Iterator[None]:
         root.filters[:] = saved_logging[2]
         own.setLevel(saved_logging[3])
         FileSystems._pipeline_options, RuntimeValueProvider.runtime_options = saved_fs
-        left_behind += _forget_process_caches()
+        _forget_process_caches()
 
 
 def run_pipeline(*argv: str, env: dict[str, str] | None = None) -> Result:
     """`python -m pipeline *argv`, in this process: its exit code, what it printed, and its log lines as a
     child's stderr would hold them. `env` is set (and SONIOX_* cleared) for the run only, as for a child."""
     from pipeline.__main__ import main
+    from pipeline.fetch import held
 
     out, err = io.StringIO(), io.StringIO()
     handler = _LogText(err)
     code: int | str | None = 0
-    left: list = []  # fetch clients and pools the run's steps left behind
-    with _process_state(left), environment(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _process_state(), environment(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         logging.getLogger().addHandler(handler)
         try:
             main(list(argv))
@@ -204,7 +194,7 @@ def run_pipeline(*argv: str, env: dict[str, str] | None = None) -> Result:
         err.write(f"{code}\n")
         code = 1
     result = Result(code, out.getvalue(), err.getvalue(), ["pipeline", *argv])
-    assert not left, f"the run left fetch clients and pools behind: {left}\n{explain(result)}"
+    assert held() == 0, f"the run's fetch steps left {held()} client(s) and pool(s) open\n{explain(result)}"
     return result
 
 

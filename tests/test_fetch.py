@@ -98,7 +98,7 @@ def test_one_client_per_process_closed_when_the_steps_are_torn_down(tmp_path):
     BUILT.clear()
     run_fetch(str(tmp_path / "one"), [request(str(i), "obj", i * 10) for i in range(20)])
     assert len(BUILT) == 1 and len(BUILT[0].calls) == 20  # one client for every call of the run
-    assert BUILT[0].closed and not fetch._in_use  # nothing of the run stays in the process
+    assert BUILT[0].closed and fetch.held() == 0  # nothing of the run stays in the process
     assert not [t for t in threading.enumerate() if t.name.startswith("getaudio")]
     run_fetch(str(tmp_path / "two"), [request("x", "obj")])
     assert len(BUILT) == 2  # the next run builds its own

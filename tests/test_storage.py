@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -10,7 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline import storage
 from pipeline.cli import LaunchError
 from pipeline.run import run
-from pipeline.storage import StorageError, StoreSettings, open_store
+from pipeline.storage import StorageError, StoredObject, StoreSettings, open_store
 
 
 def test_an_output_gets_its_store(tmp_path):
@@ -32,7 +34,7 @@ def test_a_bucket_without_its_library_stops_the_launch(monkeypatch, tmp_path):
 
 
 def test_every_local_operation_raises_storage_error(tmp_path) -> None:
-    """As a bucket store's do: a missing file reads as NotFound (a FileNotFoundError), a delete that fails is a
+    """As a bucket store's do: a missing file reads as NotFound (a FileNotFoundError), any other failure is a
     StorageError naming the path, the OS error chained."""
     store = storage.open_store(str(tmp_path))
     with pytest.raises(storage.NotFound, match="nothing-here"):
@@ -40,6 +42,23 @@ def test_every_local_operation_raises_storage_error(tmp_path) -> None:
     with pytest.raises(StorageError, match="gone") as raised:
         store.delete([str(tmp_path / "gone")])
     assert isinstance(raised.value.__cause__, FileNotFoundError)
+    (tmp_path / "_tmp").write_text("a file where the scratch folder goes")
+    blocked = str(tmp_path / "_tmp" / "x")
+    for operation in (
+        lambda: store.head(blocked),
+        lambda: store.open_for_read(blocked),
+        lambda: store.scratch_file(".wav"),
+        lambda: store.put(str(tmp_path / "a"), b""),
+        lambda: store.concat(str(tmp_path / "whole"), [StoredObject(blocked, 1)]),
+        lambda: store.create(blocked, b"{}"),
+        lambda: store.replace(blocked, b"{}", "v"),
+        lambda: store.delete_version(blocked, "v"),
+    ):
+        with pytest.raises(StorageError, match="_tmp") as raised:
+            operation()
+        assert isinstance(raised.value.__cause__, OSError)
+    with pytest.raises(StorageError, match="is a file, not a folder"):
+        store.check_writable(str(tmp_path), ["_tmp"])
 
 
 def test_local_store_publishes_whole_files_only(tmp_path):
@@ -66,7 +85,13 @@ def test_every_bucket_operation_raises_storage_error(kind, request, monkeypatch)
     for operation in (
         lambda: list(store.list(missing)),
         lambda: store.read(missing + "a"),
+        lambda: store.open_for_read(missing + "a"),
+        lambda: store.put(missing + "a", b""),
         lambda: store.delete([missing + "a"]),
+        lambda: store.remove_all(missing),
+        lambda: store.concat(missing + "whole", [StoredObject(missing + "a", 1)]),
+        lambda: store.check_writable(missing, ()),
+        *([lambda: store.abort_uploads(missing)] if kind == "s3" else []),  # GCS has none to list
     ):
         with pytest.raises(StorageError, match="no-such-bucket") as raised:
             operation()
@@ -90,19 +115,57 @@ def test_orphans_that_cannot_be_removed_are_logged_and_not_counted(s3_server, ca
     assert "could not remove 1 file(s) no row lists, e.g. " in caplog.text and "no-such-bucket" in caplog.text
 
 
+def _store_of(kind: str, request, monkeypatch, tmp_path) -> tuple[str, storage.Store]:
+    """A root and its store: a folder, or a folder in the test server's bucket."""
+    if kind == "local":
+        return str(tmp_path), open_store(str(tmp_path))
+    server = request.getfixturevalue(f"{kind}_server")
+    for name, value in server.env.items():  # this process's GCS client finds the emulator by the environment
+        monkeypatch.setenv(name, value)
+    root = server.bucket_url + f"{request.node.originalname}-{kind}"
+    return root, open_store(root, StoreSettings.from_options(PipelineOptions(server.flags)))
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_scratch_file_is_its_owners_from_naming_to_removal(kind, request, monkeypatch, tmp_path) -> None:
+    """put publishes a scratch file and never removes it, published or not: closing its Scratch does."""
+    root, store = _store_of(kind, request, monkeypatch, tmp_path)
+    with store.scratch_file(".bin") as scratch:
+        Path(scratch.path).write_bytes(b"abc")
+        store.put(f"{root}/a.bin", file=scratch)
+        assert os.path.exists(scratch.path) == (kind != "local")  # a local one was renamed into place
+    assert store.read(f"{root}/a.bin") == b"abc" and not os.path.exists(scratch.path)
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    refused = f"{tmp_path}/blocked/b.bin" if kind == "local" else root.replace("test-bucket", "no-such-bucket")
+    with store.scratch_file(".bin") as scratch:
+        Path(scratch.path).write_bytes(b"abc")
+        with pytest.raises(StorageError):
+            store.put(refused, file=scratch)
+        assert os.path.exists(scratch.path), "still its owner's"
+    assert not os.path.exists(scratch.path)
+
+
+def test_remove_all_and_remove_scratch_take_folders_too(tmp_path) -> None:
+    """A killed run's leftovers by prefix (Beam's beam-temp-* folders), and the scratch folder, go whole; a later
+    write makes the scratch folder again."""
+    store = open_store(str(tmp_path))
+    (tmp_path / "metadata" / "beam-temp-clips-1").mkdir(parents=True)
+    (tmp_path / "metadata" / "beam-temp-clips-1" / "part").write_bytes(b"PAR1")
+    (tmp_path / "metadata" / "clips-1.parquet").write_bytes(b"PAR1")
+    store.put(str(tmp_path / "_tmp" / "exports" / "part"), b"")
+    store.remove_all(str(tmp_path / "metadata" / "beam-temp-"))
+    store.remove_scratch()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["metadata", "metadata/clips-1.parquet"]
+    store.put(str(tmp_path / "a"), b"a")
+    assert store.open_for_read(str(tmp_path / "a")).read() == b"a"
+
+
 @pytest.mark.parametrize("kind", ["local", "s3", "gcs"])
 def test_concat_publishes_the_parts_in_order_and_removes_them(kind, request, monkeypatch, tmp_path) -> None:
     """What the exports' assembly asks of a store: 70 parts (more than GCS composes in one request), two of them
     past S3's 5 MiB part minimum (copied in the bucket) among small ones (sent together), give one object of
     their bytes in order; the parts are gone; no parts give an empty object."""
-    if kind == "local":
-        root, settings = str(tmp_path), StoreSettings()
-    else:
-        server = request.getfixturevalue(f"{kind}_server")
-        for name, value in server.env.items():
-            monkeypatch.setenv(name, value)
-        root, settings = server.bucket_url + f"concat-{kind}", StoreSettings.from_options(PipelineOptions(server.flags))
-    store = open_store(root, settings)
+    root, store = _store_of(kind, request, monkeypatch, tmp_path)
     big = storage.S3_MIN_PART + 1
     datas = [bytes([i]) * (big if i in (0, 1) else 1000 + i) for i in range(70)]
     parts = []
