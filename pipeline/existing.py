@@ -47,6 +47,12 @@ class Existing:
     has_shards: bool = False  # a sharded layout's folder (shards/, data/, shar/) holds a file
 
     @property
+    def rows(self) -> int:
+        """The rows its tables hold, as its record counts them (a stopped run's, without one, are not counted)."""
+        record = self.record
+        return 0 if record is None else record.clips + record.errors + record.errors_kept
+
+    @property
     def empty(self) -> bool:
         return not (self.record or self.clips_tables or self.errors_tables or self.has_clips or self.has_shards)
 

@@ -9,7 +9,6 @@ the workers beside the clips table (this step joins them, in the bucket).
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -23,7 +22,7 @@ from pipeline.card import ClipStats, Layout, write_card
 from pipeline.clips import KEEP
 from pipeline.elements import ClipError, ClipRecord
 from pipeline.export import assemble_exports
-from pipeline.layout import FILES, export_names, name_of, path_of, tmp_path
+from pipeline.layout import FILES, export_names, name_of, path_of
 from pipeline.lease import release_for
 from pipeline.record import RunRecord, now, write_record
 from pipeline.storage import StoreSettings, open_store
@@ -217,20 +216,20 @@ class WriteRunFiles(beam.DoFn):
         stale = [path_of(info.output, name) for name in info.stale_exports]
         store.delete([path for path in stale if store.head(path) is not None])
         write_record(store, info.output, record)
-        if store.local:  # empty by now: the record went through it too
-            shutil.rmtree(tmp_path(info.output), ignore_errors=True)
+        store.remove_scratch()  # empty by now on a local disk: the record went through it too
         if info.lease_run_id:  # after the scratch is gone: a next run may start at once
             release_for(store, info.output, info.lease_run_id)
         yield record
 
 
 class FinishRun(beam.PTransform):
-    """{clips, errors, earlier, clip_files, error_files, export_parts, removed} -> the run record, written with
-    the card.
+    """{clips*, errors, earlier*, clip_files, error_files, export_parts, removed} -> the run record, written
+    with the card.
 
-    `earlier` holds the rows --append carries over from earlier runs, `removed` the counts of orphans removed.
-    Each input is counted apart and merged at the end: a Flatten of them would make the in-process runner
-    hold every record in memory between stages, where a combine holds one accumulator."""
+    `clips*` and `earlier*` are branches named with those prefixes (`earlier`: the rows --append carries over
+    from earlier runs), `removed` the counts of orphans removed. Each branch is counted apart and merged at
+    the end: a Flatten of them would make the in-process runner encode every record once more, where a
+    combine passes on one accumulator per bundle."""
 
     def __init__(self, info: RunInfo, schemas: dict[str, pa.Schema]):
         super().__init__()
@@ -239,31 +238,43 @@ class FinishRun(beam.PTransform):
 
     def expand(self, inputs):
         side = beam.pvalue
+        p = inputs["clip_files"].pipeline
         # Without defaults: an empty input's default comes from the side input instead, which spares each
         # combine the four steps that would make one (built and run at every start).
+        branches = {name: branch for name, branch in inputs.items() if name.startswith(("clips", "errors", "earlier"))}
         counted = [
-            inputs[name]
-            | f"Count{name.title()}" >> beam.CombineGlobally(CountRun(name == "earlier")).without_defaults()
-            for name in ("clips", "errors", "earlier")
+            branch | f"Count{name}" >> beam.CombineGlobally(CountRun(name.startswith("earlier"))).without_defaults()
+            for name, branch in branches.items()
         ]
-        objects = (
-            (inputs["clips"], inputs["earlier"] | "EarlierClips" >> beam.Filter(lambda r: isinstance(r, ClipRecord)))
-            | "EveryClip" >> beam.Flatten()
-            | "ObjectIds" >> beam.Map(lambda r: r.object_id)
-            | "DistinctObjects" >> beam.Distinct()
-            | "CountObjects" >> beam.CombineGlobally(beam.combiners.CountCombineFn()).without_defaults()
-        )
+        objects = [
+            branch | f"ObjectIds{name}" >> beam.FlatMap(_object_id) | f"Objects{name}" >> beam.Distinct()
+            for name, branch in branches.items()
+            if name != "errors"
+        ]
+        count_objects = beam.combiners.CountCombineFn()
         return (
-            inputs["clips"].pipeline
+            p
             | "Once" >> beam.Create([None])
             | "WriteCardAndRecord"
             >> beam.ParDo(
                 WriteRunFiles(self.info, self.schemas),
-                side.AsList(counted | "Counts" >> beam.Flatten()),
-                side.AsSingleton(objects, default_value=0),
+                side.AsList(counted | "Counts" >> beam.Flatten(pipeline=p)),
+                side.AsSingleton(
+                    objects
+                    | "EveryObject" >> beam.Flatten(pipeline=p)
+                    | "DistinctObjects" >> beam.Distinct()
+                    | "CountObjects" >> beam.CombineGlobally(count_objects).without_defaults(),
+                    default_value=0,
+                ),
                 side.AsList(inputs["clip_files"]),
                 side.AsList(inputs["error_files"]),
                 side.AsList(inputs["export_parts"]),
                 side.AsList(inputs["removed"]),
             )
         )
+
+
+def _object_id(out: ClipRecord | ClipError) -> Iterator[str]:
+    """A clip's object (an earlier error has none that counts)."""
+    if isinstance(out, ClipRecord):
+        yield out.object_id

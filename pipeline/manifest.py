@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import elements as el
+from pipeline.batches import batched, unbatched
 from pipeline.cli import RunError
 from pipeline.ids import clip_id_problem, derive_clip_id, object_id_problem
 from pipeline.tables import (
@@ -393,22 +394,24 @@ class ValidateRows(beam.PTransform):
 
     `read(columns)` makes a read of the (where, row) pairs, with only `columns` (None: all); the rows are read
     twice, the first time with only the columns that decide a row's clip ID. The first read finds the
-    clip IDs that several rows use (a count and the first places per ID, combined on each worker); the
-    second checks each row and refuses those IDs. No step holds every row: a GroupByKey of all requests
-    would hold the whole manifest in the in-process runner's memory.
+    clip IDs that several rows use: the IDs cross the shuffle in batches per bucket of IDs (`buckets`,
+    pipeline/batches.py), each bucket counted apart. The second checks each row and refuses those IDs. No
+    step holds every row: a GroupByKey of all requests would hold the whole manifest in the in-process
+    runner's memory.
     """
 
-    def __init__(self, read: Callable[[Iterable[str] | None], beam.PTransform]):
+    def __init__(self, read: Callable[[Iterable[str] | None], beam.PTransform], buckets: int = 1):
         super().__init__()
-        self.read = read
+        self.read, self.buckets = read, buckets
 
     def expand(self, pbegin):
         shared = (
             pbegin
             | "ReadForClipIds" >> self.read(ID_COLUMNS)
             | "ClipIds" >> beam.FlatMap(_clip_id_and_place)
-            | "CountClipIds" >> beam.CombinePerKey(CountPlaces())
-            | "Shared" >> beam.Filter(lambda item: item[1][0] > 1)
+            | "BatchClipIds" >> batched(self.buckets)
+            | "GroupClipIds" >> beam.GroupByKey()
+            | "Shared" >> beam.FlatMap(_shared_in)
         )
         checked = (
             pbegin
@@ -427,25 +430,17 @@ def _clip_id_and_place(item: tuple[str, dict[str, Any]]) -> Iterator[tuple[str, 
         yield checked.clip_id, checked.source
 
 
-class CountPlaces(beam.CombineFn):
-    """(rows, the first MAX_PLACES places) of a clip ID: enough to name the rows that share it."""
+MAX_PLACES = 5  # rows named in a DUPLICATE_CLIP_ID error: enough to find the others
 
-    MAX_PLACES = 5
 
-    def create_accumulator(self) -> tuple[int, tuple[str, ...]]:
-        return 0, ()
-
-    def add_input(self, acc: tuple[int, tuple[str, ...]], place: str) -> tuple[int, tuple[str, ...]]:
-        return acc[0] + 1, acc[1] if len(acc[1]) >= self.MAX_PLACES else (*acc[1], place)
-
-    def merge_accumulators(self, accs: Iterable[tuple[int, tuple[str, ...]]]) -> tuple[int, tuple[str, ...]]:
-        count, places = 0, ()
-        for n, more in accs:
-            count, places = count + n, (*places, *more)[: self.MAX_PLACES]
-        return count, places
-
-    def extract_output(self, acc: tuple[int, tuple[str, ...]]) -> tuple[int, tuple[str, ...]]:
-        return acc[0], tuple(sorted(acc[1]))
+def _shared_in(bucket: tuple[int, Iterable[bytes]]) -> Iterator[tuple[str, tuple[int, tuple[str, ...]]]]:
+    """A bucket's clip IDs that more than one row uses: (ID, (rows, the first MAX_PLACES places in order))."""
+    places: dict[str, list[str]] = defaultdict(list)
+    for clip_id, place in unbatched(bucket[1]):
+        places[clip_id].append(place)
+    for clip_id, where in places.items():
+        if len(where) > 1:
+            yield clip_id, (len(where), tuple(sorted(where)[:MAX_PLACES]))
 
 
 def _validate(item: tuple[str, dict[str, Any]], shared: dict[str, tuple[int, tuple[str, ...]]]):

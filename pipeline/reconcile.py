@@ -29,6 +29,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import tables
+from pipeline.batches import batched, by_key
 from pipeline.elements import EARLIER, NOT_COLUMNS, ClipError, ClipRecord, ClipRequest, ShardCopy
 from pipeline.existing import APPEND, OVERWRITE
 from pipeline.layout import CLIPS_DIR, FILES, LAYOUTS, clip_name, name_of, path_of, shard_index, shard_names, shards_dir
@@ -55,6 +56,7 @@ class Plan:
     verify: bool
     store: StoreSettings
     layout: str = FILES
+    buckets: int = 1  # the join's buckets of clip_ids (pipeline/batches.py)
 
 
 def manifest_columns(row: dict[str, Any]) -> dict[str, Any]:
@@ -139,16 +141,26 @@ def error_key(row: dict[str, Any], plan: Plan) -> Any:
     return shard_of(clip_id, plan.shards)
 
 
-class ReconcileClips(beam.DoFn):
-    """(clip_id, {requests, rows, errors, listed}) -> a request to fetch (main), or a clip kept, an earlier
-    row or error carried, a file to remove, a clip to verify (tagged outputs)."""
+class _Reconcile(beam.DoFn):
+    """(bucket, {requests, rows, errors, listed} batches) -> each of the bucket's groups decided."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
 
-    def process(self, item: tuple[Any, dict[str, Iterable]]) -> Iterator[Any]:
+    def process(self, item: tuple[int, dict[str, Iterable[bytes]]]) -> Iterator[Any]:
+        for key, group in by_key(item[1]).items():
+            yield from self.decide(key, *_unpack(group))
+
+    def decide(self, key: Any, requests: list, rows: list[dict], errors: list[dict], sizes: dict[str, int]):
+        raise NotImplementedError
+
+
+class ReconcileClips(_Reconcile):
+    """A clip_id's {requests, rows, errors, listed} -> a request to fetch (main), or a clip kept, an earlier
+    row or error carried, a file to remove, a clip to verify (tagged outputs)."""
+
+    def decide(self, key: Any, requests: list, rows: list[dict], errors: list[dict], sizes: dict[str, int]):
         plan = self.plan
-        key, requests, rows, errors, sizes = _unpack(item)
         if not isinstance(key, str) or not (requests or rows or errors):
             yield from unclaimed(plan, errors, sizes)
             return
@@ -192,10 +204,9 @@ class ReconcileClips(beam.DoFn):
             yield beam.pvalue.TaggedOutput(EARLIER_ERRORS, error_of(errors[0]))
 
 
-def _unpack(item: tuple[Any, dict[str, Iterable]]) -> tuple[Any, list, list[dict], list[dict], dict[str, int]]:
-    """A joined group: its key, requests, earlier rows, earlier errors, and listed files (name -> size)."""
-    key, groups = item
-    return key, list(groups["requests"]), list(groups["rows"]), list(groups["errors"]), dict(groups["listed"])
+def _unpack(group: dict[str, list]) -> tuple[list, list[dict], list[dict], dict[str, int]]:
+    """A joined group: its requests, earlier rows, earlier errors, and listed files (name -> size)."""
+    return group["requests"], group["rows"], group["errors"], dict(group["listed"])
 
 
 def unclaimed(plan: Plan, errors: list[dict], sizes: dict[str, int]) -> Iterator[Any]:
@@ -207,17 +218,13 @@ def unclaimed(plan: Plan, errors: list[dict], sizes: dict[str, int]) -> Iterator
         yield from (beam.pvalue.TaggedOutput(ORPHANS, path_of(plan.output, n)) for n in sizes)
 
 
-class ReconcileShards(beam.DoFn):
-    """(shard, {requests, rows, errors, listed}) -> the requests to fetch (main), and for a shard that changes
+class ReconcileShards(_Reconcile):
+    """A shard's {requests, rows, errors, listed} -> the requests to fetch (main), and for a shard that changes
     the clips to copy from its earlier version (COPY); a shard whose clips are all current is kept as it is
     (its rows on KEPT and EARLIER), one that no row names any more is an orphan."""
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
-
-    def process(self, item: tuple[Any, dict[str, Iterable]]) -> Iterator[Any]:
+    def decide(self, key: Any, requests: list, rows: list[dict], errors: list[dict], sizes: dict[str, int]):
         plan = self.plan
-        key, requests, rows, errors, sizes = _unpack(item)
         if not isinstance(key, int):  # a file in shards/ that is no shard, or errors without a clip_id
             yield from unclaimed(plan, errors, sizes)
             return
@@ -337,14 +344,16 @@ class Decided:
 
 
 def reconcile(requests, over: Over, spread: bool) -> Decided:
-    """Join the requests with the dataset's earlier rows and its listing, and decide each clip."""
+    """Join the requests with the dataset's earlier rows and its listing in batches per bucket of keys (one
+    element per batch crosses the join: pipeline/batches.py), and decide each clip."""
     p, plan = requests.pipeline, over.plan
     wanted = None if plan.mode == APPEND else _WANTED  # --append carries the earlier rows whole
     rows = _earlier(p, "Clips", over.clips_tables if plan.mode != OVERWRITE else (), plan, wanted, spread)
     errors = _earlier(p, "Errors", over.errors_tables if plan.mode == APPEND else (), plan, None, spread, error_key)
     listed = p | "ListOnce" >> beam.Create([None]) | "List" >> beam.ParDo(ListFiles(plan))
     keyed = requests | "KeyRequests" >> beam.Map(lambda r: (group_key(r, plan), r))
-    groups = {"requests": keyed, "rows": rows, "errors": errors, "listed": listed}
+    inputs = {"requests": keyed, "rows": rows, "errors": errors, "listed": listed}
+    groups = {tag: items | f"Batch{tag.title()}" >> batched(plan.buckets) for tag, items in inputs.items()}
     out = (
         groups
         | "Join" >> beam.CoGroupByKey()
@@ -359,7 +368,7 @@ def reconcile(requests, over: Over, spread: bool) -> Decided:
     return Decided(fetch, kept, out[EARLIER], out[EARLIER_ERRORS], out[ORPHANS], out[COPY])
 
 
-def decider(plan: Plan) -> beam.DoFn:
+def decider(plan: Plan) -> _Reconcile:
     return ReconcileShards(plan) if plan.shards else ReconcileClips(plan)
 
 

@@ -11,6 +11,7 @@ import time
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -20,6 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline import manifest as mf
 from pipeline import tables
+from pipeline.batches import bucket_count
 from pipeline.beam_internals import actions, in_process_runner
 from pipeline.cli import LaunchError, Parser, RunError, add_logging_options, caused_by
 from pipeline.client import DEFAULT_API_HOST
@@ -51,7 +53,7 @@ from pipeline.launch import (
     stream_bound,
     workers_share_environment,
 )
-from pipeline.layout import CLIPS_DIR, path_of, record_path, resolve_layout, tmp_path
+from pipeline.layout import CLIPS_DIR, path_of, record_path, resolve_layout
 from pipeline.lease import Holder, Lease, current_holder, new_run_id, refusal, take
 from pipeline.options import (
     REQUIRED,
@@ -111,13 +113,16 @@ def build(
     there (`over`, pipeline/reconcile.py), fetch, write the tables (`schemas`: default, this manifest's),
     then remove what no row lists, count the run and write the card and the record."""
     schemas = schemas or table_schemas(manifest, settings)
-    rows = p | "ValidateRows" >> mf.ValidateRows(lambda columns: mf.ReadManifest(manifest, columns, spread))
+    read = lambda columns: mf.ReadManifest(manifest, columns, spread)  # noqa: E731
+    rows = p | "ValidateRows" >> mf.ValidateRows(read, bucket_count(manifest.num_rows))
     requests, errors = rows["requests"], [rows["errors"]]
-    kept, earlier_clips, earlier_errors, orphans = [], [], [], None
+    # The clips come in branches (this run's, kept, --append's earlier) that are written and counted apart: a
+    # Flatten of per-clip branches makes the in-process runner encode and decode every clip once more.
+    clips, earlier_clips, earlier_errors, orphans = {}, {}, [], None
     if over is not None:  # the join spreads the requests too
         decided = reconcile(requests, over, spread)
-        requests, kept, orphans = decided.fetch, [decided.kept], decided.orphans
-        earlier_clips, earlier_errors = [decided.earlier], [decided.earlier_errors]
+        requests, clips["Kept"], orphans = decided.fetch, decided.kept, decided.orphans
+        earlier_clips["Earlier"], earlier_errors = decided.earlier, [decided.earlier_errors]
     elif spread:  # on a cluster the rows of a row group would stay with the worker that read them
         requests = requests | "SpreadRequests" >> beam.Reshuffle()
     if settings.with_transcripts:
@@ -134,43 +139,51 @@ def build(
             >> beam.ParDo(FetchShard(settings, clips_schema=schemas["clips"])).with_outputs(EARLIER, main="fetched")
         )
         fetched = shards.fetched
-        earlier_clips.append(shards[EARLIER])
+        earlier_clips["EarlierInShards"] = shards[EARLIER]
     else:
         fetched = requests | "Fetch" >> beam.ParDo(FetchClips(settings))
     fetched = fetched | "SplitFailed" >> mf.split_errors(ClipRecord, "clips")
     errors.append(fetched.errors)
-    out, store = settings.output, settings.store
-    clips = [fetched.clips, *kept] | "AllClips" >> beam.Flatten() if kept else fetched.clips
-    clip_rows = [clips, *earlier_clips] | "TableClips" >> beam.Flatten() | "ClipRows" >> beam.Map(tables.to_row)
-    clip_files = clip_rows | "WriteClips" >> WriteTable(out, "clips", schemas["clips"], store)
-    export_parts = (
-        clip_rows | "WriteExports" >> WriteExportParts(out, info.exports, info.sharded, store)
-        if info.exports
-        else p | "NoExports" >> beam.Create([])
-    )
+    clips = {"": fetched.clips, **clips}
+    clip_files, export_parts = _write_clips({**clips, **earlier_clips}, settings, info, schemas["clips"])
     all_errors = errors | "AllErrors" >> beam.Flatten() | "CountErrors" >> beam.Map(_count_error)
     error_files = (
         [all_errors, *earlier_errors]
         | "TableErrors" >> beam.Flatten()
         | "ErrorRows" >> beam.Map(tables.to_row)
-        | "WriteErrors" >> WriteTable(out, "errors", schemas["errors"], store)
+        | "WriteErrors" >> WriteTable(settings.output, "errors", schemas["errors"], settings.store)
     )
+    clip_files = clip_files | "ClipFiles" >> beam.Flatten(pipeline=p)
     done = beam.pvalue.AsList(clip_files), beam.pvalue.AsList(error_files)  # orphans go once the tables are there
     removed = (
         orphans | "RemoveOrphans" >> beam.ParDo(RemoveOrphans(over.plan), *done)
         if orphans is not None
         else p | "NoneRemoved" >> beam.Create([])
     )
+    earlier = {**earlier_clips, **{f"Errors{i}": e for i, e in enumerate(earlier_errors)}}
     finish = {
-        "clips": clips,
+        **{f"clips{label}": branch for label, branch in clips.items()},
         "errors": all_errors,
-        "earlier": [*earlier_clips, *earlier_errors] | "AllEarlier" >> beam.Flatten(pipeline=p),
+        **{f"earlier{label}": branch for label, branch in earlier.items()},
         "clip_files": clip_files,
         "error_files": error_files,
-        "export_parts": export_parts,
+        "export_parts": export_parts | "ExportParts" >> beam.Flatten(pipeline=p),
         "removed": removed,
     }
     _ = finish | "Finish" >> FinishRun(info, schemas)
+
+
+def _write_clips(branches: dict[str, Any], settings: FetchSettings, info: RunInfo, schema: pa.Schema):
+    """Each branch of clip records as rows of the clips table and of the export manifests' parts: the lists of
+    the files written (PCollections of paths)."""
+    out, store = settings.output, settings.store
+    files, parts = [], []
+    for label, records in branches.items():
+        rows = records | f"ClipRows{label}" >> beam.Map(tables.to_row)
+        files.append(rows | f"WriteClips{label}" >> WriteTable(out, "clips", schema, store))
+        if info.exports:
+            parts.append(rows | f"WriteExports{label}" >> WriteExportParts(out, info.exports, info.sharded, store))
+    return files, parts
 
 
 def table_schemas(manifest: mf.Manifest, settings: FetchSettings) -> dict[str, pa.Schema]:
@@ -232,14 +245,18 @@ def prepare(argv: list[str]) -> Launch:
         store = open_store(opts.output, store_settings)
     except ValueError as e:
         raise LaunchError(str(e)) from None
-    FileSystems.set_options(options)  # so gs:// and s3:// options apply to the launcher's reads of the manifest
+    # Beam's filesystem options are process-wide, and this is the one place the pipeline sets them: the launch's
+    # reads (the manifest, --api_key_file, the durations that size the shards) go through FileSystems, which has
+    # no way to be given options per call, before beam.Pipeline(options=...) below sets the same ones.
+    FileSystems.set_options(options)
     manifest = mf.inspect_manifest(opts.manifest)
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
     check_output(store, opts.output)
     existing = read_existing(store, opts.output)
     opts.shards = shard_count(opts, manifest, existing)  # as the record's options say it: a rerun keeps it
     settings = fetch_settings(opts, manifest, store_settings)
-    over, schemas = over_existing(opts, store, store_settings, existing, table_schemas(manifest, settings))
+    schemas = table_schemas(manifest, settings)
+    over, schemas = over_existing(opts, store, store_settings, existing, schemas, manifest.num_rows)
     mode = over.plan.mode if over else NEW
     exports = exports_after(parse_exports(opts.export), existing, mode, opts.with_transcripts)
     host = settings.client.api_host or DEFAULT_API_HOST
@@ -277,10 +294,16 @@ def prepare(argv: list[str]) -> Launch:
 
 
 def over_existing(
-    opts: ClipOptions, store: Store, settings: StoreSettings, existing: Existing, schemas: dict[str, pa.Schema]
+    opts: ClipOptions,
+    store: Store,
+    settings: StoreSettings,
+    existing: Existing,
+    schemas: dict[str, pa.Schema],
+    rows: int,
 ) -> tuple[Over | None, dict[str, pa.Schema]]:
     """How the run goes over the dataset already at the output (None: there is none), and the tables' columns:
-    with --append, widened by the earlier rows' (LaunchError when no mode is given, or the columns clash)."""
+    with --append, widened by the earlier rows' (LaunchError when no mode is given, or the columns clash).
+    `rows`: the manifest's, which with the dataset's size the join's buckets are counted from."""
     mode = choose_mode(opts, existing, opts.output)
     if mode == NEW:
         return None, schemas
@@ -289,7 +312,8 @@ def over_existing(
             "clips": table_schema(store, existing.clips_tables, schemas["clips"], opts.output),
             "errors": table_schema(store, existing.errors_tables, schemas["errors"], opts.output),
         }
-    plan = Plan(opts.output, mode, opts.clip_format, opts.shards, opts.verify_existing, settings, opts.layout)
+    buckets = bucket_count(rows + existing.rows)
+    plan = Plan(opts.output, mode, opts.clip_format, opts.shards, opts.verify_existing, settings, opts.layout, buckets)
     return Over(plan, existing.clips_tables, existing.errors_tables), schemas
 
 
@@ -416,8 +440,7 @@ def stopped(launch: Launch | None, scratch: str) -> str:
     if launch is None:
         return "the run had not started; nothing was written"
     opts, store = launch.opts, launch.store
-    if store.local:
-        shutil.rmtree(tmp_path(opts.output), ignore_errors=True)
+    store.remove_scratch()
     if launch.lease is not None:
         launch.lease.release()
     if opts.shards:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import batches
 from pipeline.audio import parse_wav_header
 from pipeline.local.server import LocalServer, ServerSettings
 from pipeline.storage import LocalStore
@@ -96,6 +97,13 @@ def one_error(proc: Result) -> str:
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def small_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buckets of about 3 keys: the join and the clip ID count spread these small datasets over many buckets,
+    as they spread a large one (with one bucket, a group split between buckets would go unnoticed)."""
+    monkeypatch.setattr(batches, "PER_BUCKET", 3)
 
 
 @pytest.fixture
