@@ -65,8 +65,8 @@ lock:
 		--no-annotate --quiet --custom-compile-command "make lock" --no-emit-package apache-beam -o $(WORKER_LOCK)
 	rm -rf .venv-lock
 
-proto: $(VENV)/.test  ## regenerate pipeline/wire/ from schemas/speech_service.proto
-	$(BIN)/python -m grpc_tools.protoc --proto_path=pipeline/wire=schemas \
+proto: $(VENV)/.test  ## regenerate pipeline/service/wire/ from schemas/speech_service.proto
+	$(BIN)/python -m grpc_tools.protoc --proto_path=pipeline/service/wire=schemas \
 		--python_out=. --pyi_out=. --grpc_python_out=. schemas/speech_service.proto
 
 bench: $(VENV)/.test  ## the performance benchmarks (print tables, write JSON): throughput, object storage, reruns, layouts, exports

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from pipeline.audio import SAMPLE_RATE
+from pipeline.core.audio import SAMPLE_RATE
 from pipeline.local.samples import sample_audio
 
 CLIP_MS = 5_000

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import tables
-from pipeline.export import ManifestWriter, assemble_exports, export_dataset
-from pipeline.layout import EXPORT_PARTS_DIR, clip_name, export_names, export_part_name, path_of
-from pipeline.storage import open_store
-from pipeline.table_files import content_digest, table_path
+from pipeline.core import tables
+from pipeline.dataset.export import ManifestWriter, assemble_exports, export_dataset
+from pipeline.dataset.layout import EXPORT_PARTS_DIR, clip_name, export_names, export_part_name, path_of
+from pipeline.dataset.storage import open_store
+from pipeline.graph.table_files import content_digest, table_path
 
 WORK = "/tmp/bench-exports"
 FORMATS = ("nemo", "lhotse")

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 
 from benchmarks.harness import LOGS, PY, progress, run_child, taskset
 from benchmarks.server import Server
-from pipeline.layout import FILES, LAYOUTS, LHOTSE_SHAR, record_path, shards_dir
+from pipeline.dataset.layout import FILES, LAYOUTS, LHOTSE_SHAR, record_path, shards_dir
+from pipeline.dataset.record import RunRecord
+from pipeline.launch.sizing import DEFAULT_SHARD_MB, SHARD_MB
 from pipeline.local.samples import write_sample_store
-from pipeline.record import RunRecord
-from pipeline.sizing import DEFAULT_SHARD_MB, SHARD_MB
 
 WORK = "/tmp/bench-layouts"
 RUN_CPU, SERVER_CPU = 0, 1

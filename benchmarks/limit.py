@@ -16,8 +16,8 @@ import grpc
 import grpc.experimental
 
 from benchmarks.ranges import read_ranges
-from pipeline.wire import speech_service_pb2 as pb
-from pipeline.wire import speech_service_pb2_grpc as pb_grpc
+from pipeline.service.wire import speech_service_pb2 as pb
+from pipeline.service.wire import speech_service_pb2_grpc as pb_grpc
 
 
 def main() -> None:

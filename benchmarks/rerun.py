@@ -7,7 +7,7 @@ Then it runs `python -m pipeline run --skip_existing` over it, pinned to CPU 0, 
 held in this process, pinned to CPU 1, so that the server's call counts are read directly.
 
 Such a rerun must make no GetAudio call, read no clip and make no request per clip: each clip is decided
-from the earlier table rows and one listing of `clips/` (pipeline/reconcile.py). The table gives, per row
+from the earlier table rows and one listing of `clips/` (pipeline/graph/reconcile.py). The table gives, per row
 count, the wall time, the run's CPU (user + sys, start-up included), CPU per existing clip, peak RSS, the
 server's GetAudio calls and the clips the run reported skipped; then the marginal CPU per existing clip
 between the smallest and the largest row count, which takes start-up out.
@@ -27,14 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.harness import LOGS, PY, ROOT, run_child, taskset
-from pipeline import tables
-from pipeline.audio import BYTES_PER_SAMPLE, SAMPLES_PER_MS, wav_header
-from pipeline.layout import clip_name, record_path, table_prefix
+from pipeline.core import tables
+from pipeline.core.audio import BYTES_PER_SAMPLE, SAMPLES_PER_MS, wav_header
+from pipeline.dataset.layout import clip_name, record_path, table_prefix
+from pipeline.dataset.record import RunRecord, now
+from pipeline.dataset.storage import open_store
+from pipeline.graph.table_files import table_path, write_empty
 from pipeline.local.samples import SAMPLES, write_sample_store
 from pipeline.local.server import LocalServer
-from pipeline.record import RunRecord, now
-from pipeline.storage import open_store
-from pipeline.table_files import table_path, write_empty
 
 WORK = "/tmp/bench-rerun"
 RUN_CPU, SERVER_CPU = 0, 1
@@ -92,7 +92,7 @@ def manifest_table(rows: int) -> pa.Table:
 
 def clip_bytes(start_ms: int) -> bytes:
     """A clip as the pipeline writes it on a local disk: the WAV header with its request and what was served
-    in a LIST/INFO comment (pipeline/clips.py), then silence. The rerun reads none of it, only its size."""
+    in a LIST/INFO comment (pipeline/dataset/clips.py), then silence. The rerun reads none of it, only its size."""
     served = {
         "request": f"{OBJECT_ID}/t{start_ms}+{CLIP_MS}",
         "clip_start_ms": start_ms,

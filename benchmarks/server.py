@@ -32,8 +32,8 @@ class Server:
         """One short call per object: the server's file index and descriptions, and the page cache."""
         import grpc
 
-        from pipeline.wire import speech_service_pb2 as pb
-        from pipeline.wire import speech_service_pb2_grpc as pb_grpc
+        from pipeline.service.wire import speech_service_pb2 as pb
+        from pipeline.service.wire import speech_service_pb2_grpc as pb_grpc
 
         with grpc.insecure_channel(self.target) as channel:
             stub = pb_grpc.SpeechServiceStub(channel)

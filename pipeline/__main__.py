@@ -7,13 +7,14 @@ import sys
 
 import grpc
 
-from pipeline.cli import LaunchError, Parser, add_logging_options, configure_logging
+from pipeline.core.errors import LaunchError
+from pipeline.launch.cli import Parser, add_logging_options, configure_logging
 
 
 def serve(argv: list[str]) -> None:
     """Run the local GetAudio server in the foreground until interrupted."""
-    from pipeline.api_key import key_source, read_api_key  # imports Beam: after logging is configured
     from pipeline.local.server import Faults, LocalServer, ServerSettings
+    from pipeline.service.api_key import key_source, read_api_key  # imports Beam: after logging is configured
 
     p = Parser(prog="python -m pipeline serve", description=serve.__doc__)
     p.add_argument("--store", required=True, help="directory of {object_id}.wav|.flac files (+ .json tokens)")
@@ -64,7 +65,7 @@ def serve(argv: list[str]) -> None:
 
 def run(argv: list[str]) -> None:
     """Run the clip pipeline over a manifest (Beam's options are passed through)."""
-    from pipeline.run import main as run_main
+    from pipeline.launch.run import main as run_main
 
     run_main(argv)
 
@@ -78,7 +79,7 @@ def demo(argv: list[str]) -> None:
 
 def export(argv: list[str]) -> None:
     """Write Lhotse and NeMo manifests of a built dataset, from its clips table."""
-    from pipeline.export_command import main as export_main
+    from pipeline.launch.export_command import main as export_main
 
     export_main(argv)
 

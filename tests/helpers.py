@@ -42,11 +42,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import __version__
-from pipeline.audio import SAMPLE_RATE, parse_wav_header
-from pipeline.elements import segment_tag
-from pipeline.ids import derive_clip_id
+from pipeline.core.audio import SAMPLE_RATE, parse_wav_header
+from pipeline.core.elements import segment_tag
+from pipeline.core.ids import derive_clip_id
+from pipeline.core.messages import TimeRange, TokenRange
 from pipeline.local.server import LocalServer
-from pipeline.messages import TimeRange, TokenRange
 
 REPO = Path(__file__).resolve().parents[1]
 # A child's timeout is below pytest's (pytest.ini: timeout = 300), so a stuck child fails its test with
@@ -131,7 +131,7 @@ class _LogText(logging.Handler):
     """The log lines a child would print on stderr (the CLI's format), into a buffer."""
 
     def __init__(self, buffer: io.StringIO):
-        from pipeline.cli import LOG_FORMAT
+        from pipeline.launch.cli import LOG_FORMAT
 
         super().__init__()
         self.buffer = buffer
@@ -145,7 +145,7 @@ class _LogText(logging.Handler):
 def _forget_process_caches() -> None:
     """After an in-process run, empty what a child's exit would: the one per-process cache, the object-storage
     clients (a later test may point the same settings at another emulator)."""
-    from pipeline import storage
+    from pipeline.dataset import storage
 
     storage.clear_clients()
 
@@ -175,7 +175,7 @@ def run_pipeline(*argv: str, env: dict[str, str] | None = None) -> Result:
     """`python -m pipeline *argv`, in this process: its exit code, what it printed, and its log lines as a
     child's stderr would hold them. `env` is set (and SONIOX_* cleared) for the run only, as for a child."""
     from pipeline.__main__ import main
-    from pipeline.fetch import held
+    from pipeline.graph.fetch import held
 
     out, err = io.StringIO(), io.StringIO()
     handler = _LogText(err)

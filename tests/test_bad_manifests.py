@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import elements as el
+from pipeline.core import elements as el
 from pipeline.local.server import LocalServer
 from tests.helpers import (
     Result,

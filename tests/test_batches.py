@@ -1,4 +1,4 @@
-"""Keyed elements carried across a shuffle in batches (pipeline/batches.py), in a real Beam pipeline."""
+"""Keyed elements carried across a shuffle in batches (pipeline/graph/batches.py), in a real Beam pipeline."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import sys
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.batches import batched, bucket_count, bucket_of, by_key
+from pipeline.graph.batches import batched, bucket_count, bucket_of, by_key
 
 KEYS = ["clip-a", "clip-b", 7, None, "x" * 200]
 
 
 def test_a_keys_bucket_is_the_same_in_every_process() -> None:
     """Workers bucket apart: a key must land in the same bucket whatever the process's hash seed."""
-    code = f"from pipeline.batches import bucket_of; print([bucket_of(k, 97) for k in {KEYS!r}])"
+    code = f"from pipeline.graph.batches import bucket_of; print([bucket_of(k, 97) for k in {KEYS!r}])"
     seen = {
         subprocess.run(
             [sys.executable, "-c", code], env={"PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True

@@ -1,4 +1,4 @@
-"""Each Beam (and argparse) internal that `pipeline/beam_internals.py` relies on, used as the pipeline uses it:
+"""Each Beam (and argparse) internal that `pipeline/graph/beam_internals.py` relies on, used as the pipeline uses it:
 after an upgrade, a failure here names the use that broke and what it was for."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.options.value_provider import ValueProvider
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import beam_internals
-from pipeline.options import ClipOptions, every_option_parser, known_names, option_names
+from pipeline.graph import beam_internals
+from pipeline.launch.options import ClipOptions, every_option_parser, known_names, option_names
 
 
 def test_beams_parser_still_takes_value_provider_arguments() -> None:

@@ -27,7 +27,7 @@ import soundfile as sf
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.audio import parse_wav_header
+from pipeline.core.audio import parse_wav_header
 from pipeline.local.server import Faults
 from pipeline.local.storage_servers import StorageServer
 from tests.helpers import (

@@ -24,13 +24,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
-from pipeline.card import BACKGROUND, SIZE, ClipStats, write_card
-from pipeline.elements import ClipError, ClipRecord
-from pipeline.finish import RunStats
+from pipeline.core.elements import ClipError, ClipRecord
+from pipeline.core.tables import clips_schema, errors_schema
+from pipeline.dataset.card import BACKGROUND, SIZE, ClipStats, write_card
+from pipeline.dataset.record import RunRecord
+from pipeline.dataset.storage import StoreSettings, open_store
+from pipeline.graph.finish import RunStats
 from pipeline.local.storage_servers import StorageServer
-from pipeline.record import RunRecord
-from pipeline.storage import StoreSettings, open_store
-from pipeline.tables import clips_schema, errors_schema
 from tests.helpers import CHILD_TIMEOUT_S, expect_exit, read_bytes, read_table_file, run_build, write_local_manifest
 from tests.helpers import clips_table as built_clips
 

@@ -15,9 +15,10 @@ import sys
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.cli import LaunchError, configure_logging
-from pipeline.options import check_flags, expand_config
-from pipeline.record import RunRecord
+from pipeline.core.errors import LaunchError
+from pipeline.dataset.record import RunRecord
+from pipeline.launch.cli import configure_logging
+from pipeline.launch.options import check_flags, expand_config
 from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, demo_manifest, explain
 
 KEY = "sk-test-cli-key"
@@ -275,7 +276,7 @@ def test_summary_rate_of_a_run_that_fetched_nothing():
 
 
 PLANTED_BUG = """
-from pipeline import finish
+from pipeline.graph import finish
 
 
 def write_card(*args, **kwargs):
@@ -353,7 +354,7 @@ sys.meta_path.insert(0, NoApitools())
 if sys.argv[1] == "bare":
     import logging
     logging.basicConfig()
-    import pipeline.run
+    import pipeline.launch.run
 else:
     from pipeline.__main__ import main
     main(sys.argv[1:])
@@ -381,7 +382,7 @@ def test_no_apitools_warning_on_a_fresh_install(tmp_path):
 def test_log_level_and_verbose(flags, own, libraries):
     argv = ["run", "--manifest", "m", "--shards", "-1", "--output=o"]
     assert configure_logging(argv[:1] + flags + argv[1:]) == argv  # the rest, in order
-    assert logging.getLogger("pipeline.run").getEffectiveLevel() == own
+    assert logging.getLogger("pipeline.launch.run").getEffectiveLevel() == own
     assert logging.getLogger("apache_beam.runners").getEffectiveLevel() == libraries
 
 

@@ -13,13 +13,13 @@ import grpc
 import numpy as np
 import pytest
 
-from pipeline.api_key import read_api_key
-from pipeline.audio import wav_header
-from pipeline.client import GetAudioClient, RetryPolicy, resolve_host
+from pipeline.core.audio import wav_header
+from pipeline.core.messages import BAD_STREAM, GetAudioError, StreamInfo, TimeRange, TokenRange
 from pipeline.local.server import AudioStore, Faults, ServerSettings, SpeechServicer
-from pipeline.messages import BAD_STREAM, GetAudioError, StreamInfo, TimeRange, TokenRange
-from pipeline.wire import speech_service_pb2 as pb
-from pipeline.wire import speech_service_pb2_grpc as pb_grpc
+from pipeline.service.api_key import read_api_key
+from pipeline.service.client import GetAudioClient, RetryPolicy, resolve_host
+from pipeline.service.wire import speech_service_pb2 as pb
+from pipeline.service.wire import speech_service_pb2_grpc as pb_grpc
 from tests.helpers import source_frames
 
 FAST_RETRY = RetryPolicy(max_attempts=4, backoff_base_s=0.01, backoff_max_s=0.05, min_budget_s=0)

@@ -13,11 +13,11 @@ import pytest
 import soundfile as sf
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import clips
-from pipeline.layout import clip_path
+from pipeline.core.messages import StreamInfo
+from pipeline.dataset import clips
+from pipeline.dataset.layout import clip_path
+from pipeline.dataset.storage import Store, StoreSettings, open_store
 from pipeline.local.samples import sample_audio
-from pipeline.messages import StreamInfo
-from pipeline.storage import Store, StoreSettings, open_store
 from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 
 CHUNK = 10_000  # bytes per write, as messages would arrive

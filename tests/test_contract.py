@@ -1,11 +1,11 @@
 """The wire contract: our stubs against `schemas/`, and against the official Soniox SDK (soniox 1.x).
 
-1. The committed stubs in `pipeline/wire/` are what `make proto` makes of `schemas/speech_service.proto`.
+1. The committed stubs in `pipeline/service/wire/` are what `make proto` makes of `schemas/speech_service.proto`.
 2. Every message, field and method we define is the SDK's, with the same number, type and shape.
 3. The SDK's `soniox.storage.get_audio` gets exact audio from our `LocalServer`.
 4. Our `GetAudioClient` gets exact audio and tokens from a server built on the SDK's own stubs.
 
-The SDK's generated module registers the same protobuf symbols as `pipeline.wire` in the default
+The SDK's generated module registers the same protobuf symbols as `pipeline.service.wire` in the default
 descriptor pool, so it is never imported in this process: every SDK-side piece runs in a subprocess.
 """
 
@@ -28,13 +28,13 @@ import pytest
 import soundfile as sf
 from google.protobuf import descriptor_pb2, json_format, text_format
 
-from pipeline.audio import SAMPLE_RATE, SAMPLES_PER_MS, WAV_HEADER_BYTES, pcm_bytes
-from pipeline.client import GetAudioClient, RetryPolicy
+from pipeline.core.audio import SAMPLE_RATE, SAMPLES_PER_MS, WAV_HEADER_BYTES, pcm_bytes
+from pipeline.core.messages import GetAudioError, ObjectToken, StreamInfo, TimeRange, TokenRange
 from pipeline.local.samples import write_sample_store
 from pipeline.local.server import LocalServer, ServerSettings
-from pipeline.messages import GetAudioError, ObjectToken, StreamInfo, TimeRange, TokenRange
-from pipeline.wire import speech_service_pb2 as pb
-from pipeline.wire import speech_service_pb2_grpc as pb_grpc
+from pipeline.service.client import GetAudioClient, RetryPolicy
+from pipeline.service.wire import speech_service_pb2 as pb
+from pipeline.service.wire import speech_service_pb2_grpc as pb_grpc
 from tests.helpers import REPO, child_env, sidecar_tokens, source_audio
 
 pytestmark = pytest.mark.timeout(60)
@@ -101,7 +101,7 @@ def test_committed_stubs_match_schema(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "grpc_tools.protoc",
-            "--proto_path=pipeline/wire=schemas",
+            "--proto_path=pipeline/service/wire=schemas",
             f"--descriptor_set_out={out}",
             PROTO,
         ]
@@ -111,12 +111,12 @@ def test_committed_stubs_match_schema(tmp_path: Path) -> None:
     committed = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(committed)
 
-    assert fresh.name == committed.name == "pipeline/wire/speech_service.proto"
+    assert fresh.name == committed.name == "pipeline/service/wire/speech_service.proto"
     if fresh != committed:
         diff = difflib.unified_diff(
             text_format.MessageToString(committed).splitlines(keepends=True),
             text_format.MessageToString(fresh).splitlines(keepends=True),
-            "committed pipeline/wire/speech_service_pb2.py",
+            "committed pipeline/service/wire/speech_service_pb2.py",
             f"protoc {PROTO}",
         )
         pytest.fail(f"the committed stubs are stale: run `make proto` and commit them\n{''.join(diff)}")
@@ -160,7 +160,7 @@ def test_grpc_stub_module_exposes_service() -> None:
             pb.GetObjectRequest.SerializeToString,
             pb.GetObjectResponse.FromString,
         ),
-    }, "pipeline/wire/speech_service_pb2_grpc.py does not match the schema: run `make proto`"
+    }, "pipeline/service/wire/speech_service_pb2_grpc.py does not match the schema: run `make proto`"
     assert {"GetAudio", "GetObject"} <= set(vars(pb_grpc.SpeechServiceServicer))
 
 
@@ -499,9 +499,9 @@ from concurrent import futures
 import grpc
 from google.protobuf import json_format
 from soniox import speech_service_pb2 as pb, speech_service_pb2_grpc as pb_grpc
-from pipeline.audio import wav_header  # plain struct code: no protobuf symbols of ours
+from pipeline.core.audio import wav_header  # plain struct code: no protobuf symbols of ours
 
-assert "pipeline.wire.speech_service_pb2" not in sys.modules
+assert "pipeline.service.wire.speech_service_pb2" not in sys.modules
 cfg = json.loads(open(sys.argv[1]).read())
 
 

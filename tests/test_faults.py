@@ -14,14 +14,14 @@ import pytest
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
 from apache_beam.metrics.metric import MetricsFilter
 
-from pipeline import fetch
-from pipeline.client import GetAudioClient, RetryPolicy
-from pipeline.elements import ClipRequest
+from pipeline.core.elements import ClipRequest
+from pipeline.core.messages import GetAudioError, TimeRange
+from pipeline.graph import fetch
+from pipeline.graph.settings import ClientSettings, FetchSettings
 from pipeline.local.server import Faults, LocalServer, ServerSettings
 from pipeline.local.storage_servers import free_port
-from pipeline.messages import GetAudioError, TimeRange
-from pipeline.settings import ClientSettings, FetchSettings
-from pipeline.throttle import AdaptiveThrottler
+from pipeline.service.client import GetAudioClient, RetryPolicy
+from pipeline.service.throttle import AdaptiveThrottler
 from tests.helpers import (
     Started,
     assert_clips_match_source,

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import fetch
-from pipeline.elements import WRITE_FAILED, ClipError, ClipRecord, ClipRequest
-from pipeline.messages import AudioResult, GetAudioError, ObjectInfo, ObjectToken, StreamInfo, TimeRange
-from pipeline.settings import ClientSettings, FetchSettings
+from pipeline.core.elements import WRITE_FAILED, ClipError, ClipRecord, ClipRequest
+from pipeline.core.messages import AudioResult, GetAudioError, ObjectInfo, ObjectToken, StreamInfo, TimeRange
+from pipeline.graph import fetch
+from pipeline.graph.settings import ClientSettings, FetchSettings
 
 BUILT: list[FakeClient] = []  # every fake built, in this process (the in-process runner unpickles steps here)
 TOTAL_MS = 2_000

@@ -16,13 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import manifest as mf
-from pipeline.finish import RunInfo
+from pipeline.dataset.record import now
+from pipeline.dataset.storage import StoreSettings
+from pipeline.graph.build import build
+from pipeline.graph.finish import RunInfo
+from pipeline.launch import manifest as mf
+from pipeline.launch.options import ClipOptions
+from pipeline.launch.run import fetch_settings
 from pipeline.local.server import LocalServer
-from pipeline.options import ClipOptions
-from pipeline.record import now
-from pipeline.run import build, fetch_settings
-from pipeline.storage import StoreSettings
 from tests.helpers import (
     Result,
     check_clips_table,
@@ -106,7 +107,7 @@ def test_a_plain_run_never_tries_prism(server, tmp_path: Path, monkeypatch) -> N
     uses the in-process runner the tests use, online or not: Prism is never asked, and the record says so."""
     from apache_beam.runners.portability import prism_runner
 
-    from pipeline.run import run
+    from pipeline.launch.run import run
 
     def refuse(*args, **kwargs):
         raise AssertionError("a plain run tried the Prism runner")
@@ -124,9 +125,9 @@ def test_a_plain_run_never_tries_prism(server, tmp_path: Path, monkeypatch) -> N
 SPY = """
 import os
 
-from pipeline import manifest
+from pipeline.graph import read
 
-_process = manifest.ReadManifestRows.process
+_process = read.ReadManifestRows.process
 
 
 def process(self, piece):
@@ -135,7 +136,7 @@ def process(self, piece):
     yield from _process(self, piece)
 
 
-manifest.ReadManifestRows.process = process
+read.ReadManifestRows.process = process
 """
 
 

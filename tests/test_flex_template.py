@@ -11,7 +11,7 @@ import sys
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import ClipOptions, option_names
+from pipeline.launch.options import ClipOptions, option_names
 from tests.helpers import REPO, child_env
 
 TEMPLATE = REPO / "configs" / "flex-template"

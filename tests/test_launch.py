@@ -14,7 +14,7 @@ import grpc
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.launch import stream_bound
+from pipeline.launch.checks import stream_bound
 from pipeline.local.server import LocalServer
 from pipeline.local.storage_servers import free_port
 from tests.helpers import child_env, demo_manifest, expect_exit, explain, run_argv, run_cli, tree

@@ -37,16 +37,17 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import manifest as mf
-from pipeline.finish import RunInfo
-from pipeline.layout import lease_path
-from pipeline.lease import DETACHED_LEASE_S, LEASE_S_ENV, Holder, Lease, LeaseHeld, take
+from pipeline.dataset.layout import lease_path
+from pipeline.dataset.lease import DETACHED_LEASE_S, LEASE_S_ENV, Holder, Lease, LeaseHeld, take
+from pipeline.dataset.record import now
+from pipeline.dataset.storage import Precondition, Store, StoreSettings, open_store
+from pipeline.graph.build import build
+from pipeline.graph.finish import RunInfo
+from pipeline.launch import manifest as mf
+from pipeline.launch.options import ClipOptions
+from pipeline.launch.run import fetch_settings
 from pipeline.local.server import Faults, LocalServer
 from pipeline.local.storage_servers import StorageServer, gcs_bucket
-from pipeline.options import ClipOptions
-from pipeline.record import now
-from pipeline.run import build, fetch_settings
-from pipeline.storage import Precondition, Store, StoreSettings, open_store
 from tests.helpers import (
     CARD,
     CHILD_TIMEOUT_S,
@@ -466,7 +467,7 @@ def test_the_lease_is_released_when_a_run_fails(how: str, server, tmp_path: Path
     target = Target("local", str(tmp_path / "out"))
     manifest = write_local_manifest(tmp_path / "m.parquet", manifest_rows(3))
     if how == "failed":
-        monkeypatch.setattr("pipeline.finish.write_card", _planted_bug)
+        monkeypatch.setattr("pipeline.graph.finish.write_card", _planted_bug)
     done = run_build(server, manifest, target.path)
     expect_exit(done, 3 if how == "failed" else 1)
     assert target.lease() is None and os.path.isdir(target.path)

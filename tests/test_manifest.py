@@ -16,21 +16,12 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import elements as el
-from pipeline.ids import clip_id_problem, derive_clip_id
-from pipeline.manifest import (
-    Manifest,
-    ManifestError,
-    ManifestReadError,
-    Piece,
-    ReadManifest,
-    ReadManifestRows,
-    ValidateRows,
-    first_object_id,
-    inspect_manifest,
-    validate_row,
-)
-from pipeline.tables import RANGE_COLUMNS
+from pipeline.core import elements as el
+from pipeline.core.ids import clip_id_problem, derive_clip_id
+from pipeline.core.rows import validate_row
+from pipeline.core.tables import RANGE_COLUMNS
+from pipeline.graph.read import Manifest, ManifestReadError, Piece, ReadManifest, ReadManifestRows, ValidateRows
+from pipeline.launch.manifest import ManifestError, first_object_id, inspect_manifest
 from tests.helpers import UNREADABLE, garble
 
 pytestmark = pytest.mark.timeout(60)

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.elements import segment_tag
-from pipeline.ids import derive_clip_id
+from pipeline.core.elements import segment_tag
+from pipeline.core.ids import derive_clip_id
+from pipeline.core.tables import RANGE_COLUMNS
+from pipeline.launch.manifest import inspect_manifest
 from pipeline.local.server import LocalServer
-from pipeline.manifest import inspect_manifest
-from pipeline.tables import RANGE_COLUMNS
 from tests.helpers import (
     REPO,
     check_clip_row,

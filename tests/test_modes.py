@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import batches
-from pipeline.audio import parse_wav_header
+from pipeline.core.audio import parse_wav_header
+from pipeline.dataset.storage import LocalStore
+from pipeline.graph import batches
 from pipeline.local.server import LocalServer, ServerSettings
-from pipeline.storage import LocalStore
 from tests.helpers import (
     Result,
     check_clips_table,

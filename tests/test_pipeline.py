@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipeline.tables import CLIP_FIELDS, ERROR_FIELDS
+from pipeline.core.tables import CLIP_FIELDS, ERROR_FIELDS
 from tests.helpers import (
     Result,
     check_clip_row,
@@ -471,7 +471,7 @@ DATAFLOW_FLAGS = [
 DRY_RUN = """
 import json, logging, sys
 import apache_beam as beam
-from pipeline.run import main
+from pipeline.launch.run import main
 
 logging.basicConfig(level=logging.INFO)
 
@@ -559,10 +559,10 @@ def test_the_api_host_is_resolved_at_launch(monkeypatch):
     """SONIOX_API_HOST set where the job is launched goes to the workers inside the job's settings."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline.manifest import Manifest
-    from pipeline.options import ClipOptions
-    from pipeline.run import fetch_settings
-    from pipeline.storage import StoreSettings
+    from pipeline.dataset.storage import StoreSettings
+    from pipeline.graph.read import Manifest
+    from pipeline.launch.options import ClipOptions
+    from pipeline.launch.run import fetch_settings
 
     monkeypatch.setenv("SONIOX_API_HOST", "http://10.0.0.7:5000")
     opts = PipelineOptions(["--manifest=m", "--output=o"]).view_as(ClipOptions)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.launch.run import run
 from pipeline.local.server import Faults
-from pipeline.run import run
 from tests.helpers import write_local_manifest
 from tests.rate_limit_server import RateLimitServer
 

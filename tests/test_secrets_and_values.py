@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.api_key import read_api_key
-from pipeline.client import GetAudioClient, RetryPolicy
-from pipeline.messages import MASK, GetAudioError, Secret, TimeRange
-from pipeline.options import MAX_RPC_TIMEOUT_S
-from pipeline.wire import speech_service_pb2 as pb
-from pipeline.wire import speech_service_pb2_grpc as pb_grpc
+from pipeline.core.messages import MASK, GetAudioError, Secret, TimeRange
+from pipeline.launch.options import MAX_RPC_TIMEOUT_S
+from pipeline.service.api_key import read_api_key
+from pipeline.service.client import GetAudioClient, RetryPolicy
+from pipeline.service.wire import speech_service_pb2 as pb
+from pipeline.service.wire import speech_service_pb2_grpc as pb_grpc
 from tests.helpers import explain, read_table, run_argv, run_pipeline, write_manifest
 
 SCHEMA = pa.schema(

@@ -124,7 +124,7 @@ def test_the_next_run_removes_what_a_killed_run_left(make_server, store, tmp_pat
 def test_the_stop_line_counts_for_seconds_at_most() -> None:
     """A stopped run lists its clips to count them: over 10M clips on a bucket (10,000 LIST pages) the count
     must give up within its seconds, or the stop would take minutes."""
-    from pipeline.run import count_within
+    from pipeline.launch.run import count_within
 
     def slow_listing():
         for i in range(1_000_000):

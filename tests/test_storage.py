@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import storage
-from pipeline.cli import LaunchError
-from pipeline.run import run
-from pipeline.storage import StorageError, StoredObject, StoreSettings, open_store
+from pipeline.core.errors import LaunchError
+from pipeline.dataset import storage
+from pipeline.dataset.storage import StorageError, StoredObject, StoreSettings, open_store
+from pipeline.launch.run import run
 
 
 def test_an_output_gets_its_store(tmp_path):
@@ -103,7 +103,7 @@ def test_every_bucket_operation_raises_storage_error(kind, request, monkeypatch)
 def test_orphans_that_cannot_be_removed_are_logged_and_not_counted(s3_server, caplog) -> None:
     """The last step of a --skip_existing run removes the files no row lists; a refused delete (here a bucket
     that is gone) counts none removed and says so, instead of failing a run whose tables are written."""
-    from pipeline.reconcile import Plan, RemoveOrphans
+    from pipeline.graph.reconcile import Plan, RemoveOrphans
 
     missing = s3_server.bucket_url.replace("test-bucket", "no-such-bucket") + "ds"
     plan = Plan(missing, "skip_existing", "wav", 0, False, StoreSettings.from_options(PipelineOptions(s3_server.flags)))

@@ -3,10 +3,10 @@ an object with no transcript (read from the service's real GetObject message).""
 
 from __future__ import annotations
 
-from pipeline.client import _tokens
-from pipeline.messages import ObjectToken, TimeRange, TokenRange
-from pipeline.transcripts import ALL, clip_tokens, tokens_for
-from pipeline.wire import speech_service_pb2 as pb
+from pipeline.core.messages import ObjectToken, TimeRange, TokenRange
+from pipeline.dataset.transcripts import ALL, clip_tokens, tokens_for
+from pipeline.service.client import _tokens
+from pipeline.service.wire import speech_service_pb2 as pb
 
 
 def words(*spec: tuple[str, int, int]) -> tuple[ObjectToken, ...]:

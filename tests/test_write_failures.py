@@ -34,13 +34,13 @@ import pytest
 import soundfile as sf
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import clips
-from pipeline.elements import WRITE_FAILED
-from pipeline.layout import CLIPS_DIR, clip_path, table_prefix
+from pipeline.core.elements import WRITE_FAILED
+from pipeline.core.messages import StreamInfo
+from pipeline.dataset import clips
+from pipeline.dataset.layout import CLIPS_DIR, clip_path, table_prefix
+from pipeline.dataset.storage import Store, StoreSettings, open_store
 from pipeline.local.samples import sample_audio, write_sample_store
 from pipeline.local.server import LocalServer
-from pipeline.messages import StreamInfo
-from pipeline.storage import Store, StoreSettings, open_store
 from tests.helpers import Result, explain, run_argv, run_pipeline, source_frames, write_manifest
 
 PAGE = 4096

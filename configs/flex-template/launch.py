@@ -5,7 +5,7 @@ watches for `{output}/_RUN.json` rather than for this process."""
 import logging
 import sys
 
-from pipeline.run import main
+from pipeline.launch.run import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)

@@ -12,10 +12,10 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cli import Parser, add_logging_options
+from pipeline.launch.cli import Parser, add_logging_options
+from pipeline.launch.run import main as run_main
 from pipeline.local.samples import write_sample_store
 from pipeline.local.server import LocalServer
-from pipeline.run import main as run_main
 
 DEMO_KEY = "demo-key"  # the local server's key: a demo value, not a secret
 

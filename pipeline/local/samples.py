@@ -8,7 +8,7 @@ import os
 import numpy as np
 import soundfile as sf
 
-from pipeline.audio import SAMPLE_RATE
+from pipeline.core.audio import SAMPLE_RATE
 
 _WORDS = [
     "the",

@@ -30,10 +30,10 @@ import grpc
 import numpy as np
 import soundfile as sf
 
-from pipeline.audio import BYTES_PER_SAMPLE, FORMATS, SAMPLE_RATE, SAMPLES_PER_MS, wav_header
-from pipeline.ids import object_id_problem
-from pipeline.wire import speech_service_pb2 as pb
-from pipeline.wire import speech_service_pb2_grpc as pb_grpc
+from pipeline.core.audio import BYTES_PER_SAMPLE, FORMATS, SAMPLE_RATE, SAMPLES_PER_MS, wav_header
+from pipeline.core.ids import object_id_problem
+from pipeline.service.wire import speech_service_pb2 as pb
+from pipeline.service.wire import speech_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
