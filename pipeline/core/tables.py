@@ -7,6 +7,7 @@ object_id, which are fixed columns already) under its own name and Arrow type.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import pyarrow as pa
@@ -63,5 +64,11 @@ def to_row(element: ClipRecord | ClipError) -> dict[str, Any]:
     """The table row of a record or error: its fixed fields, then the manifest columns (fields that the
     table's schema does not hold, such as transcripts in a run without them, are left out by the writer)."""
     row = {k: v for k, v in element.columns.items() if k not in SHARED}
-    row.update((f.name, getattr(element, f.name)) for f in dataclasses.fields(element) if f.name not in NOT_COLUMNS)
+    row.update((name, getattr(element, name)) for name in _column_names(type(element)))
     return row
+
+
+@functools.cache
+def _column_names(kind: type) -> tuple[str, ...]:
+    """An element type's fields that are table columns (looked up once, not for every row)."""
+    return tuple(f.name for f in dataclasses.fields(kind) if f.name not in NOT_COLUMNS)

@@ -73,11 +73,16 @@ def unbatched(batches: Iterable[bytes]) -> Iterator[tuple[Any, Any]]:
 
 
 def by_key(groups: dict[str, Iterable[bytes]]) -> dict[Any, dict[str, list[Any]]]:
-    """A bucket's co-grouped batches as {key: {tag: [values]}}, every tag present for every key."""
+    """A bucket's co-grouped batches as {key: {tag: [values]}}; a tag with no value for a key is left out (a
+    million keys' empty lists cost as much as their values)."""
     keyed: dict[Any, dict[str, list[Any]]] = {}
     for tag, batches in groups.items():
         for key, value in unbatched(batches):
-            if key not in keyed:
-                keyed[key] = {name: [] for name in groups}
-            keyed[key][tag].append(value)
+            group = keyed.get(key)
+            if group is None:
+                keyed[key] = {tag: [value]}
+            elif tag in group:
+                group[tag].append(value)
+            else:
+                group[tag] = [value]
     return keyed

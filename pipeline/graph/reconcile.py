@@ -216,7 +216,7 @@ class ReconcileClips(_Reconcile):
 
 def _unpack(group: dict[str, list]) -> tuple[list, list[dict], list[dict], dict[str, int]]:
     """A joined group: its requests, earlier rows, earlier errors, and listed files (name -> size)."""
-    return group["requests"], group["rows"], group["errors"], dict(group["listed"])
+    return group.get("requests", []), group.get("rows", []), group.get("errors", []), dict(group.get("listed", ()))
 
 
 def unclaimed(plan: Plan, errors: list[dict], sizes: dict[str, int]) -> Iterator[Any]:
