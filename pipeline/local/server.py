@@ -188,6 +188,7 @@ class SpeechServicer(pb_grpc.SpeechServiceServicer):
         self.calls: collections.Counter[str] = collections.Counter()  # GetAudio calls per object
         self.object_calls: collections.Counter[str] = collections.Counter()  # GetObject calls per object
         self.outcomes: collections.Counter[str] = collections.Counter()
+        self.formats: collections.Counter[str] = collections.Counter()  # transfer formats of the calls served
         self._lock = threading.Lock()
         self._rng = random.Random(settings.faults.seed)
 
@@ -206,6 +207,8 @@ class SpeechServicer(pb_grpc.SpeechServiceServicer):
         except _Abort as e:
             self._count(e.code.name)
             context.abort(e.code, str(e))
+        with self._lock:
+            self.formats[fmt] += 1
         yield from self._stream(obj, start_ms, duration_ms, fmt, draw, context)
 
     def _stream(self, obj, start_ms, duration_ms, fmt, draw, context) -> Iterator[pb.GetAudioResponse]:
@@ -376,6 +379,11 @@ class LocalServer:
     def calls(self) -> collections.Counter[str]:
         """GetAudio calls made so far, per object ID."""
         return self.servicer.calls
+
+    @property
+    def formats(self) -> collections.Counter[str]:
+        """GetAudio calls served so far, per transfer format (audio_bytes_format, the default filled in)."""
+        return self.servicer.formats
 
     def start(self) -> LocalServer:
         self._server.start()
