@@ -156,6 +156,32 @@ def test_no_mode_over_existing_dataset_exits_2_and_changes_nothing(server: Local
     assert snapshot(out) == before, "a run that could not start changed the output"
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--append", "--layout=webdataset"], "--layout files"),
+        (["--skip_existing", "--layout=hf-parquet"], "--layout files"),
+        (["--append", "--clip_format=flac"], "--clip_format wav"),
+    ],
+)
+def test_a_rerun_another_way_stops_naming_how_the_dataset_was_built(
+    flags: list[str], named: str, server: LocalServer, tmp_path: Path
+) -> None:
+    """A rerun keeps the earlier clips where and as they are: another layout or format (for --append) would
+    leave them listed by no table, so it stops at launch, saying how the dataset was built, and changes nothing."""
+    out = tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(4))
+    expect_exit(run_build(server, manifest, str(out)), 0)
+    before, calls = snapshot(out), total_calls(server)
+    proc = run_build(server, manifest, str(out), *flags)
+    expect_exit(proc, 2)
+    error = one_error(proc)
+    assert named in error and "--overwrite" in error, error
+    if named.startswith("--layout"):  # --skip_existing would stop the same way: not a way out
+        assert "--skip_existing" not in error, error
+    assert total_calls(server) == calls and snapshot(out) == before, "a run that could not start changed something"
+
+
 @pytest.mark.parametrize("layout", ["webdataset", "hf-parquet", "lhotse-shar"])
 def test_a_stopped_sharded_runs_shards_alone_need_a_mode(layout: str, server: LocalServer, tmp_path: Path) -> None:
     """What a run stopped after publishing shards leaves (shards, no table, no record) is a dataset: a run with

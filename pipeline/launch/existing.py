@@ -83,24 +83,24 @@ def choose_mode(opts, existing: Existing, output: str) -> str:
             "(replace it)"
         )
     mode = given[0]
-    if mode == APPEND:
-        _check_same_layout(opts, existing, output)
     if mode in (SKIP_EXISTING, APPEND):
-        _check_same_channels(opts, existing, output)
         _check_same_kind(opts, existing, output)
+        _check_same_channels(opts, existing, output)
+    if mode == APPEND:
+        _check_same_format(opts, existing, output)
     return mode
 
 
-def _check_same_layout(opts, existing: Existing, output: str) -> None:
-    """--append keeps the earlier clips as they are, so the new ones must be written the same way."""
+def _check_same_format(opts, existing: Existing, output: str) -> None:
+    """--append keeps the earlier clips as they are, so the new ones must be written the same way (the layout
+    is checked for both modes, by _check_same_kind)."""
     if existing.record is None:
         return
     before = existing.record.options
-    shards = int(before.get("shards") or 0)
-    was = (before.get("clip_format") or "wav", resolve_layout(before.get("layout") or FILES, shards), shards)
-    now = (opts.clip_format, opts.layout, opts.shards)
+    was = (before.get("clip_format") or "wav", int(before.get("shards") or 0))
+    now = (opts.clip_format, opts.shards)
     if was != now:
-        given = "--clip_format {} --layout {} --shards {}"
+        given = "--clip_format {} --shards {}"
         raise LaunchError(
             f"--output {output} was built with {given.format(*was)}; --append adds clips the same way (this run: "
             f"{given.format(*now)}): use those, or --skip_existing or --overwrite"
