@@ -177,3 +177,17 @@ def test_concat_publishes_the_parts_in_order_and_removes_them(kind, request, mon
     assert list(store.list(f"{root}/_tmp/parts/")) == []
     store.concat(f"{root}/empty.jsonl", [])
     assert store.read(f"{root}/empty.jsonl") == b""
+
+
+def test_the_gcs_clients_connection_pool_is_widened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one library internal the stores use: google-cloud-storage's requests session (`Client._http`), whose
+    pool of 10 connections would make most of 64 concurrent streams wait. An upgrade that removes it fails here."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # anonymous credentials; nothing is sent
+    client = storage._gcs_client(StoreSettings(gcp_project="test"))
+    session = getattr(client, "_http", None)
+    assert session is not None and hasattr(session, "get_adapter"), (
+        "google.cloud.storage.Client no longer has the requests session `_http`: widen its pool another way"
+    )
+    for scheme in ("https://", "http://"):
+        pool = session.get_adapter(f"{scheme}storage.googleapis.com")._pool_maxsize
+        assert pool == storage.CONNECTIONS, f"{scheme} pool holds {pool} connections, not {storage.CONNECTIONS}"
