@@ -4,6 +4,7 @@ says what is in place and how to resume, only whole clips at final paths, no scr
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from pipeline.launch.run import GC_THRESHOLD, fewer_collections
 from pipeline.local.server import Faults
 from tests.helpers import (
     assert_clips_match_source,
@@ -133,3 +135,13 @@ def test_the_stop_line_counts_for_seconds_at_most() -> None:
 
     assert count_within(range(3), 1.0) == "at least 3" and count_within([], 1.0) == "at least 0"
     assert count_within(slow_listing(), 0.2).startswith("more than ")  # the whole listing would take 1,000 s
+
+
+def test_the_collector_runs_less_often_during_a_run_and_as_before_after() -> None:
+    """The run's own process tunes Python's collector for the run only: a caller's process is left as it was,
+    even when the run fails."""
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError), fewer_collections():
+        assert gc.get_threshold()[0] == GC_THRESHOLD > before[0]
+        raise RuntimeError("the run failed")
+    assert gc.get_threshold() == before
