@@ -686,3 +686,22 @@ def test_verify_existing_finds_a_damaged_member_of_a_shard(
     after = shard_files(out)
     assert sorted(n for n in after if after[n] != before[n]) == [shard.name]
     check_clips_table(clips_table(str(out)).to_pylist(), store, str(out))
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_on_a_cluster_what_a_bucket_fetches_or_verifies_is_spread_over_the_workers(shards: int, tmp_path: Path) -> None:
+    """A bucket of the join is decided on one worker (one bucket per 20,000 rows: a whole 15,000-row --append is
+    one): the clips it sends to be fetched or verified are reshuffled, or they would all be fetched there."""
+    import apache_beam as beam
+
+    from pipeline.dataset.record import SKIP_EXISTING
+    from pipeline.dataset.storage import StoreSettings
+    from pipeline.graph.reconcile import Over, Plan, reconcile
+
+    p = beam.Pipeline()
+    plan = Plan(str(tmp_path), SKIP_EXISTING, "wav", shards, True, StoreSettings())
+    decided = reconcile(p | beam.Create([]), Over(plan, (), ()), spread=True)
+    graph = p.to_runner_api().components.transforms.values()
+    spread = {t.unique_name for t in graph if t.unique_name in ("SpreadFetch", "SpreadVerify")}
+    assert spread == {"SpreadFetch", "SpreadVerify"}, spread
+    assert decided.fetch.producer.full_label.startswith("SpreadFetch/"), decided.fetch.producer.full_label

@@ -47,7 +47,7 @@ def build(
     # The clips come in branches (this run's, kept, --append's earlier) that are written and counted apart: a
     # Flatten of per-clip branches makes the in-process runner encode and decode every clip once more.
     clips, earlier_clips, earlier_errors, orphans = {}, {}, [], None
-    if over is not None:  # the join spreads the requests too
+    if over is not None:  # the requests to fetch come out of the join spread over the workers (reconcile)
         decided = reconcile(requests, over, spread)
         requests, clips["Kept"], orphans = decided.fetch, decided.kept, decided.orphans
         earlier_clips["Earlier"], earlier_errors = decided.earlier, [decided.earlier_errors]

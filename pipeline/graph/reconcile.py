@@ -370,11 +370,15 @@ def reconcile(requests, over: Over, spread: bool) -> Decided:
         | "Decide"
         >> beam.ParDo(decider(plan)).with_outputs(KEPT, EARLIER, EARLIER_ERRORS, ORPHANS, VERIFY, COPY, main="fetch")
     )
-    fetch, kept = out.fetch, out[KEPT]
+    fetch, kept, verify = out.fetch, out[KEPT], out[VERIFY]
+    if spread:  # a bucket is decided on one worker: what it fetches or reads must not stay there
+        verify = verify | "SpreadVerify" >> beam.Reshuffle()
     if plan.verify:
-        verified = out[VERIFY] | "Verify" >> beam.ParDo(VerifyClips(plan)).with_outputs(REFETCH, main="kept")
+        verified = verify | "Verify" >> beam.ParDo(VerifyClips(plan)).with_outputs(REFETCH, main="kept")
         fetch = (fetch, verified[REFETCH]) | "ToFetch" >> beam.Flatten()
         kept = (kept, verified.kept) | "AllKept" >> beam.Flatten()
+    if spread:
+        fetch = fetch | "SpreadFetch" >> beam.Reshuffle()
     return Decided(fetch, kept, out[EARLIER], out[EARLIER_ERRORS], out[ORPHANS], out[COPY])
 
 
