@@ -306,7 +306,14 @@ class GetAudioClient:
         if code not in self.retry.retry_codes or call.streak >= self.retry.max_attempts:
             raise self._error(code.name, details, call)
         delay = self.retry.delay(call.streak, time.monotonic() - call.streak_started)
-        log.debug("GetAudio %s: %s on attempt %d, retrying in %.2fs", call.object_id, code.name, call.attempts, delay)
+        log.debug(  # `status` is the code's name, for a reader of the records (tests watch retries this way)
+            "call for %s: %s on attempt %d, retrying in %.2fs",
+            call.object_id,
+            code.name,
+            call.attempts,
+            delay,
+            extra={"status": code.name},
+        )
         self._wait(delay, call)
 
     def _error(self, code: str, message: str, call: _Call) -> GetAudioError:
