@@ -46,6 +46,7 @@ from pipeline.core.audio import SAMPLE_RATE, parse_wav_header
 from pipeline.core.elements import segment_tag
 from pipeline.core.ids import derive_clip_id
 from pipeline.core.messages import TimeRange, TokenRange
+from pipeline.graph.beam_internals import filesystem_options
 from pipeline.local.server import LocalServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,14 +153,11 @@ def _forget_process_caches() -> None:
 
 @contextlib.contextmanager
 def _process_state() -> Iterator[None]:
-    """Put back what `python -m pipeline` sets for its whole process: logging levels, handlers and filters,
-    Beam's global filesystem options; and empty the caches the run filled."""
-    from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.value_provider import RuntimeValueProvider
-
+    """Put back what `python -m pipeline` sets for its whole process (logging levels, handlers and filters: a
+    command-line program configures its process's logging), and empty the caches the run filled. The run itself
+    puts back Beam's process-wide options (tests/test_beam_internals.py checks it)."""
     root, own = logging.getLogger(), logging.getLogger("pipeline")
     saved_logging = root.level, list(root.handlers), list(root.filters), own.level
-    saved_fs = FileSystems._pipeline_options, RuntimeValueProvider.runtime_options
     try:
         yield
     finally:
@@ -167,7 +165,6 @@ def _process_state() -> Iterator[None]:
         root.handlers[:] = saved_logging[1]
         root.filters[:] = saved_logging[2]
         own.setLevel(saved_logging[3])
-        FileSystems._pipeline_options, RuntimeValueProvider.runtime_options = saved_fs
         _forget_process_caches()
 
 
@@ -650,7 +647,7 @@ _bucket_io: dict[tuple[str, int], tuple[PipelineOptions, object]] = {}
 def _bucket_client(scheme: str):
     """Beam's S3IO or GcsIO for this process's FileSystems options, made once: FileSystems.open builds a new
     boto3 or GCS client (a new session, its service model loaded again) for every file it opens."""
-    options = FileSystems._pipeline_options
+    options = filesystem_options()
     key = (scheme, id(options))
     if key not in _bucket_io:
         if scheme == "s3":

@@ -29,6 +29,7 @@ from pipeline.core.tables import clips_schema, errors_schema
 from pipeline.dataset.card import BACKGROUND, SIZE, ClipStats, write_card
 from pipeline.dataset.record import RunRecord
 from pipeline.dataset.storage import StoreSettings, open_store
+from pipeline.graph.beam_internals import process_options_kept
 from pipeline.graph.finish import RunStats
 from pipeline.local.storage_servers import StorageServer
 from tests.helpers import CHILD_TIMEOUT_S, expect_exit, read_bytes, read_table_file, run_build, write_local_manifest
@@ -245,10 +246,9 @@ def user_env(server: StorageServer) -> dict[str, str]:
 def bucket(request: pytest.FixtureRequest) -> Iterator[Bucket]:
     """FileSystems options are global: set for this test's own reads and writes, and restored after."""
     server: StorageServer = request.getfixturevalue(request.param)
-    saved = FileSystems._pipeline_options
-    FileSystems.set_options(PipelineOptions(server.flags))
-    yield Bucket(server, f"{server.bucket_url}{uuid.uuid4().hex}/out", user_env(server))
-    FileSystems.set_options(saved)
+    with process_options_kept():
+        FileSystems.set_options(PipelineOptions(server.flags))
+        yield Bucket(server, f"{server.bucket_url}{uuid.uuid4().hex}/out", user_env(server))
 
 
 def loading_snippets(card: str) -> list[str]:

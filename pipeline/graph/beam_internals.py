@@ -6,8 +6,12 @@ use broke and what it was for, instead of a run failing somewhere in the launch.
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+from apache_beam.options.value_provider import RuntimeValueProvider
 
 
 class BeamArgumentParser(_BeamArgumentParser):
@@ -37,3 +41,21 @@ def in_process_runner(options: PipelineOptions):
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
     return fn_runner.FnApiRunner(provision_info=info)
+
+
+def filesystem_options() -> PipelineOptions | None:
+    """The options Beam's FileSystems use in this process (set by `FileSystems.set_options` and by
+    `beam.Pipeline`); Beam has no public getter."""
+    return FileSystems._pipeline_options
+
+
+@contextlib.contextmanager
+def process_options_kept() -> Iterator[None]:
+    """Beam's process-wide options as they were, put back after the block: `beam.Pipeline` sets the
+    filesystems' options and its runner the runtime options for the whole process, and Beam has no way to unset
+    them. A run in a caller's process (a scheduler's, a test's) then leaves no options behind for the next."""
+    saved = FileSystems._pipeline_options, RuntimeValueProvider.runtime_options
+    try:
+        yield
+    finally:
+        FileSystems._pipeline_options, RuntimeValueProvider.runtime_options = saved

@@ -26,7 +26,7 @@ from pipeline.dataset.lease import Holder, Lease, current_holder, new_run_id, re
 from pipeline.dataset.record import APPEND, NEW, RunRecord, now
 from pipeline.dataset.storage import Store, StoreSettings, open_store
 from pipeline.graph.batches import bucket_count
-from pipeline.graph.beam_internals import actions, in_process_runner
+from pipeline.graph.beam_internals import actions, in_process_runner, process_options_kept
 from pipeline.graph.build import build, table_schemas
 from pipeline.graph.finish import RunInfo
 from pipeline.graph.read import Manifest
@@ -123,7 +123,8 @@ def prepare(argv: list[str]) -> Launch:
         raise LaunchError(str(e)) from None
     # Beam's filesystem options are process-wide, and this is the one place the pipeline sets them: the launch's
     # reads (the manifest, --api_key_file, the durations that size the shards) go through FileSystems, which has
-    # no way to be given options per call, before beam.Pipeline(options=...) below sets the same ones.
+    # no way to be given options per call, before beam.Pipeline(options=...) below sets the same ones. `main`
+    # puts back what was there before (process_options_kept).
     FileSystems.set_options(options)
     manifest = mf.inspect_manifest(opts.manifest)
     log.info("manifest: %d file(s), %d rows", len(manifest.files), manifest.num_rows)
@@ -282,7 +283,12 @@ def main(argv: list[str]) -> None:
         return
     launch = None
     try:
-        with own_tempdir() as scratch, fewer_collections(), stop_on_signals(lambda: stopped(launch, scratch)):
+        with (
+            own_tempdir() as scratch,
+            fewer_collections(),
+            process_options_kept(),
+            stop_on_signals(lambda: stopped(launch, scratch)),
+        ):
             launch = prepare(argv)
             if launch.dry_run:
                 print(dry_run(launch), flush=True)
