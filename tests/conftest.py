@@ -1,4 +1,5 @@
-"""Shared fixtures: the sample store and local GetAudio servers on loopback."""
+"""Shared fixtures: the sample store, local GetAudio servers and the loopback storage servers (moto S3, the GCS
+emulator; each started once per session, on first use)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import pytest
 
 from pipeline.local.samples import write_sample_store
 from pipeline.local.server import Faults, LocalServer, ServerSettings
-from pipeline.local.storage_servers import free_port
+from pipeline.local.storage_servers import StorageServer, free_port, start_gcs_server, start_s3_server
 from tests.helpers import child_env, finish_started_runs
-from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401  (every module may use them)
 
 
 @pytest.fixture(autouse=True)
@@ -73,3 +73,28 @@ def worker_pool() -> Iterator[list[str]]:
     finally:
         pool.kill()
         pool.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[StorageServer]:
+    """moto S3 with bucket `test-bucket`. Beam needs only `s3_server.flags`, so the AWS_* variables
+    in `s3_server.env` are not exported here (they would redirect unrelated boto3 clients)."""
+    server = start_s3_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[StorageServer]:
+    """gcp-storage-emulator with bucket `test-bucket`. Its `env` is exported to this process for the
+    whole session, because google-cloud-storage and google-auth read it from os.environ."""
+    server = start_gcs_server()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env.items():
+            patch.setenv(name, value)
+        try:
+            yield server
+        finally:
+            server.stop()

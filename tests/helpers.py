@@ -1,9 +1,9 @@
 """What the test modules share: running the pipeline (in this process, or as `python -m pipeline` in a child),
 manifests, outputs and their tables, the sample store's audio, environments.
 
-The one helper module: a test module imports its helpers from here (or from the storage_* and rate_limit_server
-modules, which scripts and benchmarks share), never from another test module or from conftest.py, whose
-fixtures pytest injects by name.
+The one helper module: a test module imports its helpers from here (and the loopback servers from
+pipeline/local/, which benchmarks share), never from another test module or from conftest.py, whose fixtures
+pytest injects by name.
 
 Most builds run in this process (`run_pipeline`): a child costs seconds of interpreter and Beam start-up per
 run, and the servers the tests count calls on already run here. A few tests start a real child

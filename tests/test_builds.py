@@ -50,7 +50,6 @@ from tests.helpers import (
     total_calls,
     write_local_manifest,
 )
-from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 
 # -- 1. object storage ---------------------------------------------------------------------------------
 

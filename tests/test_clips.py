@@ -18,7 +18,6 @@ from pipeline.dataset import clips
 from pipeline.dataset.layout import clip_path
 from pipeline.dataset.storage import Store, StoreSettings, open_store
 from pipeline.local.samples import sample_audio
-from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 
 CHUNK = 10_000  # bytes per write, as messages would arrive
 

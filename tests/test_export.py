@@ -16,7 +16,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.dataset.layout import LHOTSE_FILES
 from tests.helpers import ROWS, SCHEMA, Result, build, read_bytes, read_table_file, run_build, run_cli, run_pipeline
-from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 
 
 def export(*args: str) -> Result:

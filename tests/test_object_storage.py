@@ -20,7 +20,6 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.local.storage_servers import StorageServer
-from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 
 
 @pytest.fixture(params=["s3_server", "gcs_server"], ids=["s3", "gcs"])

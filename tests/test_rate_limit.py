@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.launch.run import run
+from pipeline.local.rate_limit_server import RateLimitServer
 from pipeline.local.server import Faults
 from tests.helpers import write_local_manifest
-from tests.rate_limit_server import RateLimitServer
 
 PER_SECOND = 4
 

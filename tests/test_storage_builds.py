@@ -48,7 +48,6 @@ from tests.helpers import (
     total_calls,
     write_local_manifest,
 )
-from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 
 # Per run: the launch's probe of the output (written, then deleted), the lease (created, then released), the two
 # tables (one file each), the card and its histogram, the run record.
@@ -190,7 +189,7 @@ def test_flaky_uploads_are_retried(fault: str, target: Target, make_server, stor
     check_clips_table(table, store, target.output)
 
 
-def test_uploads_that_keep_failing_are_error_rows(s3_server: StorageServer, make_server, tmp_path: Path) -> None:  # noqa: F811
+def test_uploads_that_keep_failing_are_error_rows(s3_server: StorageServer, make_server, tmp_path: Path) -> None:
     """Every clip upload refused: each row is a WRITE_FAILED error naming the clip, the tables are written, and
     the run exits 1 ("ran, too many errors"), not with a crash. (S3 only: GCS's retry budget is two minutes.)"""
     with StorageProxy(s3_server.endpoint_url, fail_fraction=1.0, fail_match="/clips/") as proxy:
@@ -205,7 +204,7 @@ def test_uploads_that_keep_failing_are_error_rows(s3_server: StorageServer, make
     assert not [name for name in target.objects() if name.startswith("clips/")]
 
 
-def test_killed_run_on_s3_then_rerun(s3_server: StorageServer, make_server, store, tmp_path: Path) -> None:  # noqa: F811
+def test_killed_run_on_s3_then_rerun(s3_server: StorageServer, make_server, store, tmp_path: Path) -> None:
     """SIGKILL mid-run, and an unfinished multipart upload as a kill mid-upload leaves one: the rerun with
     --skip_existing fetches only the missing clips, aborts the upload and leaves nothing under _tmp/."""
     s3 = boto3.session.Session().client(
@@ -250,7 +249,7 @@ def test_killed_run_on_s3_then_rerun(s3_server: StorageServer, make_server, stor
     assert run_record(target.output)["clips_skipped"] == len(survivors)
 
 
-def test_a_shard_that_cannot_be_written_is_error_rows(s3_server: StorageServer, make_server, tmp_path: Path) -> None:  # noqa: F811
+def test_a_shard_that_cannot_be_written_is_error_rows(s3_server: StorageServer, make_server, tmp_path: Path) -> None:
     """Every shard upload refused: each of its rows is a WRITE_FAILED error naming the shard, every row is
     accounted for, and the run ends with exit 1, not a crash."""
     with StorageProxy(s3_server.endpoint_url, fail_fraction=1.0, fail_match="/shards/") as proxy:

@@ -19,7 +19,6 @@ from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConn
 
 from pipeline.local.storage_proxy import StorageProxy, classify
 from pipeline.local.storage_servers import GCS_PROJECT, S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
-from tests.storage_fixtures import gcs_server, s3_server  # noqa: F401
 
 BUCKET = "test-bucket"
 # One attempt in all: botocore's `max_attempts` counts retries after the first attempt, so
@@ -46,13 +45,13 @@ def counted(proxy: StorageProxy, operation: Callable[[], object]) -> dict[str, i
 
 
 @pytest.fixture
-def s3_proxy(s3_server: StorageServer) -> Iterator[StorageProxy]:  # noqa: F811
+def s3_proxy(s3_server: StorageServer) -> Iterator[StorageProxy]:
     with StorageProxy(s3_server.endpoint_url) as proxy:
         yield proxy
 
 
 @pytest.fixture
-def gcs_proxy(gcs_server: StorageServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[StorageProxy]:  # noqa: F811
+def gcs_proxy(gcs_server: StorageServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[StorageProxy]:
     # google-cloud-storage >= 3.x fetches bucket metadata (GET /storage/v1/b/BUCKET) in a background
     # thread on a client's first call per bucket, for OpenTelemetry attributes, racing the call itself.
     monkeypatch.setenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
@@ -146,7 +145,7 @@ def test_gcs_operations_count_by_kind(gcs_proxy: StorageProxy, key: str) -> None
     assert bucket.get_blob(key) is None
 
 
-def test_s3_injected_503_is_not_forwarded(s3_server: StorageServer, s3_proxy: StorageProxy, key: str) -> None:  # noqa: F811
+def test_s3_injected_503_is_not_forwarded(s3_server: StorageServer, s3_proxy: StorageProxy, key: str) -> None:
     s3_proxy.fail_fraction = 1.0
     with pytest.raises(ClientError) as raised:
         s3_client(s3_proxy.endpoint_url, NO_RETRIES).put_object(Bucket=BUCKET, Key=key, Body=b"audio")
@@ -158,7 +157,7 @@ def test_s3_injected_503_is_not_forwarded(s3_server: StorageServer, s3_proxy: St
 
 
 def test_s3_default_retries_ride_out_half_failing_puts(
-    s3_server: StorageServer,  # noqa: F811
+    s3_server: StorageServer,
     s3_proxy: StorageProxy,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -178,7 +177,7 @@ def test_s3_default_retries_ride_out_half_failing_puts(
     assert listed["KeyCount"] == 20
 
 
-def test_s3_dropped_connection(s3_server: StorageServer, s3_proxy: StorageProxy, key: str) -> None:  # noqa: F811
+def test_s3_dropped_connection(s3_server: StorageServer, s3_proxy: StorageProxy, key: str) -> None:
     s3_proxy.drop_fraction = 1.0
     with pytest.raises((ConnectionClosedError, EndpointConnectionError)):
         s3_client(s3_proxy.endpoint_url, NO_RETRIES).put_object(Bucket=BUCKET, Key=key, Body=b"audio")
