@@ -107,6 +107,14 @@ def expect_exit(proc: Result | subprocess.CompletedProcess[str], code: int) -> N
     assert proc.returncode == code, explain(proc)
 
 
+def one_error(stderr: str) -> str:
+    """The command's one `error: ...` line, with no traceback around it."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
 def run_argv(server_or_host: Any, manifest: str | Path, output: str | Path, *flags: str) -> list[str]:
     """`run`'s arguments: the manifest, the output and the server (a LocalServer or an address), then `flags`."""
     host = getattr(server_or_host, "address", server_or_host)

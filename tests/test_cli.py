@@ -19,7 +19,7 @@ from pipeline.core.errors import LaunchError
 from pipeline.dataset.record import RunRecord
 from pipeline.launch.cli import configure_logging
 from pipeline.launch.options import check_flags, expand_config
-from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, demo_manifest, explain
+from tests.helpers import CHILD_TIMEOUT_S, REPO, child_env, demo_manifest, explain, one_error
 
 KEY = "sk-test-cli-key"
 
@@ -51,14 +51,6 @@ def exits(capsys, *argv: str) -> tuple[int, str]:
     with pytest.raises(SystemExit) as e:
         main(list(argv))
     return e.value.code, capsys.readouterr().err
-
-
-def one_error(stderr: str) -> str:
-    """The one `error: ...` line, with no traceback around it."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
 
 
 def launch_fails(capsys, *argv: str) -> str:

@@ -29,13 +29,13 @@ from pipeline.dataset.storage import LocalStore
 from pipeline.graph import batches
 from pipeline.local.server import LocalServer, ServerSettings
 from tests.helpers import (
-    Result,
     check_clips_table,
     clips_table,
     errors_table,
     expect_exit,
     ids,
     local_files,
+    one_error,
     run_argv,
     run_build,
     run_pipeline,
@@ -85,14 +85,6 @@ def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
             st = os.stat(os.path.join(folder, name))
             found[os.path.normpath(os.path.join(rel, name))] = (st.st_size, st.st_mtime_ns)
     return found
-
-
-def one_error(proc: Result) -> str:
-    """The run's one `error: ...` line, with no traceback around it."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def sha256_of(path: Path) -> str:
@@ -149,7 +141,7 @@ def test_no_mode_over_existing_dataset_exits_2_and_changes_nothing(server: Local
 
     proc = run_build(server, manifest, str(out))
     expect_exit(proc, 2)
-    error = one_error(proc)
+    error = one_error(proc.stderr)
     for flag in MODE_FLAGS:
         assert flag in error, error
     assert total_calls(server) == calls, f"GetAudio reached: {server.calls}"
@@ -175,7 +167,7 @@ def test_a_rerun_another_way_stops_naming_how_the_dataset_was_built(
     before, calls = snapshot(out), total_calls(server)
     proc = run_build(server, manifest, str(out), *flags)
     expect_exit(proc, 2)
-    error = one_error(proc)
+    error = one_error(proc.stderr)
     assert named in error and "--overwrite" in error, error
     if named.startswith("--layout"):  # --skip_existing would stop the same way: not a way out
         assert "--skip_existing" not in error, error
@@ -197,7 +189,7 @@ def test_a_stopped_sharded_runs_shards_alone_need_a_mode(layout: str, server: Lo
     before, calls = snapshot(out), total_calls(server)
     proc = run_build(server, manifest, str(out), f"--layout={layout}", "--shards=2")
     expect_exit(proc, 2)
-    assert all(flag in one_error(proc) for flag in MODE_FLAGS), one_error(proc)
+    assert all(flag in one_error(proc.stderr) for flag in MODE_FLAGS), one_error(proc.stderr)
     assert total_calls(server) == calls and snapshot(out) == before
 
 
@@ -426,7 +418,7 @@ def test_modes_are_exclusive_and_verify_needs_one(flags: list[str], server: Loca
     manifest = write_local_manifest(tmp_path / "m.parquet", time_rows(3))
     proc = run_pipeline("run", *run_argv(server, manifest, out, *flags, "--dry_run"))
     expect_exit(proc, 2)
-    error = one_error(proc)
+    error = one_error(proc.stderr)
     # The line names what clashes: the modes given, or --verify_existing and the modes it works with.
     named = ["--verify_existing", "--skip_existing", "--append"] if flags[0] == "--verify_existing" else flags
     for flag in named:
