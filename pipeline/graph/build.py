@@ -13,7 +13,7 @@ from pipeline.core.elements import EARLIER, ClipError, ClipRecord, ClipRequest
 from pipeline.dataset.shards import shard_of
 from pipeline.graph.batches import bucket_count
 from pipeline.graph.fetch import AttachTranscripts, FetchClips, FetchShard
-from pipeline.graph.finish import FinishRun, RunInfo
+from pipeline.graph.finish import FinishRun, RunInfo, RunOutputs
 from pipeline.graph.read import Manifest, ReadManifest, ValidateRows, split_errors
 from pipeline.graph.reconcile import Over, RemoveOrphans, reconcile
 from pipeline.graph.settings import FetchSettings
@@ -88,17 +88,16 @@ def build(
         if orphans is not None
         else p | "NoneRemoved" >> beam.Create([])
     )
-    earlier = {**earlier_clips, **{f"Errors{i}": e for i, e in enumerate(earlier_errors)}}
-    finish = {
-        **{f"clips{label}": branch for label, branch in clips.items()},
-        "errors": all_errors,
-        **{f"earlier{label}": branch for label, branch in earlier.items()},
-        "clip_files": clip_files,
-        "error_files": error_files,
-        "export_parts": export_parts | "ExportParts" >> beam.Flatten(pipeline=p),
-        "removed": removed,
-    }
-    _ = finish | "Finish" >> FinishRun(info, schemas)
+    outputs = RunOutputs(
+        clips=clips,
+        errors=all_errors,
+        earlier={**earlier_clips, **{f"Errors{i}": e for i, e in enumerate(earlier_errors)}},
+        clip_files=clip_files,
+        error_files=error_files,
+        export_parts=export_parts | "ExportParts" >> beam.Flatten(pipeline=p),
+        removed=removed,
+    )
+    _ = outputs.as_input() | "Finish" >> FinishRun(info, schemas)
 
 
 def _write_clips(branches: dict[str, Any], settings: FetchSettings, info: RunInfo, schema: pa.Schema):

@@ -222,14 +222,49 @@ class WriteRunFiles(beam.DoFn):
         yield record
 
 
-class FinishRun(beam.PTransform):
-    """{clips*, errors, earlier*, clip_files, error_files, export_parts, removed} -> the run record, written
-    with the card.
+@dataclass
+class RunOutputs:
+    """What the last step counts and records, by kind. Beam hands a composite one flat dict of PCollections, so
+    `as_input` names each branch by its kind and `of` reads the kinds back: the names are made and read here only.
 
-    `clips*` and `earlier*` are branches named with those prefixes (`earlier`: the rows --append carries over
-    from earlier runs), `removed` the counts of orphans removed. Each branch is counted apart and merged at
-    the end: a Flatten of them would make the in-process runner encode every record once more, where a
-    combine passes on one accumulator per bundle."""
+    The clip records come in branches, counted apart and merged at the end: a Flatten of them would make the
+    in-process runner encode every record once more, where a combine passes on one accumulator per bundle."""
+
+    clips: dict[str, Any]  # this run's clip records, by branch ("" fetched, "Kept" found in place by a rerun)
+    errors: Any  # this run's errors
+    earlier: dict[str, Any]  # --append: the earlier clip records and errors it carries over, by branch
+    clip_files: Any  # the clips table's files
+    error_files: Any  # the errors table's files
+    export_parts: Any  # the export manifests' parts
+    removed: Any  # the counts of orphans removed
+
+    SINGLE = ("errors", "clip_files", "error_files", "export_parts", "removed")
+
+    def as_input(self) -> dict[str, Any]:
+        return {
+            **{f"clips:{label}": branch for label, branch in self.clips.items()},
+            **{f"earlier:{label}": branch for label, branch in self.earlier.items()},
+            **{name: getattr(self, name) for name in self.SINGLE},
+        }
+
+    @classmethod
+    def of(cls, inputs: dict[str, Any]) -> RunOutputs:
+        branches: dict[str, dict[str, Any]] = {"clips": {}, "earlier": {}}
+        for name, pcoll in inputs.items():
+            kind, _, label = name.partition(":")
+            if kind in branches:
+                branches[kind][label] = pcoll
+        return cls(**branches, **{name: inputs[name] for name in cls.SINGLE})
+
+    def counted(self) -> Iterator[tuple[str, Any, bool]]:
+        """(label, outcomes, earlier?) for each branch of clip records or errors that the run's numbers count."""
+        yield from ((f"clips{label}", branch, False) for label, branch in self.clips.items())
+        yield "errors", self.errors, False
+        yield from ((f"earlier{label}", branch, True) for label, branch in self.earlier.items())
+
+
+class FinishRun(beam.PTransform):
+    """`RunOutputs.as_input()` -> the run record, written with the card."""
 
     def __init__(self, info: RunInfo, schemas: dict[str, pa.Schema]):
         super().__init__()
@@ -238,18 +273,18 @@ class FinishRun(beam.PTransform):
 
     def expand(self, inputs):
         side = beam.pvalue
-        p = inputs["clip_files"].pipeline
+        outputs = RunOutputs.of(inputs)
+        p = outputs.clip_files.pipeline
         # Without defaults: an empty input's default comes from the side input instead, which spares each
         # combine the four steps that would make one (built and run at every start).
-        branches = {name: branch for name, branch in inputs.items() if name.startswith(("clips", "errors", "earlier"))}
         counted = [
-            branch | f"Count{name}" >> beam.CombineGlobally(CountRun(name.startswith("earlier"))).without_defaults()
-            for name, branch in branches.items()
+            branch | f"Count{label}" >> beam.CombineGlobally(CountRun(earlier)).without_defaults()
+            for label, branch, earlier in outputs.counted()
         ]
-        objects = [
-            branch | f"ObjectIds{name}" >> beam.FlatMap(_object_id) | f"Objects{name}" >> beam.Distinct()
-            for name, branch in branches.items()
-            if name != "errors"
+        objects = [  # the errors have no object that counts
+            branch | f"ObjectIds{label}" >> beam.FlatMap(_object_id) | f"Objects{label}" >> beam.Distinct()
+            for label, branch, _ in outputs.counted()
+            if branch is not outputs.errors
         ]
         count_objects = beam.combiners.CountCombineFn()
         return (
@@ -266,10 +301,10 @@ class FinishRun(beam.PTransform):
                     | "CountObjects" >> beam.CombineGlobally(count_objects).without_defaults(),
                     default_value=0,
                 ),
-                side.AsList(inputs["clip_files"]),
-                side.AsList(inputs["error_files"]),
-                side.AsList(inputs["export_parts"]),
-                side.AsList(inputs["removed"]),
+                side.AsList(outputs.clip_files),
+                side.AsList(outputs.error_files),
+                side.AsList(outputs.export_parts),
+                side.AsList(outputs.removed),
             )
         )
 
