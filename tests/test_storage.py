@@ -11,7 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.core.errors import LaunchError
 from pipeline.dataset import storage
-from pipeline.dataset.storage import StorageError, StoredObject, StoreSettings, open_store
+from pipeline.dataset.storage import StorageError, StoredObject, StoreSettings, gcs, open_store
 from pipeline.launch.run import run
 
 
@@ -183,7 +183,7 @@ def test_the_gcs_clients_connection_pool_is_widened(monkeypatch: pytest.MonkeyPa
     """The one library internal the stores use: google-cloud-storage's requests session (`Client._http`), whose
     pool of 10 connections would make most of 64 concurrent streams wait. An upgrade that removes it fails here."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # anonymous credentials; nothing is sent
-    client = storage._gcs_client(StoreSettings(gcp_project="test"))
+    client = gcs.build_client(StoreSettings(gcp_project="test"))
     session = getattr(client, "_http", None)
     assert session is not None and hasattr(session, "get_adapter"), (
         "google.cloud.storage.Client no longer has the requests session `_http`: widen its pool another way"
