@@ -93,7 +93,7 @@ class Scratch:
             with translated(self.path, OSError), contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
 
-    def _rename(self, path: str) -> None:
+    def rename_to(self, path: str) -> None:
         """LocalStore.put's publish: the file becomes `path`, so nothing is left to remove."""
         os.replace(self.path, path)
         self._gone = True

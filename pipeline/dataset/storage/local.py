@@ -158,10 +158,10 @@ class LocalStore:
 
 def _rename(scratch: Scratch, path: str) -> None:
     try:
-        scratch._rename(path)
+        scratch.rename_to(path)
     except FileNotFoundError:  # the first file in a new folder: no makedirs call for every clip
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        scratch._rename(path)
+        scratch.rename_to(path)
 
 
 @contextlib.contextmanager
