@@ -232,6 +232,13 @@ class Started:
             raise self._error
         return self.result
 
+    def finish(self) -> None:
+        """At its test's end: wait for it, and raise an error that nobody waited for."""
+        self._thread.join(CHILD_TIMEOUT_S)
+        assert not self._thread.is_alive(), f"a run the test started did not end within {CHILD_TIMEOUT_S} s"
+        if self._error is not None and not self._waited:
+            raise self._error
+
 
 _started: list[Started] = []
 
@@ -241,10 +248,7 @@ def finish_started_runs() -> None:
     environment, output and logging back in the middle of a later test. An error nobody waited for fails."""
     runs, _started[:] = list(_started), []
     for run in runs:
-        run._thread.join(CHILD_TIMEOUT_S)
-        assert not run._thread.is_alive(), f"a run the test started did not end within {CHILD_TIMEOUT_S} s"
-        if run._error is not None and not run._waited:
-            raise run._error
+        run.finish()
 
 
 # -- builds over a LocalServer --------------------------------------------------------------------------

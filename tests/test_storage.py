@@ -27,8 +27,17 @@ def test_a_bucket_without_its_library_stops_the_launch(monkeypatch, tmp_path):
     """pip install . without the [aws] extra, then --output s3://...: exit 2 naming the extra, not a
     WRITE_FAILED row for every clip."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "boto3" else real(name, *a))
-    assert storage._installed("google.cloud.storage") and not storage._installed("google.no_such_package")
+
+    def find_spec(name: str, *args):
+        if name == "boto3":
+            return None
+        if name.startswith("google.cloud"):  # "google" installed without "google.cloud"
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ValueError, match=r"gs:// needs the \[gcp\] extra"):
+        storage.open_store("gs://bucket/out")
     with pytest.raises(LaunchError, match=r"s3:// needs the \[aws\] extra"):
         run(["--manifest=unused.parquet", "--output=s3://bucket/out"])
 
