@@ -11,7 +11,7 @@ from lhotse import CutSet, Fbank
 from lhotse.dataset import DynamicBucketingSampler, K2SpeechRecognitionDataset, OnTheFlyFeatures
 from lhotse.dataset.input_strategies import AudioSamples
 
-from tests.loaders.conftest import clips, samples
+from tests.loaders.helpers import clips, samples
 
 
 def transcribed(root: Path) -> dict[str, dict]:

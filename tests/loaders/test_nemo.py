@@ -14,7 +14,7 @@ from nemo.collections.asr.data.audio_to_text import AudioToCharDataset, TarredAu
 from nemo.collections.common.data.lhotse import get_lhotse_dataloader_from_config
 from omegaconf import OmegaConf
 
-from tests.loaders.conftest import clips, samples
+from tests.loaders.helpers import clips, samples
 
 
 def manifest(root: Path) -> list[dict]:
