@@ -30,6 +30,7 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.graph.beam_internals import process_options_kept
 from pipeline.local.server import Faults, LocalServer
 from pipeline.local.storage_proxy import StorageProxy
 from pipeline.local.storage_servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, StorageServer
@@ -90,7 +91,7 @@ def no_s3_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(params=["s3_server", "gcs_server"], ids=["s3", "gcs"])
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     server: StorageServer = request.getfixturevalue(request.param)
-    with StorageProxy(server.endpoint_url) as proxy:
+    with process_options_kept(), StorageProxy(server.endpoint_url) as proxy:  # Target sets FileSystems' options
         yield Target(server, proxy)
 
 
@@ -149,6 +150,23 @@ def test_a_first_run_as_configs_dataflow_yaml_sets_it_makes_one_write_per_clip(
     per_clip = [f"{r.kind} {r.path}" for r in target.proxy.log if r.kind in ("HEAD", "GET") and "/clips/" in r.path]
     assert per_clip == [] and counts.get("HEAD", 0) <= 2, counts
     check_clips_table(clips_table(target.output).to_pylist(), store, target.output)
+
+
+def test_files_no_row_lists_are_removed_in_batches(target: Target, make_server, tmp_path: Path) -> None:
+    """A rerun with a smaller manifest removes the clips it no longer lists: 150 in one request on S3 (1,000 a
+    request) and two on GCS (100 a request); before, GCS took one request each. (Each rerun also removes the
+    earlier tables' files and its lease: the same requests in both reruns here.)"""
+    server = make_server()
+    every = write_local_manifest(tmp_path / "all.parquet", rows(152))
+    expect_exit(target.run(server, every), 0)
+    target.proxy.reset()
+    expect_exit(target.run(server, every, "--skip_existing"), 0)
+    no_orphans = target.proxy.counts().get("DELETE", 0)
+    target.proxy.reset()
+    expect_exit(target.run(server, write_local_manifest(tmp_path / "two.parquet", rows(2)), "--skip_existing"), 0)
+    assert run_record(target.output)["clips_removed"] == 150
+    assert [name for name in target.objects() if name.startswith("clips/")] == ["clips/c000.wav", "clips/c001.wav"]
+    assert target.proxy.counts().get("DELETE", 0) - no_orphans == (1 if target.s3 else 2), target.proxy.log
 
 
 def test_a_shard_is_one_upload(target: Target, make_server, store, tmp_path: Path) -> None:

@@ -396,8 +396,8 @@ def _earlier(p, name: str, files: tuple[str, ...], plan: Plan, columns, spread: 
 
 
 class RemoveOrphans(beam.DoFn):
-    """Paths -> how many were removed, in batches (one request per 1,000 on S3). Given the table files as a
-    side input, so that it runs once the new tables are written."""
+    """Paths -> how many were removed, in batches (one request per 1,000 on S3, per 100 on GCS). Given the table
+    files as a side input, so that it runs once the new tables are written."""
 
     BATCH = 1000
 

@@ -1,11 +1,13 @@
 """GCS, through google-cloud-storage (what Beam's [gcp] extra installs): the stores reach that library here
 only, and only inside the functions that use it, so importing this module needs no [gcp] extra. This is also the
-one place a storage library's internal is used: the client's requests session (`Client._http`), whose pool of 10
-connections `build_client` widens to CONNECTIONS (`tests/test_storage.py` fails if an upgrade removes it).
+one place a storage library's internals are used: the client's requests session (`Client._http`), whose pool of 10
+connections `build_client` widens to CONNECTIONS, and a batch's responses (`Batch._responses`, `batch_statuses`);
+`tests/test_storage.py` fails if an upgrade removes either.
 The client, GcsStore, and google-cloud's errors as StorageError or Precondition."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 
 from pipeline.dataset.storage.base import (
@@ -20,6 +22,15 @@ from pipeline.dataset.storage.base import (
 from pipeline.dataset.storage.bucket import ATTEMPTS, CONNECTIONS, BucketStore
 
 _COMPOSE_MAX = 32  # GCS: sources in one compose request
+BATCH_DELETES = 100  # GCS: calls in one batch request
+
+log = logging.getLogger(__name__)
+
+
+def batch_statuses(batch) -> list[int]:
+    """The HTTP status of each call in a finished batch, in order (`Batch.finish` returns the responses, but its
+    `with` block, which routes the calls into it, keeps them in `_responses`)."""
+    return [response.status_code for response in batch._responses]
 
 
 def build_client(s: StoreSettings):
@@ -76,9 +87,26 @@ class GcsStore(BucketStore):
             raise kind(f"{path}: {type(e).__name__}: {e}") from e
 
     def delete(self, paths: Iterable[str]) -> None:
-        for path in paths:
-            with translated(path):
-                self._blob(path).delete()
+        """Up to 100 deletes a request (GCS's batch limit): orphans of a 10M-clip dataset are 100,000 requests,
+        not 10M. What a batch did not delete (the request failed, or a call in it did) is deleted one request
+        each, with the library's retries and errors: the library retries no batch."""
+        paths = list(paths)
+        for i in range(0, len(paths), BATCH_DELETES):
+            chunk = paths[i : i + BATCH_DELETES]
+            for path in self._batch_delete(chunk) if len(chunk) > 1 else chunk:
+                with translated(path):
+                    self._blob(path).delete()
+
+    def _batch_delete(self, paths: list[str]) -> list[str]:
+        """One batch request deleting `paths`: those it did not delete."""
+        try:
+            with self.client.batch(raise_exception=False) as batch:
+                for path in paths:
+                    self._blob(path).delete()
+        except Exception as e:  # the batch request itself failed: each path goes alone
+            log.info("a batch of %d deletes failed (%s: %s); deleting them one by one", len(paths), type(e).__name__, e)
+            return paths
+        return [path for path, status in zip(paths, batch_statuses(batch), strict=True) if not 200 <= status < 300]
 
     def concat(self, path: str, parts: list[StoredObject], content_type: str = "") -> None:
         """Compose takes 32 sources a request: the first part grows by 31 at a time (composed into itself),
