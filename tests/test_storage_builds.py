@@ -281,6 +281,21 @@ def test_a_shard_that_cannot_be_written_is_error_rows(s3_server: StorageServer, 
     assert not [name for name in target.objects() if name.startswith("shards/")]
 
 
+def test_a_shar_shard_whose_cuts_cannot_be_written_is_not_left_half(
+    s3_server: StorageServer, make_server, tmp_path: Path
+) -> None:
+    """Lhotse Shar's shard is two files: the recordings' tar, then the cuts. When the cuts are refused, the shard's
+    rows are WRITE_FAILED and its tar is removed again (before, it stayed without its cuts, which stops Lhotse's
+    reader of the folder)."""
+    with StorageProxy(s3_server.endpoint_url, fail_fraction=1.0, fail_match="/shar/cuts.") as proxy:
+        target = Target(s3_server, proxy)
+        manifest = write_local_manifest(tmp_path / "m.parquet", rows(6))
+        expect_exit(target.run(make_server(), manifest, "--layout=lhotse-shar", "--shards=2"), 1)
+    errors = errors_table(target.output).to_pylist()
+    assert sorted(e["error_code"] for e in errors) == ["WRITE_FAILED"] * 6
+    assert not [name for name in target.objects() if name.startswith("shar/")]
+
+
 def test_exports_are_joined_in_the_bucket_from_the_workers_parts(target: Target, make_server, tmp_path: Path) -> None:
     """--export on a bucket: the workers write the manifests in parts beside the clips table, and the last step
     joins the parts in the bucket (S3's multipart upload, GCS's compose) instead of reading the clips table back

@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import tarfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -36,6 +37,8 @@ from pipeline.dataset.clips import ClipFile, FinishedClip, WrittenClip
 from pipeline.dataset.export import lhotse_cut, lhotse_recording
 from pipeline.dataset.layout import HF_PARQUET, LHOTSE_SHAR, WEBDATASET, path_of, shard_names
 from pipeline.dataset.storage import Scratch, StorageError, Store
+
+log = logging.getLogger(__name__)
 
 ROW_GROUP_BYTES = 64 << 20  # audio held for a Parquet shard before a row group is written
 
@@ -213,15 +216,27 @@ class SharShard(TarShard):
         self._cuts.append(json.dumps(cut, ensure_ascii=False))
 
     def publish(self) -> None:
-        """The recordings' tar, then the cuts (Lhotse reads a shard once both are there)."""
+        """The recordings' tar, then the cuts (Lhotse reads a shard once both are there). When the cuts cannot be
+        written, the tar just published goes again, and any earlier cuts: a shard is both files or neither, as a
+        tar without its cuts, or beside another run's, stops Lhotse's reader."""
         super().publish()
         if self.failure is not None:
             return
+        cuts = path_of(self.output, self.names[1])
         body = gzip.compress("".join(f"{cut}\n" for cut in self._cuts).encode())
         try:
-            self.store.put(path_of(self.output, self.names[1]), body, content_type="application/gzip")
+            self.store.put(cuts, body, content_type="application/gzip")
         except StorageError as e:
             self.failure = e
+            self._unpublish([self.path, cuts])
+
+    def _unpublish(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                if self.store.head(path) is not None:
+                    self.store.delete([path])
+            except StorageError as e:
+                log.warning("%s could not be removed (%s); Lhotse's reader stops there until a rerun", path, e)
 
 
 def hf_schema(clips: pa.Schema) -> pa.Schema:
