@@ -82,6 +82,13 @@ class Target:
 
 
 @pytest.fixture(autouse=True)
+def filesystem_options_kept() -> Iterator[None]:
+    """A Target sets Beam's FileSystems options for the test's own reads of the bucket: put back after it."""
+    with process_options_kept():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def no_s3_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """botocore backs off a refused request (SlowDown: up to 1 s, then 2 s, 4 s, ...) before each retry: the
     runs here, in this process, skip the sleeps, not the retries (the proxy still counts every attempt)."""
@@ -91,7 +98,7 @@ def no_s3_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(params=["s3_server", "gcs_server"], ids=["s3", "gcs"])
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     server: StorageServer = request.getfixturevalue(request.param)
-    with process_options_kept(), StorageProxy(server.endpoint_url) as proxy:  # Target sets FileSystems' options
+    with StorageProxy(server.endpoint_url) as proxy:
         yield Target(server, proxy)
 
 
