@@ -44,7 +44,7 @@ def start(manifest, output, api_host, *flags) -> Started:
 @pytest.fixture
 def retried_attempts() -> Iterator[list[str]]:
     """The status code of every failed GetAudio or GetObject attempt that this process's clients retry, as it
-    happens: read from the client's log record of each retry (its `status`), as `-v --log_level DEBUG` shows it."""
+    happens: read from the client's log record of each retry (its `status`), as `--log_level DEBUG` shows it."""
     seen: list[str] = []
 
     class Retries(logging.Handler):
